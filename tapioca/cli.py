@@ -1,0 +1,155 @@
+"""Command line: ``tapioca train|prune|evaluate|study``. A thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from tapioca.api import load_task, prune, resolve_device
+from tapioca.config import Config, load_config, to_dict
+from tapioca.errors import CheckpointError, ConfigError, TapiocaError
+from tapioca.evaluation import compare, evaluate
+from tapioca.io import environment, read_json, write_json, write_yaml
+from tapioca.models.gates import removal_gates
+from tapioca.models.icl import ICLModel, load_model
+from tapioca.pruning import PruneResult
+from tapioca.training import train
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (default: the built-in testbed study)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.steps=2000 (repeatable)")
+    parser.add_argument("--out", help="run directory (default: run.out)")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: run.device)")
+    parser.add_argument("--seed", type=int, help="seed (default: run.seed)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tapioca", description="Task-aware layer pruning under distribution shift.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {
+        "train": "train a testbed model on the ID sampler (resumes from --out)",
+        "prune": "search which blocks to remove (pruning.search, pruning.protocol, pruning.target)",
+        "evaluate": "score a model, full and pruned, on ID and every shift with bootstrap CIs",
+        "study": "train/load -> prune (both protocols, every target) -> evaluate, checkpointed in --out",
+    }
+    for name, help_text in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p)
+        if name in ("prune", "evaluate"):
+            p.add_argument("--model", help="model folder (default: model.checkpoint)")
+        if name == "evaluate":
+            p.add_argument("--pruning", help="pruning.json whose blocks to remove for the pruned model")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """The config from --config and --set, with --out/--device/--seed applied as run.* overrides."""
+    overrides = list(args.overrides)
+    for flag, key in (("out", "run.out"), ("device", "run.device"), ("seed", "run.seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(args.config, overrides)
+    resolve_device(cfg.run.device)
+    if cfg.run.threads is not None:
+        torch.set_num_threads(cfg.run.threads)
+    return cfg
+
+
+def _model(args: argparse.Namespace, cfg: Config) -> ICLModel:
+    path = args.model or (cfg.model.checkpoint.format(seed=cfg.run.seed) if cfg.model.checkpoint else None)
+    if path is None:
+        raise CheckpointError("no model given: pass --model PATH (a folder made by `tapioca train`) "
+                              "or set model.checkpoint")
+    return load_model(path, resolve_device(cfg.run.device))
+
+
+def _start(cfg: Config) -> Path:
+    out = Path(cfg.run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(out / "config.yaml", to_dict(cfg))
+    write_json(out / "environment.json", environment())
+    return out
+
+
+def cmd_train(args: argparse.Namespace, cfg: Config, say: Callable[[str], None]) -> None:
+    out = _start(cfg)
+    start = time.perf_counter()
+    model = train(cfg, out, progress=not args.quiet)
+    ev = evaluate(model, load_task(cfg), None, ["id"], cfg.evaluation.seeds, cfg.evaluation.n_heldout)
+    nmse = ev.mean("id", "nmse")
+    write_json(out / "train_result.json", {"id_query_nmse": nmse, "seconds_this_call": time.perf_counter() - start})
+    say(f"trained {out}: ID query NMSE {nmse:.4f}")
+
+
+def cmd_prune(args: argparse.Namespace, cfg: Config, say: Callable[[str], None]) -> None:
+    model, task = _model(args, cfg), load_task(cfg)
+    out = _start(cfg)
+    p = cfg.pruning
+    result = prune(model, task, p.search, p.protocol, p.target, cfg=p, seed=cfg.run.seed,
+                   progress=not args.quiet, cache_path=out / ".pruning.scores.json")
+    write_json(out / "pruning.json", result.to_dict())
+    say(f"{p.search} ({p.protocol}, selected on {result.info['selected_on']}): removed {result.removed}; "
+        f"selection score {result.baseline_score:.4f} -> {result.selection_score:.4f}")
+
+
+def cmd_evaluate(args: argparse.Namespace, cfg: Config, say: Callable[[str], None]) -> None:
+    model, task = _model(args, cfg), load_task(cfg)
+    out = _start(cfg)
+    ev = cfg.evaluation
+    full = evaluate(model, task, None, None, ev.seeds, ev.n_heldout, ev.batch_size, progress=not args.quiet)
+    result = {"full": full.summary(ev.n_bootstrap, ev.confidence)}
+    if args.pruning:
+        pruning = PruneResult.from_dict(read_json(args.pruning))
+        pruned = evaluate(model, task, removal_gates(pruning.removed), None, ev.seeds, ev.n_heldout, ev.batch_size)
+        result.update(removed=pruning.removed, pruned=pruned.summary(ev.n_bootstrap, ev.confidence),
+                      delta=compare(full, pruned, None, ev.n_bootstrap, ev.confidence))
+    write_json(out / "evaluation.json", result)
+    for dist, row in result["full"].items():
+        line = f"{dist:>14}: NMSE {row['nmse']['mean']:.4f} [{row['nmse']['low']:.4f}, {row['nmse']['high']:.4f}]"
+        if "delta" in result:
+            d = result["delta"][dist]["nmse"]
+            line += f"  pruned Δ {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] p_holm={d['p_holm']:.3g}"
+        say(line)
+
+
+def cmd_study(args: argparse.Namespace, cfg: Config, say: Callable[[str], None]) -> None:
+    from tapioca.study import run_study
+    from tapioca.summary import format_summary
+
+    results = run_study(cfg, cfg.run.out, progress=not args.quiet, log=say)
+    say(format_summary(results))
+    say(f"results: {Path(cfg.run.out) / 'results.json'}")
+
+
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "study": cmd_study}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    try:
+        cfg = resolve_config(args)
+        COMMANDS[args.command](args, cfg, say)
+    except (TapiocaError, ConfigError) as err:
+        if args.debug:
+            raise
+        print(f"tapioca {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tapioca {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Configuration: frozen dataclasses, YAML files and ``--set a.b=value`` overrides.
+
+Every value is type-checked and range-checked when a config is built; a bad key, type or value raises
+:class:`~tapioca.errors.ConfigError` naming the dotted key, the bad value and what is allowed.
+The default :class:`Config` (no YAML file) is the built-in polynomial testbed study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from tapioca.errors import ConfigError
+
+
+def _range(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field with an allowed numeric range, checked by :func:`from_dict`."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+
+
+@dataclass(frozen=True)
+class SamplerParams:
+    """Parameters of the polynomial prompt sampler; an OOD shift overrides some of them."""
+
+    x_dist: Literal["normal", "uniform"] = "normal"
+    x_scale: float = _range(1.0, gt=0)  # std of x (uniform: half-width = x_scale * sqrt(3))
+    x_shift: float = 0.0  # mean of x
+    coef_scale: float = _range(1.0, gt=0)  # c_j ~ N(0, coef_scale^2)
+    degrees: tuple[int, ...] = (1, 2, 3)  # each prompt draws its degree uniformly from these
+    noise_std: float = _range(0.0, ge=0)  # Gaussian noise on every y
+    n_points: int = _range(41, ge=2)  # (x, y) pairs per prompt, the last one being the query
+
+
+DEFAULT_SHIFTS: dict[str, dict[str, Any]] = {
+    "x_scale_2": {"x_scale": 2.0},
+    "x_scale_3": {"x_scale": 3.0},
+    "x_shift_1": {"x_shift": 1.0},
+    "uniform_x": {"x_dist": "uniform", "x_scale": 2.0},
+    "coef_scale_3": {"coef_scale": 3.0},
+    "degree_4": {"degrees": [4]},
+    "degree_5": {"degrees": [5]},
+    "noise_0.5": {"noise_std": 0.5},
+    "more_points": {"n_points": 61},
+    "fewer_points": {"n_points": 11},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ICL testbed model: read-in -> GPT-2 blocks -> read-out."""
+
+    n_layer: int = _range(8, ge=1)
+    n_embd: int = _range(64, ge=2)
+    n_head: int = _range(2, ge=1)
+    n_positions: int = _range(128, ge=4)  # max tokens per prompt (2 * n_points - 1 must fit)
+    checkpoint: str | None = None  # load this checkpoint folder instead of training
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The task: ID sampler and named OOD shifts (each a dict of sampler-parameter overrides)."""
+
+    kind: Literal["polyreg"] = "polyreg"
+    sampler: SamplerParams = field(default_factory=SamplerParams)
+    shifts: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_SHIFTS))
+    tolerance: float = _range(0.1, gt=0)  # tolerance accuracy: |y_hat - y| <= tolerance * std_ID(y)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training with a curriculum on prompt length and degree."""
+
+    steps: int = _range(4000, ge=1)
+    batch_size: int = _range(64, ge=1)
+    lr: float = _range(1e-3, gt=0)
+    weight_decay: float = _range(0.0, ge=0)
+    warmup_steps: int = _range(200, ge=0)
+    grad_clip: float = _range(1.0, gt=0)
+    curriculum_points_start: int = _range(11, ge=2)  # prompt length at step 0, grows to sampler.n_points
+    curriculum_interval: int = _range(100, ge=1)  # steps between curriculum increments
+    curriculum_points_step: int = _range(2, ge=1)
+    curriculum_degree_steps: int = _range(1000, ge=0)  # steps over which higher degrees are added
+    checkpoint_every: int = _range(500, ge=1)
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Block-pruning search (TALE or a baseline) and the data it selects on."""
+
+    search: str = "tale"
+    protocol: Literal["target", "from-id"] = "target"
+    target: str = "id"  # the distribution selected on under protocol=target ("id" or a shift name)
+    metric: Literal["nmse", "tol_acc"] = "nmse"  # selection score: -NMSE or tolerance accuracy
+    epsilon: float = _range(0.08, ge=0)  # TALE tolerance: stop when the best candidate < baseline - epsilon
+    max_drop: int | None = _range(None, ge=1)  # at most this many blocks (None: no limit)
+    n_remove: int = _range(1, ge=1)  # blocks removed by one-shot baselines
+    n_select: int = _range(512, ge=8)  # selection prompts (disjoint from the held-out split)
+    batch_size: int = _range(1024, ge=1)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Held-out evaluation: replicate seeds, bootstrap, statistics."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)  # testbed study: one trained model and one data draw per seed
+    n_heldout: int = _range(2048, ge=8)
+    n_bootstrap: int = _range(10_000, ge=100)
+    confidence: float = _range(0.95, gt=0, le=0.999)
+    batch_size: int = _range(1024, ge=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a run executes."""
+
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/default"
+    threads: int | None = _range(None, ge=1)  # torch CPU threads (None: torch's default)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole tapioca run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _check_shifts(self.task)
+        _check_positions(self)
+        if len(set(self.evaluation.seeds)) != len(self.evaluation.seeds) or not self.evaluation.seeds:
+            raise ConfigError(
+                f"evaluation.seeds: {list(self.evaluation.seeds)!r} is not allowed; "
+                "give one or more distinct integers, e.g. [0, 1, 2]"
+            )
+
+
+def shift_params(task: TaskConfig, name: str) -> SamplerParams:
+    """Sampler parameters of distribution ``name`` ("id" or a shift name)."""
+    if name == "id":
+        return task.sampler
+    if name not in task.shifts:
+        raise ConfigError(f"unknown distribution {name!r}; allowed: {['id', *task.shifts]}")
+    merged = {**dataclasses.asdict(task.sampler), **task.shifts[name]}
+    return from_dict(SamplerParams, merged, f"task.shifts.{name}")
+
+
+def distributions(task: TaskConfig) -> list[str]:
+    """All distribution names: "id" first, then the shifts in config order."""
+    return ["id", *task.shifts]
+
+
+def _check_shifts(task: TaskConfig) -> None:
+    allowed = [f.name for f in dataclasses.fields(SamplerParams)]
+    for name, override in task.shifts.items():
+        if name == "id":
+            raise ConfigError("task.shifts: 'id' is reserved for the training distribution; rename the shift")
+        if not isinstance(override, Mapping):
+            raise ConfigError(
+                f"task.shifts.{name}: {override!r} is not allowed; give a mapping of sampler parameters, "
+                f"e.g. {{x_scale: 3.0}}"
+            )
+        for key in override:
+            if key not in allowed:
+                raise ConfigError(
+                    f"task.shifts.{name}.{key}: unknown sampler parameter {key!r}; allowed: {allowed}"
+                )
+        shift_params(task, name)
+
+
+def _check_positions(cfg: Config) -> None:
+    for name in distributions(cfg.task):
+        n_points = shift_params(cfg.task, name).n_points
+        if 2 * n_points - 1 > cfg.model.n_positions:
+            raise ConfigError(
+                f"model.n_positions: {cfg.model.n_positions} is too small for distribution {name!r} "
+                f"(n_points={n_points} needs {2 * n_points - 1} tokens); raise it or lower n_points"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with checks
+
+
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking keys, types and ranges (errors name ``path.key``)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"{_join(path, unknown[0])}: unknown key; allowed: {sorted(fields)}")
+    values = {}
+    for key, value in data.items():
+        key_path = _join(path, key)
+        values[key] = _convert(hints[key], value, key_path)
+        _check_range(fields[key].metadata, values[key], key_path)
+    return cls(**values)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _bad(path: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{path}: {value!r} is not allowed; expected {allowed}")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and convert (list -> tuple, int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path)
+    if origin is Literal:
+        if value not in args:
+            raise _bad(path, value, f"one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise _bad(path, value, f"a list of {_type_name(args[0])}")
+        return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _bad(path, value, "a mapping")
+        return {str(k): v for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(path, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(path, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(path, value, "a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _bad(path, value, "a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {path}")  # a bug in the schema, not user input
+
+
+def _check_range(meta: Mapping[str, Any], value: Any, path: str) -> None:
+    if value is None or not meta:
+        return
+    # negated comparisons, so that NaN (which compares false with everything) is out of range
+    if meta.get("ge") is not None and not value >= meta["ge"]:
+        raise _bad(path, value, f"a value >= {meta['ge']}")
+    if meta.get("gt") is not None and not value > meta["gt"]:
+        raise _bad(path, value, f"a value > {meta['gt']}")
+    if meta.get("le") is not None and not value <= meta["le"]:
+        raise _bad(path, value, f"a value <= {meta['le']}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files and overrides
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data form of a config (tuples become lists), suitable for YAML/JSON."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` / ``1.0e3`` as floats (YAML 1.1 would give strings)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b=value"`` into (["a", "b"], value), the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.steps=2000")
+    key, raw = text.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {text!r}: the key is empty")
+    try:
+        value = yaml.load(raw, Loader=_YamlLoader) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from None
+    return keys, value
+
+
+def _apply(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None and isinstance(node, dict) and _is_open_mapping(keys[: i + 1]):
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"--set {'.'.join(keys)}: {'.'.join(keys[: i + 1])!r} is not a section; "
+                f"allowed keys here: {sorted(node)}"
+            )
+        node = child
+    node[keys[-1]] = value
+
+
+def _is_open_mapping(keys: list[str]) -> bool:
+    """Keys below ``task.shifts`` are user-chosen names, so overrides may create them."""
+    return len(keys) == 3 and keys[:2] == ["task", "shifts"]
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into ``base``: sections merge, anything else (including task.shifts) replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "shifts":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Default config, updated by a YAML file (if given), then by ``key=value`` overrides."""
+    tree = to_dict(Config())
+    if path is not None:
+        tree = _merge(tree, read_yaml(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply(tree, keys, value)
+    return from_dict(Config, tree)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with clear errors for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.load(path.read_text(), Loader=_YamlLoader) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def replace(cfg: Config, *overrides: str) -> Config:
+    """A copy of ``cfg`` with ``key=value`` overrides applied (same checks as :func:`load_config`)."""
+    tree = to_dict(cfg)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply(tree, keys, value)
+    return from_dict(Config, tree)

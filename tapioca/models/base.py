@@ -1,0 +1,45 @@
+"""The one interface every analysis uses: run a model with block gates, optionally capturing states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from tapioca.models.gates import Gates
+
+
+@dataclass
+class RunOutput:
+    """What a gated forward pass returns.
+
+    predictions: task outputs, (B, ...) (ICL: the prediction at the query, (B,)).
+    states: hidden states at the query position by original block index, (L + 1, B, D), or None.
+    """
+
+    predictions: Tensor
+    states: Tensor | None = None
+
+
+class BlockModel(Protocol):
+    """A model whose transformer blocks can be gated: the ICL testbed or a causal LM."""
+
+    n_blocks: int
+    device: torch.device
+
+    def run(self, batch: Any, gates: Gates | None = None, capture: bool = False) -> RunOutput:
+        """Forward ``batch`` with residual gates ``{block: alpha}``; capture per-block states if asked."""
+        ...
+
+    def block_parameter_count(self, index: int) -> int:
+        """Number of parameters in block ``index``."""
+        ...
+
+
+def run_in_chunks(model: BlockModel, batch: Any, gates: Gates | None, capture: bool, chunk: int) -> RunOutput:
+    """:meth:`BlockModel.run` over ``batch`` in chunks of ``chunk`` examples, concatenated."""
+    outputs = [model.run(batch.slice(i, i + chunk), gates, capture) for i in range(0, len(batch), chunk)]
+    states = torch.cat([o.states for o in outputs], dim=1) if capture else None
+    return RunOutput(torch.cat([o.predictions for o in outputs]), states)

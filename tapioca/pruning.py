@@ -1,0 +1,215 @@
+"""Block-pruning searches: faithful TALE (greedy, task-aware) and one-shot baselines, in one registry.
+
+Every search sees a :class:`SearchContext` — the model, the selection batch and a scorer that maps gates to
+per-example selection scores (higher is better) — and returns a :class:`PruneResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from tapioca.errors import ConfigError
+from tapioca.io import read_json, write_json
+from tapioca.models.base import BlockModel, run_in_chunks
+from tapioca.models.gates import Gates, removal_gates
+
+Scorer = Callable[[Gates], torch.Tensor]  # gates -> per-example selection scores (B,)
+
+
+@dataclass
+class SearchContext:
+    """Everything a search may use. ``scorer`` runs ``model`` on the selection ``batch``."""
+
+    model: BlockModel
+    batch: Any
+    scorer: Scorer
+    epsilon: float = 0.08
+    max_drop: int | None = None
+    n_remove: int = 1
+    seed: int = 0
+    chunk: int = 1024
+    progress: bool = True
+    cache_path: Path | None = None  # TALE: evaluated configurations, so an interrupted search resumes
+
+
+@dataclass
+class PruneResult:
+    """Outcome of a search. ``removed``: the chosen configuration (= ``best``) in order of removal."""
+
+    search: str
+    n_blocks: int
+    baseline_score: float
+    removed: list[int]
+    best: list[int]
+    final: list[int]
+    bsba: list[int]
+    path: list[int] = field(default_factory=list)  # every accepted removal, in order
+    path_scores: list[float] = field(default_factory=list)  # selection score after each accepted removal
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # TALE: candidates and scores per round
+    block_scores: dict[int, float] = field(default_factory=dict)  # one-shot: the per-block criterion
+    selection_score: float = float("nan")  # score of ``removed`` on the selection data
+    info: dict[str, Any] = field(default_factory=dict)  # protocol, target, metric, ...
+
+    @property
+    def gates(self) -> dict[int, float]:
+        """Gates that remove the chosen blocks."""
+        return removal_gates(self.removed)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["block_scores"] = {str(k): v for k, v in self.block_scores.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruneResult":
+        data = dict(data)
+        data["block_scores"] = {int(k): v for k, v in data.get("block_scores", {}).items()}
+        return cls(**data)
+
+
+class ScoreCache:
+    """Mean selection score per evaluated configuration, optionally persisted to JSON after each one."""
+
+    def __init__(self, scorer: Scorer, path: Path | None) -> None:
+        self.scorer, self.path = scorer, path
+        self.scores: dict[str, float] = read_json(path) if path is not None and path.is_file() else {}
+        self.evaluated = 0  # configurations actually run (cache misses)
+
+    def __call__(self, removed: frozenset[int]) -> float:
+        key = ",".join(map(str, sorted(removed)))
+        if key not in self.scores:
+            self.scores[key] = float(self.scorer(removal_gates(removed)).double().mean())
+            self.evaluated += 1
+            if self.path is not None:
+                write_json(self.path, self.scores)
+        return self.scores[key]
+
+
+def tale_search(ctx: SearchContext) -> PruneResult:
+    """TALE: greedily remove the block whose removal gives the highest selection score (REFERENCE §2).
+
+    Each round scores every remaining block; the best candidate (ties -> lowest index) is accepted unless
+    its score is below ``baseline - epsilon``. Stops at ``max_drop`` removals or when no block is left.
+    """
+    n_blocks = ctx.model.n_blocks
+    limit = n_blocks if ctx.max_drop is None else ctx.max_drop
+    score = ScoreCache(ctx.scorer, ctx.cache_path)
+    baseline = score(frozenset())
+    floor = baseline - ctx.epsilon
+    removed: list[int] = []
+    path_scores: list[float] = []
+    rounds: list[dict[str, Any]] = []
+    bar = tqdm(total=limit, disable=not ctx.progress, desc="TALE rounds", leave=False)
+    while len(removed) < limit and len(removed) < n_blocks:
+        candidates = {b: score(frozenset([*removed, b])) for b in range(n_blocks) if b not in removed}
+        chosen = max(candidates, key=lambda b: (candidates[b], -b))
+        accepted = candidates[chosen] >= floor
+        rounds.append({"removed_before": list(removed), "candidates": {str(b): s for b, s in candidates.items()},
+                       "chosen": chosen, "score": candidates[chosen], "accepted": accepted})
+        bar.update(1)
+        if not accepted:
+            break
+        removed.append(chosen)
+        path_scores.append(candidates[chosen])
+    bar.close()
+    best, bsba, final = _tale_outputs(removed, path_scores, baseline)
+    return PruneResult(
+        search="tale", n_blocks=n_blocks, baseline_score=baseline, removed=best, best=best, final=final,
+        bsba=bsba, path=removed, path_scores=path_scores, rounds=rounds,
+        selection_score=score(frozenset(best)), info={"epsilon": ctx.epsilon, "max_drop": ctx.max_drop,
+                                                       "configurations_evaluated": score.evaluated},
+    )
+
+
+def _tale_outputs(path: list[int], scores: list[float], baseline: float) -> tuple[list[int], list[int], list[int]]:
+    """best (highest score; ties -> fewer blocks), bsba (deepest with score >= baseline), final (deepest)."""
+    depth_scores = [baseline, *scores]  # depth d: the first d removals of the path
+    best_depth = max(range(len(depth_scores)), key=lambda d: (depth_scores[d], -d))
+    bsba_depth = max(d for d in range(len(depth_scores)) if depth_scores[d] >= baseline)
+    return path[:best_depth], path[:bsba_depth], list(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One-shot baselines: rank blocks by a criterion, remove ``n_remove`` of them
+
+
+def _query_states(ctx: SearchContext) -> torch.Tensor:
+    """Hidden states of the full model at the query position, (L + 1, B, D), in float64."""
+    return run_in_chunks(ctx.model, ctx.batch, None, capture=True, chunk=ctx.chunk).states.double()
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity over examples of (..., B, D) pairs -> (...)."""
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean(-1)
+
+
+def block_influence_search(ctx: SearchContext) -> PruneResult:
+    """ShortGPT: remove the blocks with the lowest Block Influence BI_l = 1 - mean cos(h_in, h_out)."""
+    states = _query_states(ctx)
+    influence = 1 - _cosine(states[:-1], states[1:])  # (L,)
+    order = sorted(range(ctx.model.n_blocks), key=lambda b: (float(influence[b]), b))
+    return _one_shot(ctx, "block_influence", order[: ctx.n_remove], {b: float(v) for b, v in enumerate(influence)})
+
+
+def angular_search(ctx: SearchContext) -> PruneResult:
+    """Gromov et al.: remove the n contiguous blocks l..l+n-1 whose input h_l and output h_{l+n} are closest
+    in angular distance arccos(cos) / pi."""
+    states, n = _query_states(ctx), ctx.n_remove
+    starts = range(ctx.model.n_blocks - n + 1)
+    distance = {l: float(torch.arccos(_cosine(states[l], states[l + n]).clamp(-1, 1)) / torch.pi) for l in starts}
+    start = min(distance, key=lambda l: (distance[l], l))
+    return _one_shot(ctx, "angular", list(range(start, start + n)), distance)
+
+
+def last_k_search(ctx: SearchContext) -> PruneResult:
+    """Remove the last ``n_remove`` blocks."""
+    n = ctx.model.n_blocks
+    return _one_shot(ctx, "last_k", list(range(n - ctx.n_remove, n)), {})
+
+
+def random_search(ctx: SearchContext) -> PruneResult:
+    """Remove ``n_remove`` blocks drawn uniformly at random (seeded by ``ctx.seed``)."""
+    blocks = random.Random(ctx.seed).sample(range(ctx.model.n_blocks), ctx.n_remove)
+    return _one_shot(ctx, "random", blocks, {})
+
+
+def _one_shot(ctx: SearchContext, name: str, removed: list[int], block_scores: dict[int, float]) -> PruneResult:
+    score = ScoreCache(ctx.scorer, None)
+    return PruneResult(
+        search=name, n_blocks=ctx.model.n_blocks, baseline_score=score(frozenset()), removed=removed,
+        best=removed, final=removed, bsba=removed, path=removed, block_scores=block_scores,
+        selection_score=score(frozenset(removed)), info={"n_remove": ctx.n_remove, "seed": ctx.seed},
+    )
+
+
+SEARCHES: dict[str, Callable[[SearchContext], PruneResult]] = {
+    "tale": tale_search,
+    "block_influence": block_influence_search,
+    "angular": angular_search,
+    "last_k": last_k_search,
+    "random": random_search,
+}
+
+
+def get_search(name: str) -> Callable[[SearchContext], PruneResult]:
+    """The search called ``name``; a wrong name lists the valid ones."""
+    if name not in SEARCHES:
+        raise ConfigError(f"pruning.search: unknown search {name!r}; allowed: {sorted(SEARCHES)}")
+    return SEARCHES[name]
+
+
+def check_budget(n_blocks: int, max_drop: int | None, n_remove: int) -> None:
+    """Refuse to remove more blocks than the model has."""
+    if max_drop is not None and max_drop > n_blocks:
+        raise ConfigError(f"pruning.max_drop: {max_drop} is more blocks than the model has ({n_blocks}); "
+                          f"allowed: 1..{n_blocks}")
+    if n_remove > n_blocks:
+        raise ConfigError(f"pruning.n_remove: {n_remove} is more blocks than the model has ({n_blocks}); "
+                          f"allowed: 1..{n_blocks}")

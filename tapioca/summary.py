@@ -1,0 +1,42 @@
+"""Plain-text tables of a study's results.json (for the terminal and the closing notes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _removed(by_seed: dict[str, list[int]]) -> str:
+    return " ".join(f"s{seed}:{blocks or '-'}" for seed, blocks in by_seed.items()).replace(" ", "")
+
+
+def format_quality(results: dict[str, Any]) -> str:
+    q = results["quality"]
+    m = q["model_id_nmse"]
+    refs = ", ".join(f"{name} {value:.4f}" for name, value in q["references_id_nmse"].items())
+    return (f"ID query NMSE: model {m['mean']:.4f} [{m['low']:.4f}, {m['high']:.4f}] "
+            f"(per seed {', '.join(f'{v:.4f}' for v in m['per_seed'].values())}); references: {refs}")
+
+
+def format_protocol(results: dict[str, Any], protocol: str, metric: str = "nmse") -> str:
+    """One row per distribution: full vs pruned held-out score, Δ with CI, Holm p, blocks removed."""
+    delta = results["protocols"][protocol]["delta"]
+    removed = results["removed"][protocol]
+    lines = [f"protocol {protocol} — held-out {metric} (Δ = pruned − full, paired bootstrap CI, Holm over shifts)",
+             f"{'distribution':>14} {'full':>10} {'pruned':>10} {'Δ':>10} {'CI':>23} {'p_holm':>8}  verdict   removed"]
+    for dist, row in delta.items():
+        d = row[metric]
+        verdict = "better" if d["improved"] else "worse" if d["worse"] else "same"
+        blocks = removed[dist] if protocol == "target" else removed
+        lines.append(f"{dist:>14} {d['full']:10.4f} {d['pruned']:10.4f} {d['mean']:+10.4f} "
+                     f"[{d['low']:+9.4f},{d['high']:+9.4f}] {d['p_holm']:8.3g}  {verdict:8}  {_removed(blocks)}")
+    return "\n".join(lines)
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    parts = [format_quality(results)]
+    for protocol in results["protocols"]:
+        for metric in ("nmse", "tol_acc"):
+            parts.append(format_protocol(results, protocol, metric))
+    if "timings_seconds" in results:
+        parts.append("wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items()))
+    return "\n\n".join(parts)

@@ -1,0 +1,126 @@
+"""Polynomial in-context regression: a prompt of (x, f(x)) pairs, then a query x.
+
+f(x) = sum_{j=0..d} c_j x^j with c_j ~ N(0, coef_scale^2). Every distribution (ID or a named OOD shift) is a
+:class:`~tapioca.config.SamplerParams`; a shift is never a code branch.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from tapioca.config import SamplerParams, TaskConfig, distributions, shift_params
+from tapioca.errors import DataError
+
+ROLES = ("select", "heldout", "train", "reference")
+N_VARIANCE_PROMPTS = 1 << 16  # prompts used to estimate Var_ID(y) (fixed seed, so deterministic)
+
+
+@dataclass(frozen=True)
+class PolyBatch:
+    """A batch of prompts. ``xs``, ``ys``: (B, n_points); the last pair is the query. ``degrees``: (B,)."""
+
+    xs: Tensor
+    ys: Tensor
+    degrees: Tensor
+
+    def __len__(self) -> int:
+        return self.xs.shape[0]
+
+    @property
+    def query_y(self) -> Tensor:
+        """Targets at the query position, (B,)."""
+        return self.ys[:, -1]
+
+    def slice(self, start: int, stop: int) -> "PolyBatch":
+        return PolyBatch(self.xs[start:stop], self.ys[start:stop], self.degrees[start:stop])
+
+    def to(self, device: torch.device | str) -> "PolyBatch":
+        return PolyBatch(self.xs.to(device), self.ys.to(device), self.degrees.to(device))
+
+
+def split_seed(seed: int, distribution: str, role: str) -> int:
+    """A stable 63-bit seed for one (seed, distribution, role): different roles never share prompts."""
+    return (seed * 1_000_003 + zlib.crc32(f"{distribution}/{role}".encode())) % (1 << 63)
+
+
+def sample_x(params: SamplerParams, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+    """Inputs x with mean ``x_shift`` and std ``x_scale`` (normal, or uniform of the same std)."""
+    if params.x_dist == "normal":
+        z = torch.randn(shape, generator=gen)
+    else:
+        z = (torch.rand(shape, generator=gen) * 2 - 1) * math.sqrt(3.0)
+    return params.x_shift + params.x_scale * z
+
+
+def sample_prompts(params: SamplerParams, n: int, gen: torch.Generator) -> PolyBatch:
+    """``n`` prompts of ``params.n_points`` pairs each, degrees drawn uniformly from ``params.degrees``."""
+    k = params.n_points
+    degree_choices = torch.tensor(params.degrees, dtype=torch.long)
+    degrees = degree_choices[torch.randint(len(degree_choices), (n,), generator=gen)]
+    max_degree = int(degree_choices.max())
+    coefs = torch.randn((n, max_degree + 1), generator=gen) * params.coef_scale
+    powers = torch.arange(max_degree + 1)
+    coefs = coefs * (powers[None, :] <= degrees[:, None])  # zero above each prompt's degree
+    xs = sample_x(params, (n, k), gen)
+    ys = (xs[..., None] ** powers * coefs[:, None, :]).sum(-1)
+    if params.noise_std > 0:
+        ys = ys + params.noise_std * torch.randn((n, k), generator=gen)
+    return PolyBatch(xs, ys, degrees)
+
+
+class PolyRegTask:
+    """ID sampler plus named shifts, fixed data splits per (distribution, role, seed), and metrics."""
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        self.cfg = cfg
+        self.distributions: list[str] = distributions(cfg)
+
+    def params(self, distribution: str) -> SamplerParams:
+        return shift_params(self.cfg, distribution)
+
+    def data(self, distribution: str, role: str, seed: int, n: int) -> PolyBatch:
+        """The ``n`` prompts of one split; the same arguments always give the same prompts."""
+        if role not in ROLES:
+            raise ValueError(f"unknown split role {role!r}; allowed: {list(ROLES)}")
+        if n < 1:
+            raise DataError(f"the {role} split of {distribution!r} is empty (n={n}); ask for at least 1 prompt")
+        gen = torch.Generator().manual_seed(split_seed(seed, distribution, role))
+        return check_finite(sample_prompts(self.params(distribution), n, gen), f"{distribution}/{role}")
+
+    @cached_property
+    def y_var(self) -> float:
+        """Var_ID(y) at the query position, the NMSE normaliser (estimated once, fixed seed)."""
+        gen = torch.Generator().manual_seed(split_seed(0, "id", "reference"))
+        params = replace(self.cfg.sampler, n_points=1)
+        return float(sample_prompts(params, N_VARIANCE_PROMPTS, gen).ys.double().var())
+
+    def metrics(self, pred: Tensor, batch: PolyBatch) -> dict[str, Tensor]:
+        """Per-example metrics at the query, each (B,): normalised squared error and tolerance accuracy."""
+        err = pred.double() - batch.query_y.double().to(pred.device)
+        return {
+            "nmse": err.square() / self.y_var,
+            "tol_acc": (err.abs() <= self.cfg.tolerance * math.sqrt(self.y_var)).double(),
+        }
+
+    def score(self, pred: Tensor, batch: PolyBatch, metric: str) -> Tensor:
+        """Per-example selection score, higher is better: -NMSE or tolerance accuracy. (B,)"""
+        values = self.metrics(pred, batch)
+        if metric not in values:
+            raise ValueError(f"unknown metric {metric!r}; allowed: {list(values)}")
+        return -values["nmse"] if metric == "nmse" else values[metric]
+
+
+def check_finite(batch: PolyBatch, where: str) -> PolyBatch:
+    """Raise :class:`DataError` if the prompts hold NaN or inf."""
+    for name in ("xs", "ys"):
+        values = getattr(batch, name)
+        if not torch.isfinite(values).all():
+            bad = int((~torch.isfinite(values)).sum())
+            raise DataError(f"{where}: {bad} non-finite value(s) (NaN or inf) in {name}; check the sampler parameters")
+    return batch

@@ -1,0 +1,147 @@
+"""Training the ICL testbed: curriculum, progress bar, periodic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tapioca.config import Config, SamplerParams, TrainConfig, to_dict
+from tapioca.errors import CheckpointError
+from tapioca.io import read_json, write_json
+from tapioca.models.icl import ICLModel, load_model, save_model
+from tapioca.tasks.polyreg import PolyRegTask, sample_prompts, split_seed
+
+STATE_FILE = "train_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def curriculum(train: TrainConfig, sampler: SamplerParams, step: int) -> SamplerParams:
+    """The sampler at ``step``: prompts grow from ``curriculum_points_start`` to ``sampler.n_points`` and
+    the degrees (sorted) are added one by one over ``curriculum_degree_steps`` steps."""
+    grown = train.curriculum_points_start + (step // train.curriculum_interval) * train.curriculum_points_step
+    n_points = min(sampler.n_points, grown)
+    degrees = sorted(sampler.degrees)
+    n_degrees = len(degrees)
+    if train.curriculum_degree_steps > 0:
+        n_degrees = min(len(degrees), 1 + step * len(degrees) // train.curriculum_degree_steps)
+    return dataclasses.replace(sampler, n_points=n_points, degrees=tuple(degrees[:n_degrees]))
+
+
+def learning_rate(train: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``train.lr``."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    return train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _fingerprint(cfg: Config, seed: int) -> dict:
+    """What must match for a checkpoint to be resumed (everything that changes the trained weights)."""
+    return {"model": to_dict(cfg.model) | {"checkpoint": None}, "sampler": to_dict(cfg.task.sampler),
+            "train": to_dict(cfg.train), "seed": seed}
+
+
+def train(cfg: Config, out: str | Path | None = None, seed: int | None = None, progress: bool = True) -> ICLModel:
+    """Train an ICL model on the ID sampler of ``cfg``; resume from ``out`` if it holds a checkpoint.
+
+    Every ``train.checkpoint_every`` steps the weights (safetensors), optimizer state and step are saved to
+    ``out`` atomically, so a killed run resumes where it stopped and reaches the same final weights.
+    """
+    seed = cfg.run.seed if seed is None else seed
+    device = torch.device(cfg.run.device)
+    torch.manual_seed(seed)
+    model = ICLModel(cfg.model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    fingerprint = _fingerprint(cfg, seed)
+    state = {"step": 0, "losses": [], "seconds": 0.0}
+    if out is not None and (Path(out) / STATE_FILE).is_file():
+        state = _resume(Path(out), fingerprint, model, opt, device)
+    bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not progress, desc=f"train seed {seed}")
+    model.train()
+    started, running = time.perf_counter(), None
+    for step in range(state["step"], cfg.train.steps):
+        loss = _train_step(model, opt, cfg, seed, step)
+        running = loss if running is None else 0.98 * running + 0.02 * loss
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training diverged at step {step} (loss {loss}); lower train.lr")
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{running:.4f}")
+            state["losses"].append([step, running])
+        done = step + 1
+        if out is not None and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps):
+            state.update(step=done, seconds=state["seconds"] + time.perf_counter() - started)
+            started = time.perf_counter()
+            _save(Path(out), model, opt, state, fingerprint)
+    bar.close()
+    return model.eval()
+
+
+def _train_step(model: ICLModel, opt: torch.optim.Optimizer, cfg: Config, seed: int, step: int) -> float:
+    """One optimiser step on a fresh batch; the batch depends only on (seed, step), so resume is exact."""
+    params = curriculum(cfg.train, cfg.task.sampler, step)
+    gen = torch.Generator().manual_seed(split_seed(seed, f"train-step-{step}", "train"))
+    batch = sample_prompts(params, cfg.train.batch_size, gen).to(model.device)
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(cfg.train, step)
+    loss = (model(batch.xs, batch.ys) - batch.ys).square().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def _save(folder: Path, model: ICLModel, opt: torch.optim.Optimizer, state: dict, fingerprint: dict) -> None:
+    save_model(model, folder, {"training": fingerprint | {"steps_done": state["step"], "seconds": state["seconds"]}})
+    tmp = folder / f".{OPTIMIZER_FILE}.tmp"
+    torch.save(opt.state_dict(), tmp)
+    tmp.replace(folder / OPTIMIZER_FILE)
+    write_json(folder / STATE_FILE, state | {"fingerprint": fingerprint})  # written last: marks a full save
+
+
+def _resume(folder: Path, fingerprint: dict, model: ICLModel, opt: torch.optim.Optimizer, device: torch.device) -> dict:
+    try:
+        state = read_json(folder / STATE_FILE)
+    except ValueError as err:
+        raise CheckpointError(f"training state {str(folder / STATE_FILE)!r} is corrupt: {err}") from None
+    if state.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{str(folder)!r} holds a checkpoint trained with a different config or seed; "
+            "use another --out or delete it"
+        )
+    model.load_state_dict(load_model(folder, device).state_dict())
+    try:
+        opt.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True))
+    except (OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"optimizer state in {str(folder)!r} is missing or corrupt: {err}") from None
+    state.pop("fingerprint")
+    return state
+
+
+def is_trained(folder: str | Path, cfg: Config, seed: int) -> bool:
+    """Whether ``folder`` holds a finished training run of exactly this config and seed."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        return False
+    state = read_json(path)
+    return state.get("fingerprint") == _fingerprint(cfg, seed) and state.get("step") == cfg.train.steps
+
+
+ZOO = Path(__file__).resolve().parent / "zoo"
+
+
+def find_pretrained(cfg: Config, seed: int, zoo: Path = ZOO) -> Path | None:
+    """A shipped checkpoint trained with exactly this model, sampler, training config and seed, if any."""
+    wanted = _fingerprint(cfg, seed)
+    for meta_path in sorted(zoo.glob("*/model.json")):
+        info = read_json(meta_path).get("training", {})
+        fingerprint = {k: info.get(k) for k in wanted}
+        if fingerprint == wanted and info.get("steps_done") == cfg.train.steps:
+            return meta_path.parent
+    return None

@@ -1,0 +1,88 @@
+"""The study pipeline on a tiny config: outputs, skip-on-rerun and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tapioca.study as study
+from tapioca.config import load_config
+from tapioca.errors import CheckpointError
+from tapioca.summary import format_summary
+
+TINY = ["model.n_layer=3", "model.n_embd=16", "train.steps=20", "train.warmup_steps=2", "pruning.n_select=32",
+        "evaluation.n_heldout=32", "evaluation.n_bootstrap=200", "evaluation.seeds=[0,1]",
+        "task.shifts={x_scale_3: {x_scale: 3.0}, degree_4: {degrees: [4]}}"]
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    cfg = load_config(None, TINY)
+    return cfg, out, study.run_study(cfg, out, progress=False, log=quiet)
+
+
+def test_study_writes_every_step_and_the_results(finished):
+    cfg, out, results = finished
+    for seed in (0, 1):
+        assert (out / "models" / f"seed{seed}" / "model.safetensors").is_file()
+        for dist in ("id", "x_scale_3", "degree_4"):
+            assert (out / "pruning" / f"seed{seed}" / f"tale-{dist}.json").is_file()
+            assert (out / "evaluation" / f"seed{seed}" / f"target-{dist}.npz").is_file()
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert set(results["protocols"]) == {"target", "from-id"}
+    assert set(results["protocols"]["target"]["delta"]) == {"id", "x_scale_3", "degree_4"}
+    assert set(results["quality"]["references_id_nmse"]) == {"least_squares", "knn", "mean"}
+    assert results["quality"]["references_id_nmse"]["least_squares"] < 1e-6
+    assert {"prune", "evaluate", "train"} <= set(results["timings_seconds"])
+    assert "protocol target" in format_summary(results)
+
+
+def test_from_id_and_target_on_id_share_one_search(finished):
+    _, _, results = finished
+    assert results["removed"]["from-id"] == results["removed"]["target"]["id"]
+    target_id = results["protocols"]["target"]["delta"]["id"]["nmse"]
+    from_id = results["protocols"]["from-id"]["delta"]["id"]["nmse"]
+    assert target_id["mean"] == from_id["mean"]
+
+
+def test_rerun_skips_finished_steps(finished, monkeypatch):
+    cfg, out, results = finished
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished step ran again")
+    monkeypatch.setattr(study, "train", must_not_run)
+    monkeypatch.setattr(study, "prune", must_not_run)
+    monkeypatch.setattr(study, "evaluate", must_not_run)
+    again = study.run_study(cfg, out, progress=False, log=quiet)
+    assert again["protocols"] == json.loads(json.dumps(results["protocols"]))
+
+
+def test_a_killed_study_resumes_to_the_same_results(finished, tmp_path, monkeypatch):
+    cfg, _, results = finished
+    real_evaluate, calls = study.evaluate, []
+
+    def killed_after_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(study, "evaluate", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(cfg, tmp_path, progress=False, log=quiet)
+    monkeypatch.setattr(study, "evaluate", real_evaluate)
+    resumed = study.run_study(cfg, tmp_path, progress=False, log=quiet)
+    assert resumed["protocols"] == results["protocols"]
+    assert resumed["removed"] == results["removed"]
+
+
+def test_a_run_dir_of_another_config_is_refused(finished):
+    cfg, out, _ = finished
+    other = load_config(None, [*TINY, "train.steps=21"])
+    with pytest.raises(CheckpointError, match="different config"):
+        study.run_study(other, out, progress=False, log=quiet)
