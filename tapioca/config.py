@@ -8,6 +8,7 @@ The default :class:`Config` (no YAML file) is the built-in polynomial testbed st
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -77,7 +78,7 @@ class TaskConfig:
 class TrainConfig:
     """Training with a curriculum on prompt length and degree."""
 
-    steps: int = _range(4000, ge=1)
+    steps: int = _range(5000, ge=1)
     batch_size: int = _range(64, ge=1)
     lr: float = _range(1e-3, gt=0)
     weight_decay: float = _range(0.0, ge=0)
@@ -138,6 +139,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        if self.model.n_embd % self.model.n_head:
+            raise ConfigError(f"model.n_embd: {self.model.n_embd} is not allowed; it must be divisible by "
+                              f"model.n_head ({self.model.n_head})")
         _check_shifts(self.task)
         _check_positions(self)
         if len(set(self.evaluation.seeds)) != len(self.evaluation.seeds) or not self.evaluation.seeds:
@@ -257,8 +261,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise _bad(path, value, "an integer")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _bad(path, value, "a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _bad(path, value, "a number (finite)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+import pickle
 import time
 from pathlib import Path
 
@@ -98,11 +100,17 @@ def _train_step(model: ICLModel, opt: torch.optim.Optimizer, cfg: Config, seed: 
 
 
 def _save(folder: Path, model: ICLModel, opt: torch.optim.Optimizer, state: dict, fingerprint: dict) -> None:
-    save_model(model, folder, {"training": fingerprint | {"steps_done": state["step"], "seconds": state["seconds"]}})
-    tmp = folder / f".{OPTIMIZER_FILE}.tmp"
-    torch.save(opt.state_dict(), tmp)
-    tmp.replace(folder / OPTIMIZER_FILE)
-    write_json(folder / STATE_FILE, state | {"fingerprint": fingerprint})  # written last: marks a full save
+    """Write weights + optimizer into a new ``checkpoint-<step>/`` folder, then atomically point
+    ``train_state.json`` at it: a kill at any moment leaves the previous complete set in force."""
+    info = {"training": fingerprint | {"steps_done": state["step"], "seconds": state["seconds"]}}
+    checkpoint = folder / f"checkpoint-{state['step']}"
+    save_model(model, checkpoint, info)
+    torch.save(opt.state_dict(), checkpoint / OPTIMIZER_FILE)
+    write_json(folder / STATE_FILE, state | {"fingerprint": fingerprint, "checkpoint": checkpoint.name})
+    save_model(model, folder, info)  # the latest weights, loadable by ``load_model(folder)``
+    for old in folder.glob("checkpoint-*"):
+        if old != checkpoint:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _resume(folder: Path, fingerprint: dict, model: ICLModel, opt: torch.optim.Optimizer, device: torch.device) -> dict:
@@ -110,18 +118,18 @@ def _resume(folder: Path, fingerprint: dict, model: ICLModel, opt: torch.optim.O
         state = read_json(folder / STATE_FILE)
     except ValueError as err:
         raise CheckpointError(f"training state {str(folder / STATE_FILE)!r} is corrupt: {err}") from None
-    if state.get("fingerprint") != fingerprint:
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"{str(folder)!r} holds a checkpoint trained with a different config or seed; "
             "use another --out or delete it"
         )
-    model.load_state_dict(load_model(folder, device).state_dict())
+    checkpoint = folder / str(state.get("checkpoint"))
+    model.load_state_dict(load_model(checkpoint, device).state_dict())
     try:
-        opt.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True))
-    except (OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"optimizer state in {str(folder)!r} is missing or corrupt: {err}") from None
-    state.pop("fingerprint")
-    return state
+        opt.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, map_location=device, weights_only=True))
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"optimizer state in {str(checkpoint)!r} is missing or corrupt: {err}") from None
+    return {k: v for k, v in state.items() if k not in ("fingerprint", "checkpoint")}
 
 
 def is_trained(folder: str | Path, cfg: Config, seed: int) -> bool:
@@ -130,7 +138,7 @@ def is_trained(folder: str | Path, cfg: Config, seed: int) -> bool:
     if not path.is_file():
         return False
     state = read_json(path)
-    return state.get("fingerprint") == _fingerprint(cfg, seed) and state.get("step") == cfg.train.steps
+    return isinstance(state, dict) and state.get("fingerprint") == _fingerprint(cfg, seed) and state.get("step") == cfg.train.steps
 
 
 ZOO = Path(__file__).resolve().parent / "zoo"

@@ -9,6 +9,7 @@ inside the :func:`gated` context; hooks and patched ``forward`` methods are remo
 from __future__ import annotations
 
 import functools
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -70,12 +71,12 @@ def check_gates(gates: Gates | None, n_blocks: int) -> dict[int, float]:
     """Validated ``{block index: alpha}``; indices must exist and alphas be finite."""
     out = {}
     for index, alpha in (gates or {}).items():
-        if not isinstance(index, int) or not 0 <= index < n_blocks:
+        if not isinstance(index, numbers.Integral) or isinstance(index, bool) or not 0 <= index < n_blocks:
             raise ValueError(f"gate index {index!r} is not a block; allowed: integers 0..{n_blocks - 1}")
         alpha = float(alpha)
         if not torch.isfinite(torch.tensor(alpha)):
             raise ValueError(f"gate alpha for block {index} is {alpha}; it must be a finite number")
-        out[index] = alpha
+        out[int(index)] = alpha
     return out
 
 

@@ -47,7 +47,7 @@ class ICLModel(nn.Module):
         gpt2 = GPT2Config(
             vocab_size=1, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
             n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
-            bos_token_id=None, eos_token_id=None,
+            bos_token_id=None, eos_token_id=None, activation_function="gelu",
         )
         if cfg.n_embd % cfg.n_head:
             raise ConfigError(f"model.n_embd: {cfg.n_embd} must be divisible by model.n_head ({cfg.n_head})")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -18,7 +18,6 @@ from tapioca.config import SamplerParams, TaskConfig, distributions, shift_param
 from tapioca.errors import DataError
 
 ROLES = ("select", "heldout", "train", "reference")
-N_VARIANCE_PROMPTS = 1 << 16  # prompts used to estimate Var_ID(y) (fixed seed, so deterministic)
 
 
 @dataclass(frozen=True)
@@ -95,10 +94,8 @@ class PolyRegTask:
 
     @cached_property
     def y_var(self) -> float:
-        """Var_ID(y) at the query position, the NMSE normaliser (estimated once, fixed seed)."""
-        gen = torch.Generator().manual_seed(split_seed(0, "id", "reference"))
-        params = replace(self.cfg.sampler, n_points=1)
-        return float(sample_prompts(params, N_VARIANCE_PROMPTS, gen).ys.double().var())
+        """Var_ID(y) at the query position, the NMSE normaliser (exact, see :func:`y_variance`)."""
+        return y_variance(self.cfg.sampler)
 
     def metrics(self, pred: Tensor, batch: PolyBatch) -> dict[str, Tensor]:
         """Per-example metrics at the query, each (B,): normalised squared error and tolerance accuracy."""
@@ -114,6 +111,27 @@ class PolyRegTask:
         if metric not in values:
             raise ValueError(f"unknown metric {metric!r}; allowed: {list(values)}")
         return -values["nmse"] if metric == "nmse" else values[metric]
+
+
+def x_moment(params: SamplerParams, k: int) -> float:
+    """E[x^k] under the sampler's x distribution (exact)."""
+    mu, sigma = params.x_shift, params.x_scale
+    if params.x_dist == "uniform":
+        lo, hi = mu - sigma * math.sqrt(3.0), mu + sigma * math.sqrt(3.0)
+        return (hi ** (k + 1) - lo ** (k + 1)) / ((k + 1) * (hi - lo))
+    # E[(mu + sigma z)^k] with E[z^i] = (i - 1)!! for even i, 0 for odd i
+    return sum(math.comb(k, i) * mu ** (k - i) * sigma**i * _double_factorial(i - 1) for i in range(0, k + 1, 2))
+
+
+def _double_factorial(n: int) -> int:
+    return math.prod(range(n, 0, -2)) if n > 0 else 1
+
+
+def y_variance(params: SamplerParams) -> float:
+    """Var(y) of one sampled point: coefficients are independent with mean 0, so
+    Var(y) = mean over degrees d of coef_scale^2 * sum_{j<=d} E[x^(2j)], plus noise_std^2."""
+    per_degree = [sum(x_moment(params, 2 * j) for j in range(d + 1)) for d in params.degrees]
+    return params.coef_scale**2 * sum(per_degree) / len(per_degree) + params.noise_std**2
 
 
 def check_finite(batch: PolyBatch, where: str) -> PolyBatch:

@@ -1,0 +1,360 @@
+"""Tests for tapioca.training and the checkpoint format of tapioca.models.icl: learning, files, exact resume,
+clear errors for bad checkpoints, curriculum and learning-rate schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import tapioca.training as training
+from tapioca.config import Config, SamplerParams, TrainConfig, replace
+from tapioca.errors import CheckpointError, ConfigError
+from tapioca.io import read_json
+from tapioca.models.icl import ICLModel, load_model, read_meta, save_model
+from tapioca.tasks.polyreg import PolyRegTask
+from tapioca.training import curriculum, learning_rate, train
+
+CHECKPOINT_FILES = {"model.safetensors", "model.json", "train_state.json", "checkpoint-12"}
+
+
+def optimizer_path(folder: Path) -> Path:
+    """The optimizer state of the checkpoint that train_state.json points at."""
+    return folder / read_json(folder / "train_state.json")["checkpoint"] / "optimizer.pt"
+
+
+def weights(model: ICLModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: ICLModel, b: ICLModel) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of training."""
+
+
+def kill_after(monkeypatch: pytest.MonkeyPatch, n_calls: int) -> list[int]:
+    """Make ``_train_step`` raise on call ``n_calls + 1``; returns the list of steps that ran."""
+    real = training._train_step
+    ran: list[int] = []
+
+    def step(model, opt, cfg, seed, step_index):
+        if len(ran) == n_calls:
+            raise Killed(f"killed before step {step_index}")
+        ran.append(step_index)
+        return real(model, opt, cfg, seed, step_index)
+
+    monkeypatch.setattr(training, "_train_step", step)
+    return ran
+
+
+def count_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    real = training._train_step
+    ran: list[int] = []
+
+    def step(model, opt, cfg, seed, step_index):
+        ran.append(step_index)
+        return real(model, opt, cfg, seed, step_index)
+
+    monkeypatch.setattr(training, "_train_step", step)
+    return ran
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, tiny_cfg: Config) -> Path:
+    """An uninterrupted 12-step run of ``tiny_cfg`` (checkpoints every 4 steps)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(tiny_cfg, out, progress=False)
+    return out
+
+
+# ---------------------------------------------------------------- learning
+
+
+def test_training_beats_the_untrained_model(tiny_cfg: Config) -> None:
+    cfg = replace(tiny_cfg, *["train.steps=100", "train.batch_size=32", "train.lr=0.01",
+                             "train.warmup_steps=10", "task.sampler.degrees=[1]", "task.sampler.n_points=11"])
+    task = PolyRegTask(cfg.task)
+    batch = task.data("id", "heldout", 0, 256)
+    torch.manual_seed(cfg.run.seed)
+    untrained = ICLModel(cfg.model).eval()
+    trained = train(cfg, None, progress=False)
+    assert not trained.training
+    before = float(task.metrics(untrained.run(batch).predictions, batch)["nmse"].mean())
+    after = float(task.metrics(trained.run(batch).predictions, batch)["nmse"].mean())
+    assert after < 0.6 * before, (before, after)
+
+
+def test_losses_are_recorded_and_finite(trained_dir: Path) -> None:
+    state = read_json(trained_dir / "train_state.json")
+    assert state["step"] == 12
+    assert state["losses"] and all(math.isfinite(loss) for _, loss in state["losses"])
+    assert state["seconds"] > 0
+
+
+def test_diverging_loss_stops_training(monkeypatch: pytest.MonkeyPatch, tiny_cfg: Config) -> None:
+    monkeypatch.setattr(training, "_train_step", lambda *args: float("nan"))
+    with pytest.raises(FloatingPointError, match="diverged at step 0"):
+        train(tiny_cfg, None, progress=False)
+
+
+# ---------------------------------------------------------------- checkpoints and exact resume
+
+
+def test_checkpoint_files(trained_dir: Path, tiny_cfg: Config) -> None:
+    names = {p.name for p in trained_dir.iterdir()}
+    assert CHECKPOINT_FILES <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert [n for n in names if n.startswith("checkpoint-")] == ["checkpoint-12"]  # older sets are removed
+    assert {p.name for p in (trained_dir / "checkpoint-12").iterdir()} == {"model.safetensors", "model.json",
+                                                                           "optimizer.pt"}
+    meta = read_meta(trained_dir)
+    assert meta["model"] == dataclasses.asdict(tiny_cfg.model)
+    assert meta["training"]["steps_done"] == 12
+    assert meta["training"]["seed"] == tiny_cfg.run.seed
+
+
+def test_checkpoint_is_written_every_checkpoint_every_steps(monkeypatch, tmp_path: Path, tiny_cfg: Config) -> None:
+    saved: list[int] = []
+    real = training._save
+    monkeypatch.setattr(training, "_save", lambda folder, m, o, state, fp: (saved.append(state["step"]),
+                                                                              real(folder, m, o, state, fp)))
+    train(replace(tiny_cfg, "train.steps=10"), tmp_path, progress=False)
+    assert saved == [4, 8, 10]  # every 4 steps, and at the end
+
+
+def test_saved_model_matches_returned_model(tmp_path: Path, tiny_cfg: Config) -> None:
+    model = train(tiny_cfg, tmp_path, progress=False)
+    loaded = load_model(tmp_path)
+    assert_same_weights(model, loaded)
+    assert not loaded.training
+    # training changed the weights
+    torch.manual_seed(tiny_cfg.run.seed)
+    with pytest.raises(AssertionError):
+        assert_same_weights(ICLModel(tiny_cfg.model), loaded)
+
+
+def test_same_config_same_weights(trained_dir: Path, tiny_cfg: Config) -> None:
+    assert_same_weights(train(tiny_cfg, None, progress=False), load_model(trained_dir))
+
+
+def test_resume_after_kill_is_exact(monkeypatch, tmp_path: Path, trained_dir: Path, tiny_cfg: Config) -> None:
+    ran = kill_after(monkeypatch, 10)  # steps 0..9 run, the kill comes before step 10; last save at 8
+    with pytest.raises(Killed):
+        train(tiny_cfg, tmp_path, progress=False)
+    assert ran == list(range(10))
+    assert read_json(tmp_path / "train_state.json")["step"] == 8
+    monkeypatch.undo()
+
+    ran = count_steps(monkeypatch)
+    resumed = train(tiny_cfg, tmp_path, progress=False)
+    assert ran == [8, 9, 10, 11]  # resumed from the checkpoint, not from scratch
+    assert_same_weights(resumed, load_model(trained_dir))
+    assert_same_weights(load_model(tmp_path), load_model(trained_dir))
+    assert read_json(tmp_path / "train_state.json")["step"] == 12
+    optimizer_a = torch.load(optimizer_path(tmp_path), weights_only=True)
+    optimizer_b = torch.load(optimizer_path(trained_dir), weights_only=True)
+    for key, value in optimizer_b["state"].items():
+        assert torch.equal(optimizer_a["state"][key]["exp_avg"], value["exp_avg"])
+        assert torch.equal(optimizer_a["state"][key]["exp_avg_sq"], value["exp_avg_sq"])
+
+
+def test_rerun_of_a_finished_folder_trains_nothing(monkeypatch, trained_dir: Path, tiny_cfg: Config) -> None:
+    ran = count_steps(monkeypatch)
+    model = train(tiny_cfg, trained_dir, progress=False)
+    assert ran == []
+    assert_same_weights(model, load_model(trained_dir))
+
+
+@pytest.mark.parametrize("override", ["train.lr=0.002", "train.steps=13", "model.n_layer=2",
+                                      "task.sampler.x_scale=2.0", "run.seed=1"])
+def test_resume_with_a_different_config_is_refused(trained_dir: Path, tiny_cfg: Config, override: str) -> None:
+    before = (trained_dir / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="different config or seed"):
+        train(replace(tiny_cfg, override), trained_dir, progress=False)
+    assert (trained_dir / "model.safetensors").read_bytes() == before
+
+
+def test_resume_with_a_different_seed_argument_is_refused(trained_dir: Path, tiny_cfg: Config) -> None:
+    with pytest.raises(CheckpointError, match="different config or seed"):
+        train(tiny_cfg, trained_dir, seed=5, progress=False)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "empty", "missing"])
+def test_corrupt_optimizer_state_is_a_checkpoint_error(tmp_path: Path, trained_dir: Path, tiny_cfg: Config,
+                                                       damage: str) -> None:
+    copy_checkpoint(trained_dir, tmp_path)
+    path = optimizer_path(tmp_path)
+    if damage == "missing":
+        path.unlink()
+    else:
+        data = path.read_bytes()
+        path.write_bytes({"garbage": b"not a torch file", "truncate": data[: len(data) // 2], "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="optimizer state .* is missing or corrupt"):
+        train(tiny_cfg, tmp_path, progress=False)
+
+
+def test_corrupt_training_state_is_a_checkpoint_error(tmp_path: Path, trained_dir: Path, tiny_cfg: Config) -> None:
+    copy_checkpoint(trained_dir, tmp_path)
+    (tmp_path / "train_state.json").write_text("{ half")
+    with pytest.raises(CheckpointError, match="train_state.json.*corrupt"):
+        train(tiny_cfg, tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------- load_model errors
+
+
+@pytest.fixture
+def saved_dir(tmp_path: Path, tiny_model: ICLModel) -> Path:
+    folder = tmp_path / "ckpt"
+    save_model(tiny_model, folder, {"note": "x"})
+    return folder
+
+
+def test_save_load_round_trip(saved_dir: Path, tiny_model: ICLModel, tiny_cfg: Config) -> None:
+    loaded = load_model(saved_dir)
+    assert loaded.cfg == tiny_model.cfg
+    assert_same_weights(loaded, tiny_model)
+    assert read_meta(saved_dir)["note"] == "x"
+    batch = PolyRegTask(tiny_cfg.task).data("id", "heldout", 0, 4)
+    assert torch.equal(loaded.run(batch).predictions, tiny_model.run(batch).predictions)
+
+
+def test_load_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_load_folder_without_model_json(saved_dir: Path) -> None:
+    (saved_dir / "model.json").unlink()
+    with pytest.raises(CheckpointError, match="has no model.json"):
+        load_model(saved_dir)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{ not json", "is corrupt"),
+        ("[1, 2]", "not a tapioca ICL model"),
+        ('{"format": "other", "model": {}}', "not a tapioca ICL model"),
+        ('{"format": "tapioca-icl", "model": {"n_layer": 0}}', r"invalid model config: model\.n_layer"),
+        ('{"format": "tapioca-icl", "model": {"depth": 3}}', r"invalid model config: model\.depth"),
+    ],
+)
+def test_load_corrupt_model_json(saved_dir: Path, text: str, match: str) -> None:
+    (saved_dir / "model.json").write_text(text)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(saved_dir)
+
+
+def test_load_missing_weights(saved_dir: Path) -> None:
+    (saved_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+        load_model(saved_dir)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_load_corrupt_weights(saved_dir: Path, damage: str) -> None:
+    path = saved_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00\xff" * 500, "empty": b""}[damage])
+    with pytest.raises(CheckpointError) as info:
+        load_model(saved_dir)
+    assert "model.safetensors" in str(info.value)
+
+
+def test_load_weights_that_do_not_match_model_json(saved_dir: Path) -> None:
+    meta = json.loads((saved_dir / "model.json").read_text())
+    meta["model"]["n_layer"] = 4
+    (saved_dir / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not match its model.json"):
+        load_model(saved_dir)
+
+
+def test_bad_head_count_is_a_config_error(tiny_cfg: Config) -> None:
+    with pytest.raises(ConfigError, match="divisible"):
+        ICLModel(dataclasses.replace(tiny_cfg.model, n_embd=15))
+
+
+# ---------------------------------------------------------------- curriculum and learning rate
+
+
+def test_curriculum_grows_points() -> None:
+    tc = TrainConfig(curriculum_points_start=11, curriculum_interval=100, curriculum_points_step=2,
+                     curriculum_degree_steps=0)
+    sampler = SamplerParams(n_points=41, x_scale=1.5)
+    assert curriculum(tc, sampler, 0).n_points == 11
+    assert curriculum(tc, sampler, 99).n_points == 11
+    assert curriculum(tc, sampler, 100).n_points == 13
+    assert curriculum(tc, sampler, 1499).n_points == 39
+    assert curriculum(tc, sampler, 1500).n_points == 41
+    assert curriculum(tc, sampler, 10**6).n_points == 41  # capped at the sampler's n_points
+    points = [curriculum(tc, sampler, s).n_points for s in range(0, 3000, 7)]
+    assert points == sorted(points)
+    # other sampler parameters pass through; with degree_steps=0 every degree is there from the start
+    assert curriculum(tc, sampler, 0).x_scale == 1.5
+    assert curriculum(tc, sampler, 0).degrees == (1, 2, 3)
+
+
+def test_curriculum_adds_degrees_in_sorted_order() -> None:
+    tc = TrainConfig(curriculum_degree_steps=900)
+    sampler = SamplerParams(degrees=(3, 1, 2))
+    assert curriculum(tc, sampler, 0).degrees == (1,)
+    assert curriculum(tc, sampler, 299).degrees == (1,)
+    assert curriculum(tc, sampler, 300).degrees == (1, 2)
+    assert curriculum(tc, sampler, 600).degrees == (1, 2, 3)
+    assert curriculum(tc, sampler, 10**6).degrees == (1, 2, 3)
+
+
+def test_curriculum_used_by_training_steps(monkeypatch, tiny_cfg: Config) -> None:
+    seen: list[SamplerParams] = []
+    real = training.sample_prompts
+    monkeypatch.setattr(training, "sample_prompts", lambda p, n, g: (seen.append(p), real(p, n, g))[1])
+    train(tiny_cfg, None, progress=False)
+    # tiny_cfg: 11 points at step 0, +2 every 2 steps
+    assert [p.n_points for p in seen] == [11, 11, 13, 13, 15, 15, 17, 17, 19, 19, 21, 21]
+
+
+def test_learning_rate_warms_up_then_decays() -> None:
+    tc = TrainConfig(lr=1e-3, warmup_steps=10, steps=110)
+    lrs = [learning_rate(tc, s) for s in range(111)]
+    assert lrs[0] == pytest.approx(1e-4)
+    assert lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # warm-up: strictly increasing
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then non-increasing
+    assert lrs[60] == pytest.approx(0.55e-3)  # half-way through the cosine
+    assert lrs[110] == pytest.approx(1e-4)  # decays to 10% of lr
+    assert learning_rate(tc, 500) == pytest.approx(1e-4)
+    assert max(lrs) <= 1e-3 + 1e-15
+    assert learning_rate(TrainConfig(lr=0.5, warmup_steps=0, steps=10), 0) == pytest.approx(0.5)
+
+
+def test_resume_after_kill_between_checkpoint_files_is_exact(monkeypatch, tmp_path: Path, trained_dir: Path,
+                                                             tiny_cfg: Config) -> None:
+    real = training.write_json
+
+    def write_json(path, obj):
+        if Path(path).name == "train_state.json" and obj["step"] == 8:
+            raise Killed("killed while saving step 8")
+        real(path, obj)
+
+    monkeypatch.setattr(training, "write_json", write_json)
+    with pytest.raises(Killed):
+        train(tiny_cfg, tmp_path, progress=False)
+    monkeypatch.undo()
+    assert_same_weights(train(tiny_cfg, tmp_path, progress=False), load_model(trained_dir))
