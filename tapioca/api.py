@@ -81,6 +81,7 @@ def prune(
     batch = task.data(dist, "select", seed, cfg.n_select)
     ctx = SearchContext(
         model=model, batch=batch, scorer=selection_scorer(model, task, batch, cfg.metric, cfg.batch_size),
+        score_predictions=lambda preds, b: task.score(preds, b, cfg.metric), prefix_cache=cfg.prefix_cache,
         epsilon=cfg.epsilon, max_drop=cfg.max_drop, n_remove=cfg.n_remove, seed=seed, chunk=cfg.batch_size,
         progress=progress, cache_path=Path(cache_path) if cache_path is not None else None,
     )

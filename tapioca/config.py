@@ -104,6 +104,7 @@ class PruningConfig:
     n_remove: int = _range(1, ge=1)  # blocks removed by one-shot baselines
     n_select: int = _range(512, ge=8)  # selection prompts (disjoint from the held-out split)
     batch_size: int = _range(1024, ge=1)
+    prefix_cache: bool = True  # TALE rounds reuse the residual stream below each candidate (same numbers)
 
 
 @dataclass(frozen=True)

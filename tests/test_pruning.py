@@ -209,3 +209,17 @@ def test_prune_result_round_trips_through_dict(trained):
     result = tapioca.prune(model, task, "block_influence", cfg=cfg.pruning, progress=False)
     again = PruneResult.from_dict(result.to_dict())
     assert again == result and again.gates == {b: 0.0 for b in result.removed}
+
+
+@pytest.mark.parametrize("target", ["id", "x_scale_3", "degree_4"])
+def test_prefix_reuse_gives_the_same_scores_and_selection_as_naive(trained, target):
+    cfg, model, task = trained
+    kwargs = dict(cfg=cfg.pruning, progress=False, epsilon=0.5, batch_size=48)  # several chunks, deep search
+    fast = tapioca.prune(model, task, "tale", "target", target, prefix_cache=True, **kwargs)
+    slow = tapioca.prune(model, task, "tale", "target", target, prefix_cache=False, **kwargs)
+    assert fast.info["prefix_cache"] and not slow.info["prefix_cache"]
+    assert fast.path == slow.path and fast.removed == slow.removed
+    for a, b in zip(fast.rounds, slow.rounds):
+        assert a["candidates"].keys() == b["candidates"].keys()
+        assert a["candidates"] == b["candidates"]  # bit-identical: the reused prefix is the same computation
+    assert len(fast.rounds) >= 2

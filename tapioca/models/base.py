@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tapioca.models.gates import Gates
 
@@ -28,6 +28,7 @@ class BlockModel(Protocol):
 
     n_blocks: int
     device: torch.device
+    blocks: nn.ModuleList  # the transformer blocks, in order
 
     def run(self, batch: Any, gates: Gates | None = None, capture: bool = False) -> RunOutput:
         """Forward ``batch`` with residual gates ``{block: alpha}``; capture per-block states if asked."""

@@ -135,3 +135,39 @@ def _post_hook(cap: Capture, slot: int) -> Callable:
         cap.states[slot] = cap.take(_hidden_of(output))
 
     return hook
+
+
+@contextmanager
+def recorded_inputs(blocks: nn.ModuleList) -> Iterator[list[Tensor | None]]:
+    """Record the full hidden-state input (B, T, D) of every block during the forward pass run inside."""
+    inputs: list[Tensor | None] = [None] * len(blocks)
+
+    def recorder(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs[index] = first_tensor(args, kwargs).detach()
+        return hook
+
+    handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def injected_input(blocks: nn.ModuleList, index: int, hidden: Tensor) -> Iterator[None]:
+    """Replace the hidden-state input of block ``index`` by ``hidden`` (B, T, D) during the forward pass.
+
+    With every block before ``index`` gated to 0, the model resumes from a cached residual stream.
+    """
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = blocks[index].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
