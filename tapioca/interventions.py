@@ -1,0 +1,93 @@
+"""Causal interventions without pruning: residual-scaling sweeps and hidden-state norm matching.
+
+Both are context managers or plain functions over a :class:`~tapioca.models.base.BlockModel`; every hook
+is removed on exit, also when an exception is raised.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tapioca.geometry import Profile, distortion, profile
+from tapioca.models.base import BlockModel, run_in_chunks
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+@dataclass
+class SweepPoint:
+    """One point of a residual-scaling sweep: the gates' alpha, the task score and the distortion D."""
+
+    alpha: float
+    score: float
+    D: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def residual_scaling_sweep(
+    model: BlockModel,
+    blocks: Sequence[int],
+    ood_batch: Any,
+    reference: Profile,
+    score: Callable[[Tensor, Any], Tensor],
+    alphas: Sequence[float] = ALPHAS,
+    chunk: int = 1024,
+) -> list[SweepPoint]:
+    """Scale the residual contribution of ``blocks`` jointly by each alpha (1 = full model, 0 = removed)
+    and record the mean ``score(predictions, batch)`` and the distortion D of the OOD profile against
+    ``reference`` (e.g. the same model's ID profile)."""
+    points = []
+    for alpha in alphas:
+        gates = {b: float(alpha) for b in blocks}
+        out = run_in_chunks(model, ood_batch, gates, capture=True, chunk=chunk)
+        points.append(SweepPoint(float(alpha), float(score(out.predictions, ood_batch).double().mean()),
+                                 distortion(profile(out.states.cpu()), reference).D))
+    return points
+
+
+def position_norms(model: BlockModel, batch: Any) -> Tensor:
+    """Mean hidden-state norm per block output and token position over ``batch``: (L, T)."""
+    norms: list[Tensor | None] = [None] * model.n_blocks
+
+    def recorder(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            hidden = output if isinstance(output, Tensor) else output[0]
+            norms[index] = hidden.detach().double().norm(dim=-1).mean(0)
+        return hook
+
+    handles = [block.register_forward_hook(recorder(i)) for i, block in enumerate(model.blocks)]
+    try:
+        model.run(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(norms)  # type: ignore[arg-type]
+
+
+@contextmanager
+def norm_matched(model: BlockModel, target_norms: Mapping[int, Tensor]) -> Iterator[None]:
+    """Rescale the output of each block l in ``target_norms`` so that every token's hidden state has norm
+    ``target_norms[l][t]`` (a (T,) tensor of per-position norms, e.g. ID means from :func:`position_norms`).
+    Directions are kept; only norms are forced onto the target profile."""
+    def matcher(target: Tensor) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            hidden = output if isinstance(output, Tensor) else output[0]
+            t = target[: hidden.shape[1]].to(hidden)
+            scaled = hidden * (t[None, :, None] / hidden.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            return scaled if isinstance(output, Tensor) else (scaled, *output[1:])
+        return hook
+
+    handles = [model.blocks[l].register_forward_hook(matcher(t)) for l, t in target_norms.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+

@@ -1,0 +1,52 @@
+"""Interventions: residual-scaling sweep end points and norm matching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tapioca.geometry import profile, query_states
+from tapioca.interventions import norm_matched, position_norms, residual_scaling_sweep
+from tapioca.tasks.polyreg import PolyRegTask
+
+
+@pytest.fixture
+def setup(tiny_model, tiny_cfg):
+    task = PolyRegTask(tiny_cfg.task)
+    return tiny_model, task, task.data("id", "heldout", 0, 16), task.data("x_scale_3", "heldout", 0, 16)
+
+
+def test_sweep_end_points_are_the_full_and_the_pruned_model(setup):
+    model, task, id_batch, ood_batch = setup
+    reference = profile(query_states(model, id_batch))
+    score = lambda preds, batch: task.score(preds, batch, "nmse")
+    points = residual_scaling_sweep(model, [1], ood_batch, reference, score, alphas=(0.0, 0.5, 1.0), chunk=7)
+    full = score(model.run(ood_batch).predictions, ood_batch).double().mean()
+    pruned = score(model.run(ood_batch, {1: 0.0}).predictions, ood_batch).double().mean()
+    assert [p.alpha for p in points] == [0.0, 0.5, 1.0]
+    assert points[2].score == pytest.approx(float(full), rel=1e-6)
+    assert points[0].score == pytest.approx(float(pruned), rel=1e-6)
+    assert points[1].score not in (points[0].score, points[2].score)
+    assert all(p.D > 0 for p in points)
+
+
+def test_norm_matching_forces_the_target_norms_and_keeps_directions(setup):
+    model, task, id_batch, ood_batch = setup
+    id_norms = position_norms(model, id_batch)  # (L, T)
+    assert id_norms.shape == (model.n_blocks, 2 * id_batch.xs.shape[1] - 1)
+    with norm_matched(model, {0: id_norms[0]}):
+        matched = position_norms(model, ood_batch)
+    assert torch.allclose(matched[0], id_norms[0].to(matched), rtol=1e-5)
+    ood = position_norms(model, ood_batch)
+    assert not torch.allclose(ood[0], id_norms[0], rtol=1e-2)
+    assert all(not b._forward_hooks for b in model.blocks)  # hooks gone
+
+
+def test_norm_matching_hooks_are_removed_after_an_error(setup):
+    model, task, id_batch, ood_batch = setup
+    before = model.run(ood_batch).predictions
+    with pytest.raises(RuntimeError, match="boom"):
+        with norm_matched(model, {0: torch.ones(200)}):
+            raise RuntimeError("boom")
+    assert all(not b._forward_hooks for b in model.blocks)
+    assert torch.equal(model.run(ood_batch).predictions, before)
