@@ -119,6 +119,13 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class GeometryConfig:
+    """Layer-wise profiles at the query position."""
+
+    n_prompts: int = _range(256, ge=4)  # prompts per profile (all n(n-1)/2 pairs are used)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how a run executes."""
 
@@ -137,6 +144,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:

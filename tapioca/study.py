@@ -17,7 +17,9 @@ from tapioca.api import load_task, prune, resolve_device
 from tapioca.config import Config, read_yaml, to_dict
 from tapioca.errors import CheckpointError
 from tapioca.evaluation import Evaluation, compare, evaluate, evaluate_references
+from tapioca.geometry import Profile, distortion, profile, query_states
 from tapioca.io import environment, read_json, write_json, write_yaml
+from tapioca.models.gates import removal_gates
 from tapioca.models.icl import ICLModel, load_model
 from tapioca.pruning import PruneResult
 from tapioca.tasks.polyreg import PolyRegTask
@@ -98,7 +100,7 @@ def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True,
     task = load_task(cfg)
     timer = Timer(out / "timings.json")
     seeds, n = list(cfg.evaluation.seeds), cfg.evaluation.n_heldout
-    full, target, from_id, searches, quality = [], [], [], {}, {}
+    full, target, from_id, searches, quality, profiles = [], [], [], {}, {}, {}
     for seed in seeds:
         model = model_for_seed(cfg, seed, out, timer, progress, log)
         with timer("prune"):
@@ -113,10 +115,14 @@ def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True,
                 target.append(cached_evaluation(ev_dir / f"target-{dist}.npz",
                                                 lambda: run_eval(searches[seed][dist].gates, [dist])))
             quality[seed] = full[-1].mean("id", "nmse")
+        with timer("geometry"):
+            profiles[seed] = cached_json(out / "geometry" / f"seed{seed}.json",
+                                         lambda: _profiles(cfg, task, model, seed, searches[seed]))
         log(f"seed {seed}: ID query NMSE {quality[seed]:.4f}; TALE removed (target=id) {searches[seed]['id'].removed}")
     with timer("statistics"):
         results = _results(cfg, task, Evaluation.concat(full), Evaluation.concat(target),
                            Evaluation.concat(from_id), searches)
+        results["geometry"] = distortion_summary(profiles, task.distributions)
     results["timings_seconds"] = timer.seconds
     write_json(out / "results.json", results)
     return results
@@ -131,6 +137,66 @@ def _searches(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, folder
                                 progress=progress, cache_path=folder / f".{dist}.scores.json").to_dict()
         out[dist] = PruneResult.from_dict(cached_json(folder / f"{cfg.pruning.search}-{dist}.json", compute))
     return out
+
+
+def _profiles(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, searches: dict[str, PruneResult]) -> dict:
+    """Norm and pairwise-distance profiles of every distribution for the full model, the target-protocol
+    pruned model (on its target and on ID) and the from-id pruned model; plus a second, disjoint ID sample
+    for the noise floor. Prompts come from the "reference" role, disjoint from selection and held-out."""
+    n, chunk = cfg.geometry.n_prompts, cfg.evaluation.batch_size
+    data = {d: task.data(d, "reference", seed, 2 * n if d == "id" else n) for d in task.distributions}
+    id_a, id_b = data["id"].slice(0, n), data["id"].slice(n, 2 * n)
+    data["id"] = id_a
+    memo: dict[tuple, dict] = {}
+
+    def prof(dist: str, removed: list[int], batch=None) -> dict:
+        key = (dist if batch is None else "id_b", tuple(removed))
+        if key not in memo:
+            states = query_states(model, data[dist] if batch is None else batch, removal_gates(removed), chunk)
+            memo[key] = profile(states).to_dict()
+        return memo[key]
+
+    id_removed = searches["id"].removed
+    return {
+        "full": {d: prof(d, []) for d in task.distributions},
+        "id_b": prof("id", [], id_b),
+        "target": {d: {"ood": prof(d, searches[d].removed), "id": prof("id", searches[d].removed)}
+                   for d in task.distributions},
+        "from-id": {"ood": {d: prof(d, id_removed) for d in task.distributions}, "id": prof("id", id_removed)},
+    }
+
+
+def _as_profile(data: dict) -> Profile:
+    return Profile(data["norm"], data["pairwise"], data["n"])
+
+
+def distortion_summary(profiles: dict[int, dict], dists: list[str]) -> dict:
+    """Distortion D per shift, per seed and averaged: of the full model (OOD vs ID), of the pruned models
+    against their own ID profile and against the full model's ID profile; the ID-vs-ID noise floor; and
+    the full model's per-block attribution a_l per shift."""
+    def d(p: dict, ref: dict) -> float:
+        return distortion(_as_profile(p), _as_profile(ref)).D
+
+    per_seed: dict[str, dict[str, dict[str, float]]] = {}
+    attribution: dict[str, dict[str, list[float]]] = {}
+    shifts = [dist for dist in dists if dist != "id"]
+    for seed, p in profiles.items():
+        full_id = p["full"]["id"]
+        rows = {"noise_floor": {"full": d(p["id_b"], full_id)}}
+        for dist in shifts:
+            rows[dist] = {
+                "full": d(p["full"][dist], full_id),
+                "target_pruned": d(p["target"][dist]["ood"], p["target"][dist]["id"]),
+                "target_pruned_vs_full_id": d(p["target"][dist]["ood"], full_id),
+                "from_id_pruned": d(p["from-id"]["ood"][dist], p["from-id"]["id"]),
+            }
+        per_seed[str(seed)] = rows
+        attribution[str(seed)] = {
+            dist: distortion(_as_profile(p["full"][dist]), _as_profile(full_id)).attribution for dist in shifts}
+    first = next(iter(per_seed.values()))
+    mean = {row: {col: float(np.mean([per_seed[s][row][col] for s in per_seed])) for col in cols}
+            for row, cols in first.items()}
+    return {"D_mean": mean, "D_per_seed": per_seed, "attribution_full": attribution}
 
 
 def _results(cfg: Config, task: PolyRegTask, full: Evaluation, target: Evaluation, from_id: Evaluation,

@@ -32,11 +32,26 @@ def format_protocol(results: dict[str, Any], protocol: str, metric: str = "nmse"
     return "\n".join(lines)
 
 
+def format_geometry(results: dict[str, Any]) -> str:
+    """Distortion D (mean over seeds) of each shift for the full and the pruned models, and the noise floor."""
+    mean = results["geometry"]["D_mean"]
+    lines = [f"distortion D of OOD vs ID profiles (mean over seeds; ID-vs-ID noise floor "
+             f"{mean['noise_floor']['full']:.4f})",
+             f"{'shift':>14} {'full':>9} {'target':>9} {'tgt/fullID':>10} {'from-id':>9}"]
+    for dist, row in mean.items():
+        if dist != "noise_floor":
+            lines.append(f"{dist:>14} {row['full']:9.4f} {row['target_pruned']:9.4f} "
+                         f"{row['target_pruned_vs_full_id']:10.4f} {row['from_id_pruned']:9.4f}")
+    return "\n".join(lines)
+
+
 def format_summary(results: dict[str, Any]) -> str:
     parts = [format_quality(results)]
     for protocol in results["protocols"]:
         for metric in ("nmse", "tol_acc"):
             parts.append(format_protocol(results, protocol, metric))
+    if "geometry" in results:
+        parts.append(format_geometry(results))
     if "timings_seconds" in results:
         parts.append("wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items()))
     return "\n\n".join(parts)

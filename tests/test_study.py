@@ -86,3 +86,17 @@ def test_a_run_dir_of_another_config_is_refused(finished):
     other = load_config(None, [*TINY, "train.steps=21"])
     with pytest.raises(CheckpointError, match="different config"):
         study.run_study(other, out, progress=False, log=quiet)
+
+
+def test_geometry_step_reports_distortion_for_full_and_pruned_models(finished):
+    _, out, results = finished
+    geometry = results["geometry"]
+    assert set(geometry["D_mean"]) == {"noise_floor", "x_scale_3", "degree_4"}
+    for seed, rows in geometry["D_per_seed"].items():
+        assert (out / "geometry" / f"seed{seed}.json").is_file()
+        for dist in ("x_scale_3", "degree_4"):
+            if not results["removed"]["target"][dist][seed]:  # nothing removed: the pruned model is the full one
+                assert rows[dist]["target_pruned"] == rows[dist]["full"]
+            assert rows[dist]["full"] > 0
+    assert len(geometry["attribution_full"]["0"]["x_scale_3"]) == 3  # one value per block
+    assert "distortion D" in format_summary(results)
