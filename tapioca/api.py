@@ -84,6 +84,7 @@ def prune(
         score_predictions=lambda preds, b: task.score(preds, b, cfg.metric), prefix_cache=cfg.prefix_cache,
         epsilon=cfg.epsilon, max_drop=cfg.max_drop, n_remove=cfg.n_remove, seed=seed, chunk=cfg.batch_size,
         progress=progress, cache_path=Path(cache_path) if cache_path is not None else None,
+        reference_batch=task.data("id", "select", seed, cfg.n_select) if dist != "id" else batch,
     )
     result = run_search(ctx)
     result.info.update(protocol=cfg.protocol, target=cfg.target, selected_on=dist, metric=cfg.metric,

@@ -40,6 +40,7 @@ class SearchContext:
     chunk: int = 1024
     progress: bool = True
     cache_path: Path | None = None  # TALE: evaluated configurations, so an interrupted search resumes
+    reference_batch: Any = None  # ID inputs (no labels needed), for label-free searches against ID
 
 
 @dataclass
@@ -232,12 +233,27 @@ def _one_shot(ctx: SearchContext, name: str, removed: list[int], block_scores: d
     )
 
 
+def distortion_search(ctx: SearchContext) -> PruneResult:
+    """Label-free: remove the ``n_remove`` blocks with the largest distortion attribution a_l of the selection
+    inputs' profile against the ID reference inputs' profile (only inputs are used, never labels)."""
+    if ctx.reference_batch is None:
+        raise ConfigError("pruning.search: 'distortion' needs ID reference inputs (SearchContext.reference_batch)")
+    from tapioca.geometry import distortion, profile, query_states
+
+    shifted = profile(query_states(ctx.model, ctx.batch, None, ctx.chunk))
+    reference = profile(query_states(ctx.model, ctx.reference_batch, None, ctx.chunk))
+    attribution = distortion(shifted, reference).attribution
+    order = sorted(range(ctx.model.n_blocks), key=lambda b: (-attribution[b], b))
+    return _one_shot(ctx, "distortion", order[: ctx.n_remove], dict(enumerate(attribution)))
+
+
 SEARCHES: dict[str, Callable[[SearchContext], PruneResult]] = {
     "tale": tale_search,
     "block_influence": block_influence_search,
     "angular": angular_search,
     "last_k": last_k_search,
     "random": random_search,
+    "distortion": distortion_search,
 }
 
 

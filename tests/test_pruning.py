@@ -201,7 +201,7 @@ def test_bad_search_requests_are_clear_errors(trained):
         tapioca.prune(model, task, "tale", "target", "nope", cfg=cfg.pruning, progress=False)
     with pytest.raises(ConfigError, match="protocol"):
         tapioca.prune(model, task, "tale", "sideways", cfg=cfg.pruning, progress=False)
-    assert set(SEARCHES) == {"tale", "block_influence", "angular", "last_k", "random"}
+    assert set(SEARCHES) == {"tale", "block_influence", "angular", "last_k", "random", "distortion"}
 
 
 def test_prune_result_round_trips_through_dict(trained):
@@ -223,3 +223,34 @@ def test_prefix_reuse_gives_the_same_scores_and_selection_as_naive(trained, targ
         assert a["candidates"].keys() == b["candidates"].keys()
         assert a["candidates"] == b["candidates"]  # bit-identical: the reused prefix is the same computation
     assert len(fast.rounds) >= 2
+
+
+class NormAmplifier(nn.Module):
+    """A planted distorting block: grows states by the square of their norm relative to a typical ID norm,
+    so inputs with larger norms (e.g. wider x) are amplified far more than ID ones."""
+
+    def __init__(self, block: nn.Module, id_norm: float) -> None:
+        super().__init__()
+        self.block, self.id_norm = block, id_norm
+
+    def forward(self, hidden, *args, **kwargs):
+        out = self.block(hidden, *args, **kwargs)
+        return out * (1 + (out.norm(dim=-1, keepdim=True) / self.id_norm) ** 2)
+
+
+def test_distortion_search_finds_a_planted_distorting_block_without_labels(trained, monkeypatch):
+    cfg, model, task = trained
+    from tapioca.geometry import query_states
+
+    id_norm = float(query_states(model, task.data("id", "select", 0, 64))[2].norm(dim=-1).mean())
+    planted = ICLModel(cfg.model)
+    planted.load_state_dict(model.state_dict())
+    planted.backbone.h[1] = NormAmplifier(planted.backbone.h[1], id_norm)
+    planted.eval()
+    monkeypatch.setattr(task, "score", lambda *a, **k: pytest.fail("labels were used"), raising=False)
+    monkeypatch.setattr("tapioca.pruning._one_shot", lambda ctx, name, removed, scores: (removed, scores))
+    removed, attribution = tapioca.pruning.distortion_search(SearchContext(
+        model=planted, batch=task.data("x_scale_3", "select", 0, 128), scorer=None, progress=False,
+        reference_batch=task.data("id", "select", 0, 128)))
+    assert removed == [1]
+    assert attribution[1] == max(attribution.values())
