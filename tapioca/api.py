@@ -82,7 +82,7 @@ def prune(
     ctx = SearchContext(
         model=model, batch=batch, scorer=selection_scorer(model, task, batch, cfg.metric, cfg.batch_size),
         score_predictions=lambda preds, b: task.score(preds, b, cfg.metric), prefix_cache=cfg.prefix_cache,
-        epsilon=cfg.epsilon, max_drop=cfg.max_drop, n_remove=cfg.n_remove, seed=seed, chunk=cfg.batch_size,
+        epsilon=cfg.epsilon, max_drop=cfg.max_drop, choose=cfg.choose, n_remove=cfg.n_remove, seed=seed, chunk=cfg.batch_size,
         progress=progress, cache_path=Path(cache_path) if cache_path is not None else None,
         reference_batch=task.data("id", "select", seed, cfg.n_select) if dist != "id" else batch,
     )

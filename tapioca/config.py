@@ -101,6 +101,7 @@ class PruningConfig:
     metric: Literal["nmse", "tol_acc"] = "nmse"  # selection score: -NMSE or tolerance accuracy
     epsilon: float = _range(0.08, ge=0)  # TALE tolerance: stop when the best candidate < baseline - epsilon
     max_drop: int | None = _range(None, ge=1)  # at most this many blocks (None: no limit)
+    choose: Literal["best", "bsba", "final"] = "best"  # which TALE configuration is the pruned model
     n_remove: int = _range(1, ge=1)  # blocks removed by one-shot baselines
     n_select: int = _range(512, ge=8)  # selection prompts (disjoint from the held-out split)
     batch_size: int = _range(1024, ge=1)
@@ -123,6 +124,8 @@ class GeometryConfig:
     """Layer-wise profiles at the query position."""
 
     n_prompts: int = _range(256, ge=4)  # prompts per profile (all n(n-1)/2 pairs are used)
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # residual-scaling sweep
+    controls: bool = True  # baselines, weight pruning and interventions on shifts where TALE removed blocks
 
 
 @dataclass(frozen=True)

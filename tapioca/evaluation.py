@@ -100,6 +100,12 @@ class Evaluation:
                 getattr(ev, {"seeds": "seeds", "predictions": "predictions", "targets": "targets"}[kind])[dist] = value
         return ev
 
+    def subset(self, dists: Iterable[str]) -> "Evaluation":
+        """The same results restricted to ``dists``."""
+        dists = list(dists)
+        return Evaluation({d: self.values[d] for d in dists}, {d: self.seeds[d] for d in dists},
+                          {d: self.predictions[d] for d in dists}, {d: self.targets[d] for d in dists})
+
     @classmethod
     def concat(cls, parts: Sequence["Evaluation"]) -> "Evaluation":
         """Join evaluations (e.g. one per seed, or one per distribution) into one."""

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from tapioca.geometry import Profile, distortion, profile
+from tapioca.geometry import distortion, profile
 from tapioca.models.base import BlockModel, run_in_chunks
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -35,18 +35,19 @@ def residual_scaling_sweep(
     model: BlockModel,
     blocks: Sequence[int],
     ood_batch: Any,
-    reference: Profile,
+    id_batch: Any,
     score: Callable[[Tensor, Any], Tensor],
     alphas: Sequence[float] = ALPHAS,
     chunk: int = 1024,
 ) -> list[SweepPoint]:
     """Scale the residual contribution of ``blocks`` jointly by each alpha (1 = full model, 0 = removed)
-    and record the mean ``score(predictions, batch)`` and the distortion D of the OOD profile against
-    ``reference`` (e.g. the same model's ID profile)."""
+    and record the mean ``score(predictions, ood_batch)`` and the distortion D of the OOD profile against
+    the ID profile of the same gated model."""
     points = []
     for alpha in alphas:
         gates = {b: float(alpha) for b in blocks}
         out = run_in_chunks(model, ood_batch, gates, capture=True, chunk=chunk)
+        reference = profile(run_in_chunks(model, id_batch, gates, capture=True, chunk=chunk).states.cpu())
         points.append(SweepPoint(float(alpha), float(score(out.predictions, ood_batch).double().mean()),
                                  distortion(profile(out.states.cpu()), reference).D))
     return points

@@ -40,12 +40,14 @@ class SearchContext:
     chunk: int = 1024
     progress: bool = True
     cache_path: Path | None = None  # TALE: evaluated configurations, so an interrupted search resumes
+    choose: str = "best"  # TALE: which accepted configuration becomes ``removed``
     reference_batch: Any = None  # ID inputs (no labels needed), for label-free searches against ID
 
 
 @dataclass
 class PruneResult:
-    """Outcome of a search. ``removed``: the chosen configuration (= ``best``) in order of removal."""
+    """Outcome of a search. ``removed``: the chosen configuration (TALE: ``best`` unless configured
+    otherwise), in order of removal."""
 
     search: str
     n_blocks: int
@@ -163,10 +165,12 @@ def tale_search(ctx: SearchContext) -> PruneResult:
         path_scores.append(candidates[chosen])
     bar.close()
     best, bsba, final = _tale_outputs(removed, path_scores, baseline)
+    chosen = {"best": best, "bsba": bsba, "final": final}[ctx.choose]
     return PruneResult(
-        search="tale", n_blocks=n_blocks, baseline_score=baseline, removed=best, best=best, final=final,
+        search="tale", n_blocks=n_blocks, baseline_score=baseline, removed=chosen, best=best, final=final,
         bsba=bsba, path=removed, path_scores=path_scores, rounds=rounds,
-        selection_score=score(frozenset(best)), info={"epsilon": ctx.epsilon, "max_drop": ctx.max_drop,
+        selection_score=score(frozenset(chosen)), info={"epsilon": ctx.epsilon, "max_drop": ctx.max_drop,
+                                                         "choose": ctx.choose,
                                                        "configurations_evaluated": score.evaluated,
                                                        "prefix_cache": prefix is not None},
     )

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from tapioca import controls
 from tapioca.api import load_task, prune, resolve_device
 from tapioca.config import Config, read_yaml, to_dict
 from tapioca.errors import CheckpointError
@@ -100,7 +101,7 @@ def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True,
     task = load_task(cfg)
     timer = Timer(out / "timings.json")
     seeds, n = list(cfg.evaluation.seeds), cfg.evaluation.n_heldout
-    full, target, from_id, searches, quality, profiles = [], [], [], {}, {}, {}
+    full, target, from_id, searches, quality, profiles, methods, causal = [], [], [], {}, {}, {}, {}, {}
     for seed in seeds:
         model = model_for_seed(cfg, seed, out, timer, progress, log)
         with timer("prune"):
@@ -118,11 +119,23 @@ def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True,
         with timer("geometry"):
             profiles[seed] = cached_json(out / "geometry" / f"seed{seed}.json",
                                          lambda: _profiles(cfg, task, model, seed, searches[seed]))
+        if cfg.geometry.controls:
+            with timer("comparisons"):
+                methods[seed] = _comparisons(cfg, task, model, seed, searches[seed], full[-1], out, timer)
+            with timer("interventions"):
+                causal[seed] = {
+                    t: cached_json(out / "interventions" / f"seed{seed}" / f"{t}.json",
+                                   lambda: controls.interventions(cfg, task, model, seed, t, searches[seed][t]))
+                    for t in task.distributions if t != "id" and searches[seed][t].removed}
         log(f"seed {seed}: ID query NMSE {quality[seed]:.4f}; TALE removed (target=id) {searches[seed]['id'].removed}")
     with timer("statistics"):
         results = _results(cfg, task, Evaluation.concat(full), Evaluation.concat(target),
                            Evaluation.concat(from_id), searches)
         results["geometry"] = distortion_summary(profiles, task.distributions)
+        if cfg.geometry.controls:
+            results["comparisons"] = _comparison_table(cfg, Evaluation.concat(full), Evaluation.concat(target),
+                                                       methods, searches)
+            results["interventions"] = _intervention_table(causal)
     results["timings_seconds"] = timer.seconds
     write_json(out / "results.json", results)
     return results
@@ -164,6 +177,59 @@ def _profiles(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, search
                    for d in task.distributions},
         "from-id": {"ood": {d: prof(d, id_removed) for d in task.distributions}, "id": prof("id", id_removed)},
     }
+
+
+def _comparisons(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, searches: dict[str, PruneResult],
+                 full: Evaluation, out: Path, timer: Timer) -> dict[str, dict[str, Evaluation]]:
+    """Per shift and control method, this seed's held-out Evaluation on that shift. Where TALE removed
+    nothing the controls remove nothing too, so their result is the full model's."""
+    table: dict[str, dict[str, Evaluation]] = {}
+    for shift in task.distributions:
+        if shift == "id":
+            continue
+        tale = searches[shift]
+        table[shift] = {}
+        for method in (*controls.BASELINES, *controls.WEIGHT_METHODS):
+            if not tale.removed:
+                table[shift][method] = full.subset([shift])
+                continue
+            run = controls.baseline_evaluation if method in controls.BASELINES else controls.weight_pruned_evaluation
+            folder = out / "controls" / f"seed{seed}"
+            path = folder / f"{method}-{shift}.npz"
+            if not path.is_file():
+                info, ev = run(cfg, task, model, seed, shift, tale, method)
+                write_json(folder / f"{method}-{shift}.json", info)
+                ev.save(path)
+            table[shift][method] = Evaluation.load(path)
+    return table
+
+
+def _comparison_table(cfg: Config, full: Evaluation, target: Evaluation, methods: dict[int, dict],
+                      searches: dict[int, dict[str, PruneResult]]) -> dict:
+    """Δ (method − full) per shift where TALE removed blocks in at least one seed, for TALE and controls."""
+    ev = cfg.evaluation
+    shifts = [s for s in next(iter(methods.values())) if any(searches[seed][s].removed for seed in searches)]
+    if not shifts:
+        return {}
+    table: dict[str, dict] = {s: {} for s in shifts}
+    names = ["tale", *next(iter(next(iter(methods.values())).values()))]
+    for name in names:
+        pruned = target.subset(shifts) if name == "tale" else Evaluation.concat(
+            [methods[seed][s][name] for seed in methods for s in shifts])
+        for shift, row in compare(full, pruned, shifts, ev.n_bootstrap, ev.confidence).items():
+            table[shift][name] = row
+    return table
+
+
+def _intervention_table(causal: dict[int, dict[str, dict]]) -> dict:
+    """Regroup per-seed interventions by shift: {shift: {sweep_removed: {seed: points}, ...}}."""
+    table: dict[str, dict] = {}
+    for seed, per_shift in causal.items():
+        for shift, result in per_shift.items():
+            row = table.setdefault(shift, {"sweep_removed": {}, "sweep_control": {}, "norm_matching": {}})
+            for key in row:
+                row[key][str(seed)] = result[key]
+    return table
 
 
 def _as_profile(data: dict) -> Profile:

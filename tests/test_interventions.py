@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tapioca.geometry import profile, query_states
+from tapioca.geometry import distortion, profile, query_states
 from tapioca.interventions import norm_matched, position_norms, residual_scaling_sweep
 from tapioca.tasks.polyreg import PolyRegTask
 
@@ -18,9 +18,8 @@ def setup(tiny_model, tiny_cfg):
 
 def test_sweep_end_points_are_the_full_and_the_pruned_model(setup):
     model, task, id_batch, ood_batch = setup
-    reference = profile(query_states(model, id_batch))
     score = lambda preds, batch: task.score(preds, batch, "nmse")
-    points = residual_scaling_sweep(model, [1], ood_batch, reference, score, alphas=(0.0, 0.5, 1.0), chunk=7)
+    points = residual_scaling_sweep(model, [1], ood_batch, id_batch, score, alphas=(0.0, 0.5, 1.0), chunk=7)
     full = score(model.run(ood_batch).predictions, ood_batch).double().mean()
     pruned = score(model.run(ood_batch, {1: 0.0}).predictions, ood_batch).double().mean()
     assert [p.alpha for p in points] == [0.0, 0.5, 1.0]
@@ -28,6 +27,10 @@ def test_sweep_end_points_are_the_full_and_the_pruned_model(setup):
     assert points[0].score == pytest.approx(float(pruned), rel=1e-6)
     assert points[1].score not in (points[0].score, points[2].score)
     assert all(p.D > 0 for p in points)
+    full_d = distortion(profile(query_states(model, ood_batch)), profile(query_states(model, id_batch))).D
+    gates = {1: 0.0}
+    pruned_d = distortion(profile(query_states(model, ood_batch, gates)), profile(query_states(model, id_batch, gates))).D
+    assert points[2].D == pytest.approx(full_d) and points[0].D == pytest.approx(pruned_d)
 
 
 def test_norm_matching_forces_the_target_norms_and_keeps_directions(setup):

@@ -68,6 +68,10 @@ def test_tale_best_bsba_and_final_are_different_configurations():
     assert result.bsba == [3, 0, 5, 1]  # deepest configuration still >= baseline
     assert result.final == [3, 0, 5, 1]  # deepest above the floor
     assert result.removed == result.best
+    for choose in ("bsba", "final"):
+        ctx = SearchContext(model=FakeModel(6), batch=None, scorer=table_scorer(table), epsilon=0.08,
+                            progress=False, choose=choose)
+        assert tale_search(ctx).removed == getattr(result, choose)
 
 
 def test_tale_best_prefers_fewer_blocks_on_ties_and_final_can_be_worse_than_baseline():

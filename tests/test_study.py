@@ -13,7 +13,8 @@ from tapioca.summary import format_summary
 
 TINY = ["model.n_layer=3", "model.n_embd=16", "train.steps=20", "train.warmup_steps=2", "pruning.n_select=32",
         "evaluation.n_heldout=32", "evaluation.n_bootstrap=200", "evaluation.seeds=[0,1]",
-        "task.shifts={x_scale_3: {x_scale: 3.0}, degree_4: {degrees: [4]}}"]
+        "task.shifts={x_scale_3: {x_scale: 3.0}, degree_4: {degrees: [4]}}", "pruning.epsilon=5.0", "pruning.choose=final",
+        "geometry.n_prompts=32", "geometry.alphas=[0.0, 0.5, 1.0]"]
 
 
 def quiet(msg: str) -> None:
@@ -100,3 +101,20 @@ def test_geometry_step_reports_distortion_for_full_and_pruned_models(finished):
             assert rows[dist]["full"] > 0
     assert len(geometry["attribution_full"]["0"]["x_scale_3"]) == 3  # one value per block
     assert "distortion D" in format_summary(results)
+
+
+def test_controls_and_interventions_are_consistent(finished):
+    _, out, results = finished
+    comparisons, interventions = results["comparisons"], results["interventions"]
+    assert comparisons, "with epsilon=5 and choose=final TALE removes blocks"
+    for shift, methods in comparisons.items():
+        assert set(methods) == {"tale", "block_influence", "angular", "last_k", "random", "distortion",
+                                "magnitude", "wanda"}
+        assert methods["tale"]["nmse"] == results["protocols"]["target"]["delta"][shift]["nmse"]
+    for shift, row in interventions.items():
+        for seed, points in row["sweep_removed"].items():
+            by_alpha = {p["alpha"]: p for p in points}
+            matching = row["norm_matching"][seed]
+            assert by_alpha[1.0]["score"] == pytest.approx(matching["ood_full"], rel=1e-6)  # alpha=1: full model
+            assert by_alpha[0.0]["score"] == pytest.approx(matching["ood_pruned"], rel=1e-6)  # alpha=0: pruned
+            assert (out / "interventions" / f"seed{seed}" / f"{shift}.json").is_file()
