@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from tapioca import controls
+from tapioca.claims import verdicts
 from tapioca.api import load_task, prune, resolve_device
 from tapioca.config import Config, read_yaml, to_dict
 from tapioca.errors import CheckpointError
@@ -136,6 +137,7 @@ def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True,
             results["comparisons"] = _comparison_table(cfg, Evaluation.concat(full), Evaluation.concat(target),
                                                        methods, searches)
             results["interventions"] = _intervention_table(causal)
+        results["claims"] = verdicts(results)
     results["timings_seconds"] = timer.seconds
     write_json(out / "results.json", results)
     return results

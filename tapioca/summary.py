@@ -45,6 +45,16 @@ def format_geometry(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_claims(results: dict[str, Any]) -> str:
+    """The verdict table: one line per claim, plus the reviewer's "what would settle it" case if it occurred."""
+    lines = ["claims (REFERENCE §1)"]
+    for name, claim in results["claims"].items():
+        lines.append(f"  {name} {claim['verdict']:>12}  {claim['evidence']}")
+        if claim.get("settle_case"):
+            lines.append(f"  {'':2} {'':>12}  WHAT WOULD SETTLE IT: {claim['settle_case']}")
+    return "\n".join(lines)
+
+
 def format_summary(results: dict[str, Any]) -> str:
     parts = [format_quality(results)]
     for protocol in results["protocols"]:
@@ -52,6 +62,8 @@ def format_summary(results: dict[str, Any]) -> str:
             parts.append(format_protocol(results, protocol, metric))
     if "geometry" in results:
         parts.append(format_geometry(results))
+    if "claims" in results:
+        parts.append(format_claims(results))
     if "timings_seconds" in results:
         parts.append("wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items()))
     return "\n\n".join(parts)

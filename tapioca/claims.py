@@ -1,0 +1,237 @@
+"""Verdicts on the study's claims C1–C9 (REFERENCE §1), computed from results.json data alone.
+
+Each verdict is "supported", "refuted" or "inconclusive", with the numbers behind it and a one-line
+evidence string. The rules are fixed in advance (never tuned to a result) and documented per function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
+ID_MARGIN_RELATIVE = 0.01  # C1: a held-out ID change within ±1% of the full model's NMSE counts as "no change"
+DISTORTION_FACTOR = 3.0  # C3: D(OOD vs ID) must be at least 3x the ID-vs-ID noise floor
+MONOTONE_RHO = -0.8  # C5: Spearman rho(D, score) over the alpha sweep at most this (D down <-> score up)
+SLOPE_TOLERANCE = 0.05  # C7: a pruned model's shrinkage slope may fall by at most this much
+
+
+def _verdict(verdict: str, evidence: str, **numbers: Any) -> dict[str, Any]:
+    return {"verdict": verdict, "evidence": evidence, "numbers": numbers, "settle_case": None}
+
+
+def _shifts(results: dict) -> list[str]:
+    return [d for d in results["protocols"]["target"]["delta"] if d != "id"]
+
+
+def _removed_any(results: dict, shift: str) -> bool:
+    return any(results["removed"]["target"][shift].values())
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    for value in np.unique(x):  # average ranks for ties
+        ranks[x == value] = ranks[x == value].mean()
+    return ranks
+
+
+def spearman_with_p(x: list[float], y: list[float], n_perm: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Spearman rho and a two-sided permutation p-value."""
+    rx, ry = _rank(np.asarray(x, float)), _rank(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan"), 1.0
+    rho = float(np.corrcoef(rx, ry)[0, 1])
+    rng = np.random.default_rng(seed)
+    perms = np.array([np.corrcoef(rx, rng.permutation(ry))[0, 1] for _ in range(n_perm)])
+    return rho, float((np.sum(np.abs(perms) >= abs(rho) - 1e-12) + 1) / (n_perm + 1))
+
+
+def c1_no_id_benefit(results: dict) -> dict:
+    """Supported unless TALE selected on ID improves held-out ID NMSE significantly by more than the margin."""
+    row = results["protocols"]["target"]["delta"]["id"]["nmse"]
+    margin = ID_MARGIN_RELATIVE * row["full"]
+    gain = row["high"] < -margin  # lower NMSE is better: the whole CI below -margin
+    ci = f"Δ NMSE {row['mean']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] (full {row['full']:.4f})"
+    if gain:
+        return _verdict(REFUTED, f"target=ID improves held-out ID: {ci}", **row, margin=margin)
+    return _verdict(SUPPORTED, f"no ID benefit beyond ±{margin:.4f}: {ci}", **row, margin=margin)
+
+
+def c2_ood_improves(results: dict) -> dict:
+    """Supported if TALE (target protocol) improves held-out NMSE (CI excludes 0, Holm) on a majority of shifts,
+    refuted if on none, inconclusive otherwise; from-ID counts are reported beside."""
+    shifts = _shifts(results)
+    target = results["protocols"]["target"]["delta"]
+    from_id = results["protocols"]["from-id"]["delta"]
+    better = _improved_shifts(results)
+    worse = [s for s in shifts if target[s]["nmse"]["worse"]]
+    better_from_id = [s for s in shifts if from_id[s]["nmse"]["improved"]]
+    verdict = SUPPORTED if len(better) > len(shifts) / 2 else REFUTED if not better else INCONCLUSIVE
+    evidence = (f"improved on {len(better)}/{len(shifts)} shifts ({', '.join(better) or 'none'}), worse on "
+                f"{len(worse)}; from-ID selection improved {len(better_from_id)}/{len(shifts)}")
+    return _verdict(verdict, evidence, improved=better, worse=worse, improved_from_id=better_from_id,
+                    n_shifts=len(shifts))
+
+
+def c3_ood_distorts(results: dict) -> dict:
+    """Supported if D(OOD vs ID) >= 3x the ID-vs-ID noise floor on a majority of shifts, refuted if on none."""
+    mean = results["geometry"]["D_mean"]
+    floor = mean["noise_floor"]["full"]
+    ratios = {s: mean[s]["full"] / floor if floor > 0 else float("inf") for s in _shifts(results)}
+    distorted = [s for s, r in ratios.items() if r >= DISTORTION_FACTOR]
+    verdict = SUPPORTED if len(distorted) > len(ratios) / 2 else REFUTED if not distorted else INCONCLUSIVE
+    evidence = (f"D/noise floor ≥ {DISTORTION_FACTOR:g} on {len(distorted)}/{len(ratios)} shifts "
+                f"(floor {floor:.4f}; median ratio {np.median(list(ratios.values())):.1f})")
+    return _verdict(verdict, evidence, noise_floor=floor, ratio=ratios)
+
+
+def c4_realigns(results: dict) -> dict:
+    """Per (shift, seed) where TALE removed blocks: does D (pruned model, OOD vs its own ID) fall below the full
+    model's D? Supported if it falls in a majority, refuted if it rises in a majority, inconclusive if no
+    block was removed anywhere. Also names the reviewer's "what would settle it" cases."""
+    per_seed = results["geometry"]["D_per_seed"]
+    removed = results["removed"]["target"]
+    target = results["protocols"]["target"]["delta"]
+    pairs = [(s, seed) for s in _shifts(results) for seed in per_seed if removed[s][seed]]
+    if not pairs:
+        return _verdict(INCONCLUSIVE, "TALE removed no block on any shift: nothing to realign", pairs=0)
+    closer = [(s, seed) for s, seed in pairs if per_seed[seed][s]["target_pruned"] < per_seed[seed][s]["full"]]
+    verdict = SUPPORTED if len(closer) > len(pairs) / 2 else REFUTED if len(closer) < len(pairs) / 2 else INCONCLUSIVE
+    not_closer = sorted({s for s, seed in pairs if (s, seed) not in closer})
+    closer_not_better = sorted({s for s, _ in closer if not target[s]["nmse"]["improved"]})
+    result = _verdict(verdict, f"D fell after pruning in {len(closer)}/{len(pairs)} (shift, seed) pairs with "
+                      f"removed blocks", closer=len(closer), pairs=len(pairs))
+    cases = []
+    if not_closer:
+        cases.append(f"TALE's layers removed but profiles not closer: {', '.join(not_closer)}")
+    if closer_not_better:
+        cases.append(f"profiles closer but OOD not better: {', '.join(closer_not_better)}")
+    result["settle_case"] = "; ".join(cases) or None
+    return result
+
+
+def c5_causal(results: dict) -> dict:
+    """Residual scaling of TALE's blocks (alpha 0..1): Spearman rho between D and score must be <= -0.8 in a
+    majority of sweeps and weaker for the random-block control; norm matching (no pruning) must recover a
+    positive share of the pruning gain on average. Supported if both hold, refuted if neither, else
+    inconclusive (also when no intervention ran)."""
+    interventions = results.get("interventions") or {}
+    rhos, control_rhos, recovered = [], [], []
+    for row in interventions.values():
+        for seed, points in row["sweep_removed"].items():
+            rhos.append(_sweep_rho(points))
+            if row["sweep_control"].get(seed):
+                control_rhos.append(_sweep_rho(row["sweep_control"][seed]))
+            m = row["norm_matching"][seed]
+            gain = m["ood_pruned"] - m["ood_full"]
+            if "ood_matched" in m and gain > 0:
+                recovered.append((m["ood_matched"] - m["ood_full"]) / gain)
+    if not rhos:
+        return _verdict(INCONCLUSIVE, "no intervention ran (TALE removed no block on any shift)")
+    together = sum(r <= MONOTONE_RHO for r in rhos if not np.isnan(r))
+    monotone = together > len(rhos) / 2
+    matched = bool(recovered) and float(np.mean(recovered)) > 0
+    verdict = SUPPORTED if monotone and matched else REFUTED if not monotone and not matched else INCONCLUSIVE
+    evidence = (f"ρ(D, score) ≤ {MONOTONE_RHO} in {together}/{len(rhos)} sweeps of TALE's blocks "
+                f"(control median ρ {np.nanmedian(control_rhos) if control_rhos else float('nan'):.2f}); "
+                f"norm matching recovered {np.mean(recovered) * 100 if recovered else float('nan'):.0f}% of the "
+                f"pruning gain on average ({len(recovered)} cases with a gain)")
+    return _verdict(verdict, evidence, rhos=rhos, control_rhos=control_rhos, recovered=recovered)
+
+
+def _sweep_rho(points: list[dict]) -> float:
+    inside = [p for p in points if 0.0 <= p["alpha"] <= 1.0]
+    d, score = [p["D"] for p in inside], [p["score"] for p in inside]
+    if len(inside) < 3 or np.std(d) == 0 or np.std(score) == 0:
+        return float("nan")
+    return float(np.corrcoef(_rank(np.asarray(d)), _rank(np.asarray(score)))[0, 1])
+
+
+def c6_scales(results: dict) -> dict:
+    """Needs C1–C4 verdicts for several model scales (a multi-scale study); one scale cannot decide it."""
+    scales = results.get("scales")
+    if not scales:
+        return _verdict(INCONCLUSIVE, "single model scale in this study; run a multi-scale config to test C6")
+    verdicts = {name: {c: s["claims"][c]["verdict"] for c in ("C1", "C2", "C3", "C4")} for name, s in scales.items()}
+    agree = all(len({v[c] for v in verdicts.values()}) == 1 for c in ("C1", "C2", "C3", "C4"))
+    return _verdict(SUPPORTED if agree else REFUTED, f"C1–C4 verdicts {'agree' if agree else 'differ'} across "
+                    f"{len(verdicts)} scales", per_scale=verdicts)
+
+
+def c7_not_tamer(results: dict) -> dict:
+    """On shifts where TALE improved OOD: the prediction-shrinkage slope must not fall by more than 0.05
+    (a gain from shrinking predictions toward 0 would be "tamer confidence"). Inconclusive with no gain."""
+    improved = _improved_shifts(results)
+    if not improved:
+        return _verdict(INCONCLUSIVE, "no shift improved, so there is no gain to explain")
+    full, pruned = results["full"], results["protocols"]["target"]["pruned"]
+    slopes = {s: (full[s]["shrinkage_slope"], pruned[s]["shrinkage_slope"]) for s in improved}
+    shrunk = [s for s, (a, b) in slopes.items() if b < a - SLOPE_TOLERANCE]
+    verdict = REFUTED if len(shrunk) > len(slopes) / 2 else SUPPORTED
+    return _verdict(verdict, f"shrinkage slope fell by > {SLOPE_TOLERANCE} on {len(shrunk)}/{len(slopes)} "
+                    f"improved shifts", slopes=slopes)
+
+
+def _improved_shifts(results: dict) -> list[str]:
+    delta = results["protocols"]["target"]["delta"]
+    return [s for s in _shifts(results) if delta[s]["nmse"]["improved"]]
+
+
+def c8_distortion_predicts(results: dict) -> dict:
+    """Spearman rho across shifts between D (full model) and the OOD drop (shift NMSE − ID NMSE): supported if
+    rho > 0 with permutation p < 0.05, refuted if rho <= 0, else inconclusive. Also: overlap between the
+    blocks TALE removed and the blocks of largest distortion attribution, against the random expectation."""
+    shifts = _shifts(results)
+    d = [results["geometry"]["D_mean"][s]["full"] for s in shifts]
+    drop = [results["full"][s]["nmse"]["mean"] - results["full"]["id"]["nmse"]["mean"] for s in shifts]
+    if len(shifts) < 3:
+        return _verdict(INCONCLUSIVE, f"only {len(shifts)} shifts; need at least 3 for a rank correlation")
+    rho, p = spearman_with_p(d, drop)
+    overlap = _attribution_overlap(results)
+    verdict = SUPPORTED if rho > 0 and p < 0.05 else REFUTED if not rho > 0 else INCONCLUSIVE
+    return _verdict(verdict, f"Spearman ρ(D, OOD drop) = {rho:.2f} (p = {p:.3f}, {len(shifts)} shifts); "
+                    f"{overlap['summary']}", rho=rho, p=p, overlap=overlap)
+
+
+def _attribution_overlap(results: dict) -> dict:
+    """How many of TALE's removed blocks are also the top-attribution blocks, vs k*k/L expected at random."""
+    n_blocks = results["n_blocks"]
+    hits = expected = 0.0
+    for seed, per_shift in results["geometry"]["attribution_full"].items():
+        for shift, attribution in per_shift.items():
+            removed = results["removed"]["target"][shift][seed]
+            if removed:
+                top = set(np.argsort(-np.asarray(attribution), kind="stable")[: len(removed)].tolist())
+                hits += len(top & set(removed))
+                expected += len(removed) ** 2 / n_blocks
+    summary = (f"top-attribution blocks matched TALE's removed blocks {hits:.0f} times "
+               f"(random expectation {expected:.1f})") if expected else "TALE removed no block: no overlap to test"
+    return {"hits": hits, "random_expectation": expected, "summary": summary}
+
+
+def c9_needs_layer_removal(results: dict) -> dict:
+    """On shifts where TALE improved: weight pruning (magnitude, Wanda) at the same parameter budget should
+    not improve. Supported if it improves on a minority of them, refuted on a majority, inconclusive when
+    TALE improved nowhere or no control ran."""
+    improved = _improved_shifts(results)
+    comparisons = results.get("comparisons") or {}
+    cases = [(s, m) for s in improved if s in comparisons for m in ("magnitude", "wanda") if m in comparisons[s]]
+    if not cases:
+        return _verdict(INCONCLUSIVE, "TALE improved no shift (or no weight-pruning control ran)")
+    also = [(s, m) for s, m in cases if comparisons[s][m]["nmse"]["improved"]]
+    verdict = REFUTED if len(also) > len(cases) / 2 else SUPPORTED
+    return _verdict(verdict, f"weight pruning at TALE's budget also improved {len(also)}/{len(cases)} "
+                    f"(shift, method) cases where TALE did", also_improved=also, cases=cases)
+
+
+CLAIMS = {"C1": c1_no_id_benefit, "C2": c2_ood_improves, "C3": c3_ood_distorts, "C4": c4_realigns,
+          "C5": c5_causal, "C6": c6_scales, "C7": c7_not_tamer, "C8": c8_distortion_predicts,
+          "C9": c9_needs_layer_removal}
+
+
+def verdicts(results: dict) -> dict[str, dict]:
+    """All claims' verdicts for a results.json dict."""
+    return {name: rule(results) for name, rule in CLAIMS.items()}

@@ -1,0 +1,128 @@
+"""Claim verdicts on hand-built results with known answers (each rule can come out either way)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from tapioca.claims import (REFUTED, SUPPORTED, INCONCLUSIVE, c1_no_id_benefit, c2_ood_improves, c3_ood_distorts,
+                            c4_realigns, c5_causal, c7_not_tamer, c8_distortion_predicts, c9_needs_layer_removal,
+                            spearman_with_p, verdicts)
+
+SHIFTS = ["s1", "s2", "s3", "s4", "s5", "s6"]
+
+
+def row(mean=0.0, low=-0.01, high=0.01, full=1.0, improved=False, worse=False):
+    return {"nmse": {"full": full, "pruned": full + mean, "mean": mean, "low": low, "high": high, "p_value": 0.5,
+                     "p_holm": 0.5, "n": 100, "improved": improved, "worse": worse}}
+
+
+def build(improved=(), d_full=None, d_pruned=None, removed=("s1",), drop=None):
+    """A minimal results.json: 6 shifts, 2 seeds, full-model NMSE = 1 + drop, D = d_full per shift."""
+    d_full = d_full or {s: 1.0 for s in SHIFTS}
+    d_pruned = d_pruned or {s: 0.5 for s in SHIFTS}
+    drop = drop or {s: 1.0 for s in SHIFTS}
+    delta = {"id": row(full=0.1), **{s: row(-0.2, -0.3, -0.1, improved=True) if s in improved else row()
+                                     for s in SHIFTS}}
+    per_seed = {seed: {"noise_floor": {"full": 0.1},
+                       **{s: {"full": d_full[s], "target_pruned": d_pruned[s], "target_pruned_vs_full_id": 0.0,
+                              "from_id_pruned": 0.0} for s in SHIFTS}} for seed in ("0", "1")}
+    full = {"id": {"nmse": {"mean": 0.1}, "shrinkage_slope": 1.0},
+            **{s: {"nmse": {"mean": 0.1 + drop[s]}, "shrinkage_slope": 1.0} for s in SHIFTS}}
+    return {
+        "protocols": {"target": {"delta": delta, "pruned": copy.deepcopy(full)},
+                      "from-id": {"delta": copy.deepcopy(delta)}},
+        "removed": {"target": {s: {"0": [2] if s in removed else [], "1": []} for s in ["id", *SHIFTS]}},
+        "geometry": {"D_mean": per_seed["0"], "D_per_seed": per_seed,
+                     "attribution_full": {"0": {s: [0.0, 0.0, 1.0, 0.0] for s in SHIFTS}}},
+        "full": full, "n_blocks": 4,
+    }
+
+
+def test_c1_is_refuted_only_by_a_clear_id_gain():
+    results = build()
+    assert c1_no_id_benefit(results)["verdict"] == SUPPORTED
+    results["protocols"]["target"]["delta"]["id"] = row(-0.05, -0.06, -0.04, full=0.1)
+    assert c1_no_id_benefit(results)["verdict"] == REFUTED
+    results["protocols"]["target"]["delta"]["id"] = row(-0.0005, -0.0008, -0.0002, full=0.1)  # within 1%
+    assert c1_no_id_benefit(results)["verdict"] == SUPPORTED
+
+
+def test_c2_counts_significantly_improved_shifts():
+    assert c2_ood_improves(build(improved=SHIFTS[:4]))["verdict"] == SUPPORTED
+    assert c2_ood_improves(build(improved=SHIFTS[:2]))["verdict"] == INCONCLUSIVE
+    verdict = c2_ood_improves(build())
+    assert verdict["verdict"] == REFUTED and "0/6" in verdict["evidence"]
+
+
+def test_c3_compares_distortion_with_the_noise_floor():
+    assert c3_ood_distorts(build(d_full={s: 1.0 for s in SHIFTS}))["verdict"] == SUPPORTED  # 10x floor
+    assert c3_ood_distorts(build(d_full={s: 0.2 for s in SHIFTS}))["verdict"] == REFUTED  # 2x floor
+
+
+def test_c4_realignment_and_the_settle_case():
+    closer = c4_realigns(build(removed=("s1", "s2")))
+    assert closer["verdict"] == SUPPORTED
+    assert "profiles closer but OOD not better: s1, s2" in closer["settle_case"]
+    farther = c4_realigns(build(removed=("s1", "s2"), d_pruned={s: 2.0 for s in SHIFTS}, improved=("s1",)))
+    assert farther["verdict"] == REFUTED
+    assert "profiles not closer: s1, s2" in farther["settle_case"]
+    assert c4_realigns(build(removed=()))["verdict"] == INCONCLUSIVE
+
+
+def sweep(d_slope: float):
+    return [{"alpha": a, "score": -1.0 - a, "D": 1.0 + d_slope * a} for a in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)]
+
+
+def test_c5_needs_monotone_sweeps_and_recovery_by_norm_matching():
+    results = build()
+    matching = {"ood_full": -2.0, "ood_pruned": -1.0, "ood_matched": -1.5, "id_full": -0.1, "id_pushed": -0.3}
+    results["interventions"] = {"s1": {"sweep_removed": {"0": sweep(1.0)}, "sweep_control": {"0": sweep(-1.0)},
+                                       "norm_matching": {"0": matching}}}
+    verdict = c5_causal(results)
+    assert verdict["verdict"] == SUPPORTED and verdict["numbers"]["recovered"] == [pytest.approx(0.5)]
+    results["interventions"]["s1"]["sweep_removed"]["0"] = sweep(-1.0)  # D rises as the score rises
+    results["interventions"]["s1"]["norm_matching"]["0"] = {**matching, "ood_matched": -2.5}
+    assert c5_causal(results)["verdict"] == REFUTED
+    assert c5_causal(build())["verdict"] == INCONCLUSIVE
+
+
+def test_c7_flags_gains_that_come_from_shrinking_predictions():
+    results = build(improved=("s1",))
+    assert c7_not_tamer(results)["verdict"] == SUPPORTED
+    results["protocols"]["target"]["pruned"]["s1"]["shrinkage_slope"] = 0.5
+    assert c7_not_tamer(results)["verdict"] == REFUTED
+    assert c7_not_tamer(build())["verdict"] == INCONCLUSIVE
+
+
+def test_c8_rank_correlation_between_distortion_and_drop():
+    ranks = {s: float(i) for i, s in enumerate(SHIFTS)}
+    assert c8_distortion_predicts(build(d_full=ranks, drop=ranks))["verdict"] == SUPPORTED
+    reversed_drop = {s: -v for s, v in ranks.items()}
+    assert c8_distortion_predicts(build(d_full=ranks, drop=reversed_drop))["verdict"] == REFUTED
+    overlap = c8_distortion_predicts(build(d_full=ranks, drop=ranks))["numbers"]["overlap"]
+    assert overlap["hits"] == 1 and overlap["random_expectation"] == pytest.approx(0.25)  # block 2 removed
+
+
+def test_spearman_with_p_matches_known_values():
+    rho, p = spearman_with_p([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7])
+    assert rho == pytest.approx(1.0) and p < 0.01
+    rho, p = spearman_with_p([1, 2, 3, 4], [2, 1, 4, 3])
+    assert rho == pytest.approx(0.6) and p > 0.2
+
+
+def test_c9_weight_pruning_control():
+    results = build(improved=("s1",))
+    results["comparisons"] = {"s1": {"magnitude": row(), "wanda": row()}}
+    assert c9_needs_layer_removal(results)["verdict"] == SUPPORTED
+    results["comparisons"]["s1"]["magnitude"] = row(-0.2, -0.3, -0.1, improved=True)
+    results["comparisons"]["s1"]["wanda"] = row(-0.2, -0.3, -0.1, improved=True)
+    assert c9_needs_layer_removal(results)["verdict"] == REFUTED
+    assert c9_needs_layer_removal(build())["verdict"] == INCONCLUSIVE
+
+
+def test_every_claim_gets_a_verdict():
+    out = verdicts(build(improved=("s1",)))
+    assert list(out) == [f"C{i}" for i in range(1, 10)]
+    assert all(v["verdict"] in (SUPPORTED, REFUTED, INCONCLUSIVE) and v["evidence"] for v in out.values())
