@@ -18,6 +18,7 @@ from tapioca.io import environment, read_json, write_json, write_yaml
 from tapioca.models.gates import removal_gates
 from tapioca.models.icl import ICLModel, load_model
 from tapioca.pruning import PruneResult
+from tapioca.report import write_report
 from tapioca.training import train
 
 
@@ -39,10 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
         "train": "train a testbed model on the ID sampler (resumes from --out)",
         "prune": "search which blocks to remove (pruning.search, pruning.protocol, pruning.target)",
         "evaluate": "score a model, full and pruned, on ID and every shift with bootstrap CIs",
-        "study": "train/load -> prune (both protocols, every target) -> evaluate, checkpointed in --out",
+        "study": "train/load -> prune (both protocols, every target) -> evaluate -> profile -> intervene -> report",
+        "report": "rebuild report.md, report.html and the plots of a finished run directory",
     }
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "report":
+            p.add_argument("run_dir", help="a run directory written by `tapioca study`")
+            p.add_argument("--quiet", action="store_true", help="no messages")
+            p.add_argument("--debug", action="store_true", help="show full tracebacks")
+            continue
         _common(p)
         if name in ("prune", "evaluate"):
             p.add_argument("--model", help="model folder (default: model.checkpoint)")
@@ -129,6 +136,11 @@ def cmd_study(args: argparse.Namespace, cfg: Config, say: Callable[[str], None])
     results = run_study(cfg, cfg.run.out, progress=not args.quiet, log=say)
     say(format_summary(results))
     say(f"results: {Path(cfg.run.out) / 'results.json'}")
+    say(f"report: {write_report(cfg.run.out) / 'report.html'}")
+
+
+def cmd_report(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    say(f"report: {write_report(args.run_dir) / 'report.html'}")
 
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "study": cmd_study}
@@ -138,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     try:
-        cfg = resolve_config(args)
-        COMMANDS[args.command](args, cfg, say)
+        if args.command == "report":
+            cmd_report(args, say)
+        else:
+            COMMANDS[args.command](args, resolve_config(args), say)
     except (TapiocaError, ConfigError) as err:
         if args.debug:
             raise

@@ -98,3 +98,7 @@ def test_non_finite_data_is_an_error(capsys, trained, tmp_path):
 def test_debug_shows_the_traceback(trained, tmp_path):
     with pytest.raises(Exception, match="unknown key"):
         run_cli("prune", "--model", str(trained), "--out", str(tmp_path), "--debug", "--set", "train.stepz=1")
+
+
+def test_report_of_a_missing_run_is_a_one_line_error(capsys, tmp_path):
+    assert "results.json" in one_line_error(capsys, "report", str(tmp_path / "nope"))
