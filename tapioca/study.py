@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -95,52 +96,70 @@ def cached_evaluation(path: Path, compute: Callable[[], Evaluation]) -> Evaluati
     return result
 
 
+@dataclass
+class SeedOutputs:
+    """Everything one replicate seed contributes to the results."""
+
+    searches: dict[str, PruneResult]
+    full: Evaluation
+    from_id: Evaluation
+    target: Evaluation
+    profiles: dict
+    methods: dict[str, dict[str, Evaluation]] = field(default_factory=dict)
+    causal: dict[str, dict] = field(default_factory=dict)
+
+
 def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True, log: Log = print) -> dict:
     """Run the whole pipeline for ``cfg`` into ``out`` (default ``cfg.run.out``) and return results.json."""
     out = Path(out if out is not None else cfg.run.out)
     prepare_run_dir(cfg, out)
     task = load_task(cfg)
     timer = Timer(out / "timings.json")
-    seeds, n = list(cfg.evaluation.seeds), cfg.evaluation.n_heldout
-    full, target, from_id, searches, quality, profiles, methods, causal = [], [], [], {}, {}, {}, {}, {}
-    for seed in seeds:
-        model = model_for_seed(cfg, seed, out, timer, progress, log)
-        with timer("prune"):
-            searches[seed] = _searches(cfg, task, model, seed, out / "pruning" / f"seed{seed}", progress)
-        with timer("evaluate"):
-            ev_dir = out / "evaluation" / f"seed{seed}"
-            run_eval = lambda gates, dists: evaluate(model, task, gates, dists, [seed], n, cfg.evaluation.batch_size)
-            full.append(cached_evaluation(ev_dir / "full.npz", lambda: run_eval(None, task.distributions)))
-            from_id.append(cached_evaluation(ev_dir / "from-id.npz",
-                                             lambda: run_eval(searches[seed]["id"].gates, task.distributions)))
-            for dist in task.distributions:
-                target.append(cached_evaluation(ev_dir / f"target-{dist}.npz",
-                                                lambda: run_eval(searches[seed][dist].gates, [dist])))
-            quality[seed] = full[-1].mean("id", "nmse")
-        with timer("geometry"):
-            profiles[seed] = cached_json(out / "geometry" / f"seed{seed}.json",
-                                         lambda: _profiles(cfg, task, model, seed, searches[seed]))
-        if cfg.geometry.controls:
-            with timer("comparisons"):
-                methods[seed] = _comparisons(cfg, task, model, seed, searches[seed], full[-1], out, timer)
-            with timer("interventions"):
-                causal[seed] = {
-                    t: cached_json(out / "interventions" / f"seed{seed}" / f"{t}.json",
-                                   lambda: controls.interventions(cfg, task, model, seed, t, searches[seed][t]))
-                    for t in task.distributions if t != "id" and searches[seed][t].removed}
-        log(f"seed {seed}: ID query NMSE {quality[seed]:.4f}; TALE removed (target=id) {searches[seed]['id'].removed}")
+    per_seed = {seed: _run_seed(cfg, task, seed, out, timer, progress, log) for seed in cfg.evaluation.seeds}
     with timer("statistics"):
-        results = _results(cfg, task, Evaluation.concat(full), Evaluation.concat(target),
-                           Evaluation.concat(from_id), searches)
-        results["geometry"] = distortion_summary(profiles, task.distributions)
+        searches = {seed: o.searches for seed, o in per_seed.items()}
+        full = Evaluation.concat([o.full for o in per_seed.values()])
+        target = Evaluation.concat([o.target for o in per_seed.values()])
+        results = _results(cfg, task, full, target, Evaluation.concat([o.from_id for o in per_seed.values()]),
+                           searches)
+        results["geometry"] = distortion_summary({s: o.profiles for s, o in per_seed.items()}, task.distributions)
         if cfg.geometry.controls:
-            results["comparisons"] = _comparison_table(cfg, Evaluation.concat(full), Evaluation.concat(target),
-                                                       methods, searches)
-            results["interventions"] = _intervention_table(causal)
+            results["comparisons"] = _comparison_table(cfg, full, target, {s: o.methods for s, o in per_seed.items()},
+                                                       searches)
+            results["interventions"] = _intervention_table({s: o.causal for s, o in per_seed.items()})
         results["claims"] = verdicts(results)
     results["timings_seconds"] = timer.seconds
     write_json(out / "results.json", results)
     return results
+
+
+def _run_seed(cfg: Config, task: PolyRegTask, seed: int, out: Path, timer: Timer, progress: bool, log: Log) -> SeedOutputs:
+    """Model, searches, held-out evaluations, profiles and controls of one replicate seed (each cached)."""
+    n, chunk = cfg.evaluation.n_heldout, cfg.evaluation.batch_size
+    model = model_for_seed(cfg, seed, out, timer, progress, log)
+    with timer("prune"):
+        searches = _searches(cfg, task, model, seed, out / "pruning" / f"seed{seed}", progress)
+    with timer("evaluate"):
+        ev_dir = out / "evaluation" / f"seed{seed}"
+        run_eval = lambda gates, dists: evaluate(model, task, gates, dists, [seed], n, chunk)
+        full = cached_evaluation(ev_dir / "full.npz", lambda: run_eval(None, task.distributions))
+        from_id = cached_evaluation(ev_dir / "from-id.npz", lambda: run_eval(searches["id"].gates, task.distributions))
+        target = Evaluation.concat([cached_evaluation(ev_dir / f"target-{d}.npz",
+                                                      lambda: run_eval(searches[d].gates, [d]))
+                                    for d in task.distributions])
+    with timer("geometry"):
+        profiles = cached_json(out / "geometry" / f"seed{seed}.json",
+                               lambda: _profiles(cfg, task, model, seed, searches))
+    outputs = SeedOutputs(searches, full, from_id, target, profiles)
+    if cfg.geometry.controls:
+        with timer("comparisons"):
+            outputs.methods = _comparisons(cfg, task, model, seed, searches, full, out)
+        with timer("interventions"):
+            outputs.causal = {t: cached_json(out / "interventions" / f"seed{seed}" / f"{t}.json",
+                                             lambda: controls.interventions(cfg, task, model, seed, t, searches[t]))
+                              for t in task.distributions if t != "id" and searches[t].removed}
+    log(f"seed {seed}: ID query NMSE {full.mean('id', 'nmse'):.4f}; TALE removed (target=id) {searches['id'].removed}")
+    return outputs
 
 
 def _searches(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, folder: Path, progress: bool) -> dict[str, PruneResult]:
@@ -182,7 +201,7 @@ def _profiles(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, search
 
 
 def _comparisons(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, searches: dict[str, PruneResult],
-                 full: Evaluation, out: Path, timer: Timer) -> dict[str, dict[str, Evaluation]]:
+                 full: Evaluation, out: Path) -> dict[str, dict[str, Evaluation]]:
     """Per shift and control method, this seed's held-out Evaluation on that shift. Where TALE removed
     nothing the controls remove nothing too, so their result is the full model's."""
     table: dict[str, dict[str, Evaluation]] = {}
