@@ -1,4 +1,4 @@
-"""Command line: ``tapioca train|prune|evaluate|study``. A thin layer over the Python API."""
+"""Command line: ``tapioca train|prune|evaluate|study|report``. A thin layer over the Python API."""
 
 from __future__ import annotations
 
