@@ -1,0 +1,434 @@
+"""Plots of a study's run directory: pure functions from results data to matplotlib Figures (no pyplot,
+no global state), plus the small formatting helpers the report's tables share with them."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from tapioca import stats
+from tapioca.evaluation import METRICS, Evaluation
+
+METRIC_LABELS = {"nmse": "NMSE", "tol_acc": "tolerance accuracy"}
+METHOD_ORDER = ("tale", "block_influence", "angular", "last_k", "random", "distortion", "magnitude", "wanda")
+N_RELIABILITY_BINS = 15
+DPI = 100
+
+def _num(x: Any, signed: bool = False) -> str:
+    """A number with 4 significant digits ('—' for None / NaN)."""
+    if x is None or isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
+        return "—" if not isinstance(x, bool) else str(x).lower()
+    if x == 0:
+        return "0"
+    return f"{x:+.4g}" if signed else f"{x:.4g}"
+
+
+def _ci(d: dict, signed: bool = False) -> str:
+    return f"{_num(d.get('mean'), signed)} [{_num(d.get('low'), signed)}, {_num(d.get('high'), signed)}]"
+
+
+def _p(x: Any) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def _outcome(d: dict) -> str:
+    return "better" if d.get("improved") else "worse" if d.get("worse") else "no change"
+
+
+def _removed_text(by_seed: dict[str, list[int]] | None) -> str:
+    if not isinstance(by_seed, dict):
+        return "—"
+    return " · ".join(f"s{seed}: {list(blocks) if blocks else '–'}"
+                      for seed, blocks in sorted(by_seed.items(), key=lambda kv: int(kv[0])))
+
+
+def _shifts(results: dict) -> list[str]:
+    return [d for d in results["full"] if d != "id"]
+
+
+def _metrics(results: dict) -> list[str]:
+    first = next(iter(results["full"].values()), {})
+    return [m for m in first if isinstance(first[m], dict) and "mean" in first[m]]
+
+
+def _main_metric(results: dict) -> str:
+    metrics = _metrics(results)
+    metric = results.get("selection_metric", "nmse")
+    return metric if metric in metrics else (metrics[0] if metrics else "nmse")
+
+
+def _lower_is_better(metric: str) -> bool:
+    return not METRICS.get(metric, False)
+
+
+def _err(d: dict) -> tuple[float, float]:
+    """Asymmetric error-bar lengths (below, above) from a {mean, low, high} entry."""
+    mean, low, high = (d.get(k) for k in ("mean", "low", "high"))
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (mean, low, high)):
+        return 0.0, 0.0
+    return max(mean - low, 0.0), max(high - mean, 0.0)
+
+
+def _delta_view(d: dict, metric: str) -> dict:
+    """A Δ entry on a comparable scale: % of the full model's score for lower-is-better metrics (NMSE),
+    percentage points for accuracies."""
+    full = d.get("full")
+    if _lower_is_better(metric):
+        scale = 100.0 / full if isinstance(full, (int, float)) and full > 0 else float("nan")
+    else:
+        scale = 100.0
+    out = {k: float(d[k]) * scale if isinstance(d.get(k), (int, float)) else float("nan")
+           for k in ("mean", "low", "high")}
+    return {**d, **out}
+
+
+def _delta_unit(metric: str) -> str:
+    return "Δ, % of full" if _lower_is_better(metric) else "Δ, percentage points"
+
+
+def _symlog_y(ax, values: Iterable[float], linthresh: float) -> None:
+    """Symmetric-log y-axis (linear within ±linthresh) when the values span several decades."""
+    finite = np.array([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if finite.size and np.abs(finite).max() > 100 * linthresh:
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.set_ylim(min(finite.min(), 0.0) - 0.5 * linthresh, finite.max() * 2 + linthresh)
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A figure drawn by the Agg canvas (no pyplot, no global backend switch)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _mean_over_seeds(arrays: list[Any]) -> np.ndarray | None:
+    arrays = [np.asarray(a, dtype=float) for a in arrays if a is not None]
+    if not arrays or len({a.shape for a in arrays}) != 1:
+        return None
+    return np.mean(arrays, axis=0)
+
+
+def _dig(data: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plots: each returns a Figure, or None when the run has nothing to draw
+# ----------------------------------------------------------------------------------------------------------
+
+
+def plot_scores(results: dict, metric: str) -> Figure | None:
+    """Full vs pruned held-out score (95% CI) per distribution, and Δ with CI, one column per protocol."""
+    protocols = list(results["protocols"])
+    dists = list(results["full"])
+    if not protocols or not dists or metric not in results["full"][dists[0]]:
+        return None
+    fig = _figure(max(6.0, 0.55 * len(dists) * len(protocols) + 2), 7.0)
+    axes = fig.subplots(2, len(protocols), squeeze=False)
+    x = np.arange(len(dists))
+    for col, protocol in enumerate(protocols):
+        pruned = results["protocols"][protocol].get("pruned", {})
+        delta = results["protocols"][protocol].get("delta", {})
+        top, bottom = axes[0, col], axes[1, col]
+        for offset, label, source, color in ((-0.2, "full", results["full"], "#4c72b0"),
+                                             (0.2, "pruned", pruned, "#dd8452")):
+            entries = [_dig(source, d, metric) or {} for d in dists]
+            means = [e.get("mean", np.nan) for e in entries]
+            errs = np.array([_err(e) for e in entries]).T
+            top.bar(x + offset, means, 0.4, yerr=errs, capsize=2, label=label, color=color)
+        if _lower_is_better(metric):
+            top.set_yscale("log")
+        top.set_title(f"protocol {protocol}: held-out {METRIC_LABELS.get(metric, metric)}")
+        top.legend(fontsize=8)
+        rows = [_delta_view(_dig(delta, d, metric) or {}, metric) for d in dists]
+        for i, r in enumerate(rows):
+            color = "#2a9d41" if r.get("improved") else "#c0392b" if r.get("worse") else "#555555"
+            bottom.errorbar([i], [r["mean"]], yerr=np.array(_err(r)).reshape(2, 1), fmt="o", color=color, capsize=3)
+        bottom.axhline(0, color="black", lw=0.8)
+        bottom.set_ylabel(_delta_unit(metric), fontsize=8)
+        bottom.set_title("Δ (pruned − full), 95% CI; green better, red worse (Holm)", fontsize=10)
+        for ax in (top, bottom):
+            ax.set_xticks(x, dists, rotation=45, ha="right", fontsize=8)
+    return fig
+
+
+def plot_methods(results: dict) -> Figure | None:
+    """Δ held-out score (95% CI) of every pruning method per shift, from ``comparisons``."""
+    comparisons = results.get("comparisons")
+    if not isinstance(comparisons, dict) or not comparisons:
+        return None
+    shifts = list(comparisons)
+    found = list(dict.fromkeys(m for s in shifts for m in comparisons[s]))
+    methods = [m for m in METHOD_ORDER if m in found] + [m for m in found if m not in METHOD_ORDER]
+    metrics = list(dict.fromkeys(k for s in shifts for m in comparisons[s].values() for k in m))
+    if not methods or not metrics:
+        return None
+    fig = _figure(max(7.0, 0.5 * len(shifts) * len(methods) / 2 + 3), 3.2 * len(metrics))
+    axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
+    width = 0.8 / len(methods)
+    x = np.arange(len(shifts))
+    for ax, metric in zip(axes, metrics):
+        for j, method in enumerate(methods):
+            rows = [_delta_view(_dig(comparisons, s, method, metric) or {}, metric) for s in shifts]
+            means = [r["mean"] for r in rows]
+            errs = np.nan_to_num(np.array([_err(r) for r in rows]).T)
+            ax.bar(x - 0.4 + (j + 0.5) * width, means, width, yerr=errs, capsize=1.5, label=method)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x, shifts, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(_delta_unit(metric), fontsize=8)
+        ax.set_title(f"Δ {METRIC_LABELS.get(metric, metric)} (pruned − full) by method, 95% CI", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def mean_profiles(profiles: dict[int, dict], shift: str) -> dict[str, dict[str, np.ndarray]]:
+    """Seed-mean norm and pairwise profiles: ID full, OOD full and OOD after target-protocol pruning."""
+    sources = {
+        "ID, full": lambda p: _dig(p, "full", "id"),
+        "OOD, full": lambda p: _dig(p, "full", shift),
+        "OOD, pruned (target)": lambda p: _dig(p, "target", shift, "ood"),
+    }
+    out = {}
+    for label, get in sources.items():
+        curves = {key: _mean_over_seeds([_dig(get(p), key) for p in profiles.values()])
+                  for key in ("norm", "pairwise")}
+        if all(c is not None for c in curves.values()):
+            out[label] = curves
+    return out
+
+
+def plot_profiles(results: dict, profiles: dict[int, dict]) -> Figure | None:
+    """Norm and pairwise-distance profiles (mean over seeds) per shift, block index 0..L on the x-axis."""
+    shifts = [s for s in _shifts(results) if mean_profiles(profiles, s)]
+    if not shifts:
+        return None
+    fig = _figure(9.0, 2.3 * len(shifts) + 0.5)
+    axes = fig.subplots(len(shifts), 2, squeeze=False)
+    styles = {"ID, full": ("black", "-"), "OOD, full": ("#c0392b", "-"), "OOD, pruned (target)": ("#2471a3", "--")}
+    for row, shift in enumerate(shifts):
+        for label, curves in mean_profiles(profiles, shift).items():
+            color, ls = styles[label]
+            for col, key in enumerate(("norm", "pairwise")):
+                y = curves[key]
+                axes[row, col].plot(np.arange(len(y)), y, color=color, ls=ls, marker=".", label=label)
+        axes[row, 0].set_ylabel(shift, fontsize=9)
+    for col, title in enumerate(("norm ‖h_l‖ (query position)", "mean pairwise distance")):
+        axes[0, col].set_title(title)
+        axes[-1, col].set_xlabel("block index l (0 = embeddings)")
+    for ax in axes.ravel():
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0, 0].legend(fontsize=7)
+    return fig
+
+
+def distortion_drop(results: dict) -> dict[str, tuple[float, float]]:
+    """Per shift: (D of the full model, OOD drop of the full model's score vs ID; positive = worse)."""
+    d_mean = _dig(results, "geometry", "D_mean") or {}
+    metric = "nmse" if "nmse" in _metrics(results) else _main_metric(results)
+    sign = 1.0 if _lower_is_better(metric) else -1.0
+    id_score = _dig(results, "full", "id", metric, "mean")
+    out = {}
+    for shift in _shifts(results):
+        d = _dig(d_mean, shift, "full")
+        score = _dig(results, "full", shift, metric, "mean")
+        if d is not None and score is not None and id_score is not None:
+            out[shift] = (float(d), sign * (float(score) - float(id_score)))
+    return out
+
+
+def _spearman(pairs: dict[str, tuple[float, float]]) -> float | None:
+    try:
+        return stats.spearman([p[0] for p in pairs.values()], [p[1] for p in pairs.values()])
+    except ValueError:
+        return None
+
+
+def plot_distortion_vs_drop(results: dict) -> Figure | None:
+    """Per-shift distortion D (full model) vs OOD score drop, with the ID-vs-ID noise floor."""
+    pairs = distortion_drop(results)
+    if not pairs:
+        return None
+    fig = _figure(6.5, 4.8)
+    ax = fig.subplots()
+    xs, ys = zip(*pairs.values())
+    ax.scatter(xs, ys, color="#2471a3", zorder=3)
+    for name, (x, y) in pairs.items():
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    floor = _dig(results, "geometry", "D_mean", "noise_floor", "full")
+    if floor is not None:
+        ax.axvline(floor, color="grey", ls="--", label=f"noise floor D = {floor:.3g}")
+        ax.legend(fontsize=8)
+    if min(xs) > 0:
+        ax.set_xscale("log")
+    id_level = abs(_dig(results, "full", "id", "nmse", "mean") or 0.0)
+    _symlog_y(ax, ys, linthresh=id_level or max(abs(v) for v in ys) * 1e-2 or 1.0)
+    rho = _spearman(pairs)
+    metric = "NMSE" if "nmse" in _metrics(results) else _main_metric(results)
+    ax.set_xlabel("distortion D (OOD vs ID profiles, full model, mean over seeds)")
+    ax.set_ylabel(f"OOD drop: {metric}(shift) − {metric}(ID)")
+    ax.set_title("distortion vs OOD drop" + (f" (Spearman ρ = {rho:.2f})" if rho is not None else ""))
+    return fig
+
+
+def _sweep_mean(by_seed: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Seed-mean (alpha, score, D) of a residual-scaling sweep."""
+    points: dict[float, list[tuple[float, float]]] = {}
+    for rows in (by_seed or {}).values():
+        for r in rows or []:
+            if isinstance(r, dict) and "alpha" in r:
+                points.setdefault(float(r["alpha"]), []).append((r.get("score", np.nan), r.get("D", np.nan)))
+    if not points:
+        return None
+    alphas = np.array(sorted(points))
+    score = np.array([np.nanmean([s for s, _ in points[a]]) for a in alphas])
+    dist = np.array([np.nanmean([d for _, d in points[a]]) for a in alphas])
+    return alphas, score, dist
+
+
+def plot_interventions(results: dict) -> Figure | None:
+    """Score and D vs residual scale α of the removed blocks and of control blocks, per shift."""
+    interventions = results.get("interventions")
+    if not isinstance(interventions, dict):
+        return None
+    shifts = [s for s, v in interventions.items() if isinstance(v, dict)
+              and (_sweep_mean(v.get("sweep_removed")) or _sweep_mean(v.get("sweep_control")))]
+    if not shifts:
+        return None
+    fig = _figure(9.0, 2.5 * len(shifts) + 0.5)
+    axes = fig.subplots(len(shifts), 2, squeeze=False)
+    for row, shift in enumerate(shifts):
+        for key, label, ls, color in (("sweep_removed", "TALE-removed blocks", "-", "#2471a3"),
+                                      ("sweep_control", "control blocks", "--", "#dd8452")):
+            sweep = _sweep_mean(interventions[shift].get(key))
+            if sweep is None:
+                continue
+            alphas, score, dist = sweep
+            axes[row, 0].plot(alphas, score, ls=ls, marker="o", color=color, label=label)
+            axes[row, 1].plot(alphas, dist, ls=ls, marker="o", color=color, label=label)
+        axes[row, 0].set_ylabel(f"{shift}\nscore (−NMSE)", fontsize=9)
+        axes[row, 1].set_ylabel("D", fontsize=9)
+        axes[row, 0].legend(fontsize=6)
+    axes[0, 0].set_title("OOD score vs α (higher is better)")
+    axes[0, 1].set_title("distortion D vs α")
+    for ax in axes[-1]:
+        ax.set_xlabel("residual scale α (1 = full, 0 = removed)")
+    return fig
+
+
+def binned_reliability(pred: np.ndarray, target: np.ndarray, n_bins: int = N_RELIABILITY_BINS):
+    """(mean target, mean prediction) in ``n_bins`` quantile bins of the target."""
+    edges = np.unique(np.quantile(target, np.linspace(0, 1, n_bins + 1)))
+    if edges.size < 2:
+        return np.array([target.mean()]), np.array([pred.mean()])
+    idx = np.clip(np.searchsorted(edges, target, side="right") - 1, 0, edges.size - 2)
+    used = [b for b in range(edges.size - 1) if np.any(idx == b)]
+    return (np.array([target[idx == b].mean() for b in used]), np.array([pred[idx == b].mean() for b in used]))
+
+
+def plot_reliability(results: dict, ev: Evaluation | None) -> Figure | None:
+    """Binned mean prediction vs binned target per distribution (full model, seeds pooled), with y = x."""
+    if ev is None:
+        return None
+    dists = [d for d in results["full"] if d in ev.predictions] or ev.distributions
+    if not dists:
+        return None
+    ncols = min(4, len(dists))
+    nrows = math.ceil(len(dists) / ncols)
+    fig = _figure(3.0 * ncols, 2.8 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, dist in zip(axes, dists):
+        pred = np.asarray(ev.predictions[dist], dtype=float)
+        target = np.asarray(ev.targets[dist], dtype=float)
+        ok = np.isfinite(pred) & np.isfinite(target)
+        pred, target = pred[ok], target[ok]
+        if target.size == 0:
+            ax.set_visible(False)
+            continue
+        slope = _dig(results, "full", dist, "shrinkage_slope")
+        if slope is None:
+            try:
+                slope = stats.shrinkage_slope(pred, target)
+            except ValueError:
+                slope = float("nan")
+        tx, py = binned_reliability(pred, target)
+        lo, hi = float(min(tx.min(), py.min())), float(max(tx.max(), py.max()))
+        ax.plot([lo, hi], [lo, hi], color="grey", ls=":", label="y = x")
+        ax.plot(tx, py, marker="o", ms=3, label=f"slope {slope:.3g}")
+        ax.set_title(dist, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(dists):]:
+        ax.set_visible(False)
+    fig.supxlabel("binned true y (15 quantile bins)", fontsize=9)
+    fig.supylabel("mean prediction ŷ", fontsize=9)
+    return fig
+
+
+def attribution_matrix(results: dict) -> tuple[list[str], np.ndarray] | None:
+    """Shifts and the (shifts, blocks) seed-mean per-block distortion attribution a_l."""
+    per_seed = _dig(results, "geometry", "attribution_full")
+    if not isinstance(per_seed, dict) or not per_seed:
+        return None
+    shifts = [s for s in _shifts(results) if all(s in v for v in per_seed.values())]
+    rows = [_mean_over_seeds([v[s] for v in per_seed.values()]) for s in shifts]
+    keep = [(s, r) for s, r in zip(shifts, rows) if r is not None]
+    if not keep or len({r.shape for _, r in keep}) != 1:
+        return None
+    return [s for s, _ in keep], np.stack([r for _, r in keep])
+
+
+def plot_attribution(results: dict) -> Figure | None:
+    """Heatmap of per-block distortion attribution (shifts × blocks, mean over seeds)."""
+    found = attribution_matrix(results)
+    if found is None:
+        return None
+    shifts, mat = found
+    fig = _figure(max(6.5, 0.6 * mat.shape[1] + 3), 0.4 * len(shifts) + 1.8)
+    ax = fig.subplots()
+    vmax = float(np.nanmax(np.abs(mat))) or 1.0
+    image = ax.imshow(mat, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
+    fig.colorbar(image, ax=ax, label="a_l = |δ(l)| − |δ(l−1)|")
+    ax.set_yticks(np.arange(len(shifts)), shifts, fontsize=8)
+    ax.set_xticks(np.arange(mat.shape[1]), [str(i) for i in range(mat.shape[1])], fontsize=8)
+    ax.set_xlabel("block (original index)")
+    ax.set_title("distortion attribution per block (full model, seed mean)", fontsize=10)
+    if mat.size <= 200:
+        for (i, j), v in np.ndenumerate(mat):
+            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(v) > 0.6 * vmax else "black")
+    return fig
+
+
+def make_plots(results: dict, profiles: dict[int, dict], ev: Evaluation | None) -> dict[str, Figure]:
+    """Every plot the run has data for, by file name (in report order)."""
+    makers: dict[str, Callable[[], Figure | None]] = {
+        **{f"scores_{m}.png": (lambda m=m: plot_scores(results, m)) for m in _metrics(results)},
+        "methods.png": lambda: plot_methods(results),
+        "profiles.png": lambda: plot_profiles(results, profiles),
+        "distortion_vs_drop.png": lambda: plot_distortion_vs_drop(results),
+        "interventions.png": lambda: plot_interventions(results),
+        "reliability.png": lambda: plot_reliability(results, ev),
+        "attribution.png": lambda: plot_attribution(results),
+    }
+    figures = {}
+    for name, make in makers.items():
+        fig = make()
+        if fig is not None:
+            figures[name] = fig
+    return figures
