@@ -12,7 +12,7 @@ from tapioca.errors import ConfigError
 from tapioca.evaluation import check_split_size, selection_scorer
 from tapioca.models.base import BlockModel
 from tapioca.models.icl import ICLModel, load_model
-from tapioca.pruning import PruneResult, SearchContext, check_budget, get_search
+from tapioca.pruning import NEEDS_ID_REFERENCE, PruneResult, SearchContext, check_budget, get_search
 from tapioca.tasks.polyreg import PolyRegTask
 
 PROTOCOLS = ("target", "from-id")
@@ -54,6 +54,13 @@ def selection_distribution(protocol: str, target: str, task: PolyRegTask) -> str
     return target if protocol == "target" else "id"
 
 
+def _id_reference(task: PolyRegTask, cfg: PruningConfig, dist: str, batch, seed: int):
+    """ID selection inputs for searches that compare against ID (drawn only when the search needs them)."""
+    if cfg.search not in NEEDS_ID_REFERENCE:
+        return None
+    return batch if dist == "id" else task.data("id", "select", seed, cfg.n_select)
+
+
 def prune(
     model: BlockModel,
     task: PolyRegTask,
@@ -84,7 +91,7 @@ def prune(
         score_predictions=lambda preds, b: task.score(preds, b, cfg.metric), prefix_cache=cfg.prefix_cache,
         epsilon=cfg.epsilon, max_drop=cfg.max_drop, choose=cfg.choose, n_remove=cfg.n_remove, seed=seed, chunk=cfg.batch_size,
         progress=progress, cache_path=Path(cache_path) if cache_path is not None else None,
-        reference_batch=task.data("id", "select", seed, cfg.n_select) if dist != "id" else batch,
+        reference_batch=_id_reference(task, cfg, dist, batch, seed),
     )
     result = run_search(ctx)
     result.info.update(protocol=cfg.protocol, target=cfg.target, selected_on=dist, metric=cfg.metric,

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tapioca.errors import ConfigError
+from tapioca.geometry import distortion, profile, query_states
 from tapioca.io import read_json, write_json
 from tapioca.models.base import BlockModel, run_in_chunks
 from tapioca.models.gates import Gates, injected_input, recorded_inputs, removal_gates
@@ -242,8 +243,6 @@ def distortion_search(ctx: SearchContext) -> PruneResult:
     inputs' profile against the ID reference inputs' profile (only inputs are used, never labels)."""
     if ctx.reference_batch is None:
         raise ConfigError("pruning.search: 'distortion' needs ID reference inputs (SearchContext.reference_batch)")
-    from tapioca.geometry import distortion, profile, query_states
-
     shifted = profile(query_states(ctx.model, ctx.batch, None, ctx.chunk))
     reference = profile(query_states(ctx.model, ctx.reference_batch, None, ctx.chunk))
     attribution = distortion(shifted, reference).attribution
@@ -259,6 +258,9 @@ SEARCHES: dict[str, Callable[[SearchContext], PruneResult]] = {
     "random": random_search,
     "distortion": distortion_search,
 }
+
+
+NEEDS_ID_REFERENCE = {"distortion"}  # searches that compare the selection inputs with ID inputs
 
 
 def get_search(name: str) -> Callable[[SearchContext], PruneResult]:
