@@ -15,6 +15,8 @@ ID_MARGIN_RELATIVE = 0.01  # C1: a held-out ID change within ±1% of the full mo
 DISTORTION_FACTOR = 3.0  # C3: D(OOD vs ID) must be at least 3x the ID-vs-ID noise floor
 MONOTONE_RHO = -0.8  # C5: Spearman rho(D, score) over the alpha sweep at most this (D down <-> score up)
 SLOPE_TOLERANCE = 0.05  # C7: a pruned model's shrinkage slope may fall by at most this much
+MIN_SCALES = 3  # C6: model scales needed (REFERENCE §1)
+SCALE_CLAIMS = ("C1", "C2", "C3", "C4")  # C6: the claims that must hold at every scale
 
 
 def _verdict(verdict: str, evidence: str, **numbers: Any) -> dict[str, Any]:
@@ -151,14 +153,29 @@ def _sweep_rho(points: list[dict]) -> float:
 
 
 def c6_scales(results: dict) -> dict:
-    """Needs C1–C4 verdicts for several model scales (a multi-scale study); one scale cannot decide it."""
+    """C1–C4 at every scale of a multi-scale study (at least MIN_SCALES). Supported when all four are
+    supported at every scale; refuted when any is refuted at some scale (the claimed effect does not hold
+    there); otherwise inconclusive. Whether the verdicts themselves agree across scales is reported too."""
     scales = results.get("scales")
     if not scales:
-        return _verdict(INCONCLUSIVE, "single model scale in this study; run a multi-scale config to test C6")
-    verdicts = {name: {c: s["claims"][c]["verdict"] for c in ("C1", "C2", "C3", "C4")} for name, s in scales.items()}
-    agree = all(len({v[c] for v in verdicts.values()}) == 1 for c in ("C1", "C2", "C3", "C4"))
-    return _verdict(SUPPORTED if agree else REFUTED, f"C1–C4 verdicts {'agree' if agree else 'differ'} across "
-                    f"{len(verdicts)} scales", per_scale=verdicts)
+        return _verdict(INCONCLUSIVE, "single model scale in this study; run a multi-scale config "
+                                      "(e.g. configs/scales.yaml) to test C6")
+    table = {name: {c: s["claims"][c]["verdict"] for c in SCALE_CLAIMS} for name, s in scales.items()}
+    agree = [c for c in SCALE_CLAIMS if len({v[c] for v in table.values()}) == 1]
+    consistency = (f"verdicts agree across scales on {', '.join(agree) or 'none'} of {', '.join(SCALE_CLAIMS)}")
+    if len(scales) < MIN_SCALES:
+        return _verdict(INCONCLUSIVE, f"{len(scales)} scale(s); C6 needs at least {MIN_SCALES}; {consistency}",
+                        per_scale=table, n_scales=len(scales))
+    refuted = {c: [n for n, v in table.items() if v[c] == REFUTED] for c in SCALE_CLAIMS}
+    refuted = {c: names for c, names in refuted.items() if names}
+    if refuted:
+        where = "; ".join(f"{c} refuted at {', '.join(names)}" for c, names in refuted.items())
+        return _verdict(REFUTED, f"{where} ({consistency})", per_scale=table, n_scales=len(scales))
+    if all(v[c] == SUPPORTED for v in table.values() for c in SCALE_CLAIMS):
+        return _verdict(SUPPORTED, f"C1–C4 supported at all {len(scales)} scales", per_scale=table,
+                        n_scales=len(scales))
+    return _verdict(INCONCLUSIVE, f"no C1–C4 verdict refuted, but not all supported ({consistency})",
+                    per_scale=table, n_scales=len(scales))
 
 
 def c7_not_tamer(results: dict) -> dict:

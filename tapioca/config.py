@@ -149,6 +149,9 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Multi-scale study: scale name -> section overrides merged into this config, e.g.
+    # {"L4": {"model": {"n_layer": 4}}}. Empty: one scale (this config). See tapioca/scales.py.
+    scales: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.model.n_embd % self.model.n_head:
@@ -161,6 +164,33 @@ class Config:
                 f"evaluation.seeds: {list(self.evaluation.seeds)!r} is not allowed; "
                 "give one or more distinct integers, e.g. [0, 1, 2]"
             )
+        for name in self.scales:
+            scale_config(self, name)  # every scale must be a valid config on its own
+
+
+SCALE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def scale_config(cfg: Config, name: str) -> Config:
+    """The single-scale config of scale ``name``: ``cfg`` without ``scales``, updated by that scale's
+    section overrides, writing into ``<run.out>/scales/<name>``."""
+    if name not in cfg.scales:
+        raise ConfigError(f"unknown scale {name!r}; allowed: {sorted(cfg.scales)}")
+    if not SCALE_NAME.match(name):
+        raise ConfigError(f"scales.{name}: the name must be letters, digits, '-', '_' or '.' (it names a folder)")
+    override = cfg.scales[name]
+    if not isinstance(override, Mapping) or not all(isinstance(v, Mapping) for v in override.values()):
+        raise ConfigError(f"scales.{name}: {override!r} is not allowed; give section overrides, "
+                          "e.g. {model: {n_layer: 4}}")
+    if "scales" in override or "run" in override and "out" in override["run"]:
+        raise ConfigError(f"scales.{name}: a scale may not set 'scales' or 'run.out'")
+    tree = to_dict(cfg)
+    tree["scales"] = {}
+    tree["run"]["out"] = str(Path(cfg.run.out) / "scales" / name)
+    try:
+        return from_dict(Config, _merge(tree, override))
+    except ConfigError as err:
+        raise ConfigError(f"scales.{name}: {err}") from None
 
 
 def shift_params(task: TaskConfig, name: str) -> SamplerParams:
@@ -353,8 +383,8 @@ def _apply(tree: dict[str, Any], keys: list[str], value: Any) -> None:
 
 
 def _is_open_mapping(keys: list[str]) -> bool:
-    """Keys below ``task.shifts`` are user-chosen names, so overrides may create them."""
-    return len(keys) == 3 and keys[:2] == ["task", "shifts"]
+    """Keys below ``task.shifts`` and ``scales`` are user-chosen names, so overrides may create them."""
+    return (len(keys) == 3 and keys[:2] == ["task", "shifts"]) or keys[0] == "scales"
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

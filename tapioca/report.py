@@ -20,6 +20,8 @@ import yaml
 from tapioca.errors import CheckpointError
 from tapioca.evaluation import Evaluation
 from tapioca.io import atomic_write_bytes
+from tapioca.scales import is_multi_scale
+from tapioca.scales_report import build_scales_report
 from tapioca.plots import (METHOD_ORDER, METRIC_LABELS, _ci, _dig, _lower_is_better, _main_metric, _metrics, _num,
                            _outcome, _p, _png, _removed_text, _shifts, _spearman, distortion_drop, make_plots)
 
@@ -396,6 +398,10 @@ def render_html(blocks: list[Block], images: dict[str, bytes]) -> str:
 def build_report(run_dir: str | Path) -> tuple[list[Block], dict[str, bytes]]:
     """The report's blocks and PNG bytes by file name, from the run directory alone."""
     run_dir = Path(run_dir)
+    multi = _optional_json(run_dir / "results.json")
+    if isinstance(multi, dict) and is_multi_scale(multi):
+        blocks, figures = build_scales_report(multi)
+        return blocks, {name: _png(fig) for name, fig in figures.items()}
     results = load_results(run_dir)
     figures = make_plots(results, load_profiles(run_dir), load_full_evaluation(run_dir))
     images = {name: _png(fig) for name, fig in figures.items()}
@@ -413,10 +419,14 @@ def write_report(run_dir: str | Path) -> Path:
     Returns the report folder. Raises CheckpointError when ``results.json`` is missing or corrupt.
     """
     run_dir = Path(run_dir)
+    multi = _optional_json(run_dir / "results.json")
+    if isinstance(multi, dict) and is_multi_scale(multi):
+        for scale in multi["scales"].values():  # each scale's own report first, so the links resolve
+            write_report(run_dir / scale["run_dir"])
     blocks, images = build_report(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    for name in PLOT_TEXT:
+    for name in [*PLOT_TEXT, "scales.png"]:
         if name not in images:
             (out / name).unlink(missing_ok=True)  # a plot from an earlier report whose data is gone
     for name, data in images.items():

@@ -8,7 +8,8 @@ deterministic given ``seed``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Union
 
@@ -30,6 +31,8 @@ __all__ = [
 # 8 bytes each, at most two alive at a time), so one chunk stays well below
 # ~100 MB.
 _CHUNK_ELEMENTS = 2_000_000
+# Largest resample count matrix kept for reuse (float64: 8 bytes each, at most 0.5 GB).
+_MAX_COUNT_ELEMENTS = 64_000_000
 _PROB_SUM_TOL = 1e-4
 
 PValues = Union[Mapping[str, float], Sequence[float], np.ndarray]
@@ -121,6 +124,40 @@ class DeltaCI:
         return asdict(self)
 
 
+def _resampled_positions(sizes: np.ndarray, n_resamples: int, seed: int | None) -> Iterator[np.ndarray]:
+    """Chunks of resampled positions, each (m, n) with m * n <= ~_CHUNK_ELEMENTS: row r holds n draws with
+    replacement, position i drawn uniformly within the group (sorted, of size ``sizes[g]``) of position i."""
+    n = int(sizes.sum())
+    rng = np.random.default_rng(seed)
+    codes = np.repeat(np.arange(len(sizes)), sizes)
+    starts = np.cumsum(sizes) - sizes
+    lows, spans = starts[codes], sizes[codes].astype(np.float64)  # shape (n,)
+    chunk = max(1, _CHUNK_ELEMENTS // n)
+    for start in range(0, n_resamples, chunk):
+        m = min(chunk, n_resamples - start)
+        # floor(U * size) is uniform on 0..size-1 (U < 1 keeps it below size);
+        # faster than rng.integers with a per-position upper bound.
+        u = rng.random((m, n))
+        u *= spans
+        idx = u.astype(np.int64)
+        del u
+        idx += lows
+        yield idx
+
+
+@functools.lru_cache(maxsize=1)
+def _resample_counts(sizes: tuple[int, ...], n_resamples: int, seed: int | None) -> np.ndarray:
+    """How often each (group-sorted) example appears in each resample, shape (n_resamples, n), float64.
+    Cached: every statistic over examples of the same group sizes reuses the same resamples."""
+    n = sum(sizes)
+    rows = []
+    for idx in _resampled_positions(np.asarray(sizes), n_resamples, seed):
+        m = idx.shape[0]
+        flat = idx + (np.arange(m) * n)[:, None]
+        rows.append(np.bincount(flat.ravel(), minlength=m * n).reshape(m, n).astype(np.float64))
+    return np.concatenate(rows)
+
+
 def _bootstrap_means(
     x: np.ndarray,
     groups: np.ndarray | None,
@@ -131,31 +168,24 @@ def _bootstrap_means(
 
     x: shape (n,). If ``groups`` (dense codes, shape (n,)) is given, examples are
     resampled with replacement within each group, keeping group sizes; the
-    statistic is always the mean over all n resampled examples. Resamples are
-    drawn in chunks so at most ~_CHUNK_ELEMENTS values are held at once.
+    statistic is always the mean over all n resampled examples. With a seed and at
+    most _MAX_COUNT_ELEMENTS resampled values, the resamples are held as a count
+    matrix shared by every call with the same group sizes (mat-vecs per call);
+    otherwise they are drawn in chunks of ~_CHUNK_ELEMENTS values. Both give the
+    same resamples for the same seed.
     """
     n = x.shape[0]
-    rng = np.random.default_rng(seed)
     if groups is None:
         groups = np.zeros(n, dtype=np.int64)
-    order = np.argsort(groups, kind="stable")
-    xs, codes = x[order], groups[order]
-    sizes = np.bincount(codes)
-    starts = np.cumsum(sizes) - sizes
-    lows, spans = starts[codes], sizes[codes].astype(np.float64)  # shape (n,)
-
-    chunk = max(1, _CHUNK_ELEMENTS // n)
+    xs = x[np.argsort(groups, kind="stable")]
+    sizes = tuple(int(c) for c in np.bincount(groups))
+    if seed is not None and n_resamples * n <= _MAX_COUNT_ELEMENTS:
+        return _resample_counts(sizes, n_resamples, seed) @ xs / n
     out = np.empty(n_resamples, dtype=np.float64)
-    for start in range(0, n_resamples, chunk):
-        m = min(chunk, n_resamples - start)
-        # floor(U * size) is uniform on 0..size-1 (U < 1 keeps it below size);
-        # faster than rng.integers with a per-position upper bound.
-        u = rng.random((m, n))
-        u *= spans
-        idx = u.astype(np.int64)
-        del u
-        idx += lows
-        out[start : start + m] = xs[idx].mean(axis=1)
+    start = 0
+    for idx in _resampled_positions(np.asarray(sizes), n_resamples, seed):
+        out[start : start + idx.shape[0]] = xs[idx].mean(axis=1)
+        start += idx.shape[0]
     return out
 
 

@@ -25,6 +25,7 @@ from tapioca.io import environment, read_json, write_json, write_yaml
 from tapioca.models.gates import removal_gates
 from tapioca.models.icl import ICLModel, load_model
 from tapioca.pruning import PruneResult
+from tapioca.scales import run_scales
 from tapioca.tasks.polyreg import PolyRegTask
 from tapioca.training import find_pretrained, is_trained, train
 
@@ -110,8 +111,11 @@ class SeedOutputs:
 
 
 def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True, log: Log = print) -> dict:
-    """Run the whole pipeline for ``cfg`` into ``out`` (default ``cfg.run.out``) and return results.json."""
+    """Run the whole pipeline for ``cfg`` into ``out`` (default ``cfg.run.out``) and return results.json.
+    A config with ``scales`` runs every scale's study and returns the multi-scale results instead."""
     out = Path(out if out is not None else cfg.run.out)
+    if cfg.scales:
+        return run_scales(cfg, out, progress, log)
     prepare_run_dir(cfg, out)
     task = load_task(cfg)
     timer = Timer(out / "timings.json")
@@ -141,11 +145,19 @@ def _run_seed(cfg: Config, task: PolyRegTask, seed: int, out: Path, timer: Timer
         searches = _searches(cfg, task, model, seed, out / "pruning" / f"seed{seed}", progress)
     with timer("evaluate"):
         ev_dir = out / "evaluation" / f"seed{seed}"
-        run_eval = lambda gates, dists: evaluate(model, task, gates, dists, [seed], n, chunk)
-        full = cached_evaluation(ev_dir / "full.npz", lambda: run_eval(None, task.distributions))
-        from_id = cached_evaluation(ev_dir / "from-id.npz", lambda: run_eval(searches["id"].gates, task.distributions))
+        full = cached_evaluation(ev_dir / "full.npz",
+                                 lambda: evaluate(model, task, None, task.distributions, [seed], n, chunk))
+
+        def run_eval(removed: list[int], dists: list[str]) -> Evaluation:
+            """Held-out evaluation with ``removed`` skipped; with nothing removed it is the full model's
+            (gates of 1 leave every block untouched, so the numbers would be identical)."""
+            if not removed:
+                return full.subset(dists)
+            return evaluate(model, task, removal_gates(removed), dists, [seed], n, chunk)
+
+        from_id = cached_evaluation(ev_dir / "from-id.npz", lambda: run_eval(searches["id"].removed, task.distributions))
         target = Evaluation.concat([cached_evaluation(ev_dir / f"target-{d}.npz",
-                                                      lambda: run_eval(searches[d].gates, [d]))
+                                                      lambda: run_eval(searches[d].removed, [d]))
                                     for d in task.distributions])
     with timer("geometry"):
         profiles = cached_json(out / "geometry" / f"seed{seed}.json",

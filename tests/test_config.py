@@ -310,3 +310,7 @@ def test_config_dataclasses_are_frozen() -> None:
         cfg.model = cfg.model  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.task.sampler.x_scale = 2.0  # type: ignore[misc]
+
+
+def test_shipped_default_yaml_is_the_built_in_default():
+    assert load_config("configs/default.yaml") == Config()

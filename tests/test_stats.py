@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from tapioca import stats
 from tapioca.stats import (
     DeltaCI,
     bootstrap_mean_ci,
@@ -156,7 +157,21 @@ def test_single_group_equals_unstratified() -> None:
 
 
 @pytest.mark.parametrize("stratified", [False, True])
-def test_bootstrap_memory_is_chunked(stratified: bool) -> None:
+def test_count_matrix_and_chunked_draws_give_the_same_resamples(stratified: bool, monkeypatch) -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_cauchy(3000), rng.random(3000)
+    groups = rng.integers(0, 3, size=3000) if stratified else None
+    fast = paired_bootstrap(a, b, groups=groups, n_resamples=500, seed=4)
+    monkeypatch.setattr(stats, "_MAX_COUNT_ELEMENTS", 0)
+    stats._resample_counts.cache_clear()
+    slow = paired_bootstrap(a, b, groups=groups, n_resamples=500, seed=4)
+    assert fast.p_value == slow.p_value and fast.mean == slow.mean
+    assert fast.low == pytest.approx(slow.low, rel=1e-12) and fast.high == pytest.approx(slow.high, rel=1e-12)
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_bootstrap_memory_is_chunked(stratified: bool, monkeypatch) -> None:
+    monkeypatch.setattr(stats, "_MAX_COUNT_ELEMENTS", 0)  # above the cap, resamples are drawn in chunks
     n = 50_000
     rng = np.random.default_rng(0)
     a, b = rng.random(n), rng.random(n)

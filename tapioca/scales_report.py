@@ -1,0 +1,126 @@
+"""The report of a multi-scale study: per-scale model quality, TALE's OOD deltas and C1–C9 verdicts side by
+side, C6, a plot across scales and links to every scale's own report. Reads the run directory only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tapioca.plots import _ci, _figure, _num, _p
+
+Block = tuple
+
+CLAIM_IDS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9")
+
+
+def _by_depth(scales: dict[str, dict]) -> list[tuple[str, dict]]:
+    return sorted(scales.items(), key=lambda kv: (kv[1].get("n_blocks", 0), kv[0]))
+
+
+def section_overview(results: dict) -> list[Block]:
+    names = ", ".join(f"{n} ({s.get('n_blocks', '?')} blocks)" for n, s in _by_depth(results["scales"]))
+    return [("h", 1, "tapioca multi-scale study report"),
+            ("p", f"Scales: {names}. Each scale is a complete study with its own report (linked below); this "
+                  "page sets their numbers side by side. Nothing here re-runs a model.")]
+
+
+def section_scale_quality(results: dict) -> list[Block]:
+    """Per scale: size, training steps, seeds, ID NMSE with CI beside the reference predictors."""
+    rows = []
+    for name, s in _by_depth(results["scales"]):
+        refs = s["quality"].get("references_id_nmse", {})
+        rows.append([name, s.get("n_blocks", "?"), s.get("n_embd", "?"), s.get("train_steps", "?"),
+                     ", ".join(map(str, s.get("seeds", []))), _ci(s["quality"]["model_id_nmse"]),
+                     _num(refs.get("least_squares")), _num(refs.get("knn")), _num(refs.get("mean"))])
+    return [("h", 2, "Model quality per scale"),
+            ("p", "Held-out ID query NMSE (lower is better; seed-stratified bootstrap 95% CI). Least squares on "
+                  "the true degree is the ceiling, the context mean the floor: a scale far from least squares is "
+                  "undertrained, and its verdicts say less."),
+            ("table", ["scale", "blocks", "width", "train steps", "seeds", "model ID NMSE [95% CI]",
+                       "least squares", "kNN", "context mean"], rows)]
+
+
+def section_scale_claims(results: dict) -> list[Block]:
+    """Claims × scales verdict table, then C6 with its evidence."""
+    ordered = _by_depth(results["scales"])
+    rows = []
+    for cid in CLAIM_IDS:
+        if cid == "C6":
+            continue
+        rows.append([cid] + [f"**{s['claims'].get(cid, {}).get('verdict', '—')}**" for _, s in ordered])
+    c6 = results.get("claims", {}).get("C6", {})
+    blocks: list[Block] = [("h", 2, "Verdicts per scale"),
+                           ("table", ["claim", *[n for n, _ in ordered]], rows),
+                           ("p", f"**C6 (consistent across model scales): {c6.get('verdict', 'not assessed')}** — "
+                                 f"{c6.get('evidence', '')}")]
+    evidence = [[cid, n, s["claims"][cid].get("evidence", "—")] for cid in ("C1", "C2", "C3", "C4")
+                for n, s in ordered if cid in s["claims"]]
+    blocks += [("h", 3, "Evidence behind C1–C4 per scale"), ("table", ["claim", "scale", "evidence"], evidence)]
+    return blocks
+
+
+def section_scale_deltas(results: dict) -> list[Block]:
+    """Per distribution and scale: TALE (target protocol) held-out Δ with CI and Holm p."""
+    ordered = _by_depth(results["scales"])
+    dists = list(next(iter(results["scales"].values()))["target_delta"])
+    rows = []
+    for dist in dists:
+        row = [dist]
+        for _, s in ordered:
+            d = s["target_delta"].get(dist)
+            row.append("—" if d is None else f"{_ci(d, signed=True)} (Holm p {_p(d.get('p_holm'))})")
+        rows.append(row)
+    metric = next(iter(results["scales"].values())).get("metric", "nmse").upper()
+    return [("h", 2, f"TALE (target protocol): held-out Δ{metric} per scale"),
+            ("p", f"Δ = pruned − full on held-out prompts (for {metric} negative is better), paired bootstrap 95% "
+                  "CI stratified by seed. 0 means TALE kept every block on every seed."),
+            ("table", ["distribution", *[n for n, _ in ordered]], rows)]
+
+
+def section_scale_links(results: dict) -> list[Block]:
+    rows = [[n, s.get("run_dir", "?"), f"../{s.get('run_dir', '?')}/report/report.html",
+             f"{sum(float(v) for v in s.get('timings_seconds', {}).values()):.0f}"]
+            for n, s in _by_depth(results["scales"])]
+    return [("h", 2, "Per-scale reports"),
+            ("table", ["scale", "run directory", "report", "wall seconds"], rows)]
+
+
+def plot_scales(results: dict) -> Any:
+    """Left: ID NMSE vs depth (with CIs) and least squares. Right: TALE's held-out ΔNMSE per shift and scale."""
+    ordered = _by_depth(results["scales"])
+    fig = _figure(12, 4.2)
+    ax_q, ax_d = fig.subplots(1, 2)
+    depth = [s["n_blocks"] for _, s in ordered]
+    q = [s["quality"]["model_id_nmse"] for _, s in ordered]
+    ax_q.errorbar(depth, [v["mean"] for v in q], yerr=[[v["mean"] - v["low"] for v in q],
+                                                       [v["high"] - v["mean"] for v in q]], marker="o", capsize=3,
+                  label="transformer")
+    for ref in ("knn", "mean"):
+        ax_q.plot(depth, [s["quality"].get("references_id_nmse", {}).get(ref, np.nan) for _, s in ordered], "--",
+                  label=ref)
+    ax_q.set(xlabel="blocks", ylabel="ID NMSE (log)", yscale="log", title="model quality per scale")
+    ax_q.legend(fontsize=8)
+    shifts = [d for d in next(iter(results["scales"].values()))["target_delta"] if d != "id"]
+    width = 0.8 / max(len(ordered), 1)
+    for i, (name, s) in enumerate(ordered):
+        x = np.arange(len(shifts)) + (i - (len(ordered) - 1) / 2) * width
+        d = [s["target_delta"][sh] for sh in shifts]
+        ax_d.errorbar(x, [v["mean"] for v in d], yerr=[[v["mean"] - v["low"] for v in d],
+                                                       [v["high"] - v["mean"] for v in d]],
+                      fmt="o", capsize=2, label=name)
+    ax_d.axhline(0, color="k", lw=0.8)
+    ax_d.set_yscale("symlog", linthresh=0.01)
+    ax_d.set_xticks(np.arange(len(shifts)), shifts, rotation=45, ha="right", fontsize=8)
+    ax_d.set(ylabel="ΔNMSE pruned − full (symlog)", title="TALE held-out Δ per shift (below 0 = better)")
+    ax_d.legend(fontsize=8)
+    return fig
+
+
+def build_scales_report(results: dict) -> tuple[list[Block], dict[str, Any]]:
+    """The multi-scale report's blocks and figures by file name."""
+    blocks = (section_overview(results) + section_scale_quality(results) + section_scale_claims(results)
+              + section_scale_deltas(results) + section_scale_links(results)
+              + [("h", 2, "Across scales"), ("img", "scales.png", "Left: held-out ID NMSE per scale. Right: "
+                 "TALE's held-out ΔNMSE per shift and scale, 95% CIs.")])
+    return blocks, {"scales.png": plot_scales(results)}

@@ -1,0 +1,98 @@
+"""Multi-scale studies: the scales config, the C6 rule, and a tiny three-scale study with its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tapioca.claims import INCONCLUSIVE, REFUTED, SUPPORTED, c6_scales
+from tapioca.config import load_config, scale_config
+from tapioca.errors import ConfigError
+from tapioca.report import write_report
+from tapioca.study import run_study
+from tapioca.summary import format_summary
+
+from test_study import TINY, quiet
+
+SCALES = "scales={s2: {model: {n_layer: 2}}, s3: {model: {n_layer: 3}}, s4: {model: {n_layer: 4}}}"
+
+
+def test_scale_config_merges_overrides_and_writes_below_the_run_dir():
+    cfg = load_config(None, [*TINY, SCALES, "run.out=runs/x"])
+    sub = scale_config(cfg, "s4")
+    assert sub.model.n_layer == 4 and sub.model.n_embd == cfg.model.n_embd
+    assert sub.scales == {} and sub.run.out == "runs/x/scales/s4"
+    assert sub.task == cfg.task and sub.evaluation == cfg.evaluation
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("scales={a: {model: {n_layer: 0}}}", "scales.a: model.n_layer"),
+    ("scales={a: {model: {depth: 4}}}", "scales.a: model.depth: unknown key"),
+    ("scales={a: 4}", "give section overrides"),
+    ("scales={'a/b': {model: {n_layer: 4}}}", "names a folder"),
+    ("scales={a: {run: {out: elsewhere}}}", "may not set"),
+])
+def test_bad_scales_are_config_errors_naming_the_scale(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [bad])
+
+
+def test_scales_yaml_is_three_depths_of_the_default_study():
+    cfg = load_config("configs/scales.yaml")
+    depths = sorted(scale_config(cfg, name).model.n_layer for name in cfg.scales)
+    assert len(depths) >= 3 and len(set(depths)) == len(depths)
+    assert all(scale_config(cfg, n).model.n_embd == cfg.model.n_embd for n in cfg.scales)
+
+
+def _scale(verdicts: dict[str, str]) -> dict:
+    return {"claims": {c: {"verdict": v} for c, v in verdicts.items()}}
+
+
+def test_c6_rule():
+    yes = {"C1": SUPPORTED, "C2": SUPPORTED, "C3": SUPPORTED, "C4": SUPPORTED}
+    assert c6_scales({})["verdict"] == INCONCLUSIVE
+    assert c6_scales({"scales": {"a": _scale(yes), "b": _scale(yes)}})["verdict"] == INCONCLUSIVE  # < 3 scales
+    assert c6_scales({"scales": {n: _scale(yes) for n in "abc"}})["verdict"] == SUPPORTED
+    mixed = {"a": _scale(yes), "b": _scale(yes), "c": _scale({**yes, "C2": REFUTED})}
+    result = c6_scales({"scales": mixed})
+    assert result["verdict"] == REFUTED and "C2 refuted at c" in result["evidence"]
+    unsure = {"a": _scale(yes), "b": _scale(yes), "c": _scale({**yes, "C4": INCONCLUSIVE})}
+    assert c6_scales({"scales": unsure})["verdict"] == INCONCLUSIVE
+    consistent_no = {n: _scale({**yes, "C2": REFUTED}) for n in "abc"}
+    result = c6_scales({"scales": consistent_no})
+    assert result["verdict"] == REFUTED and "agree across scales on C1, C2, C3, C4" in result["evidence"]
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scales")
+    cfg = load_config(None, [*TINY, SCALES, "geometry.controls=false", "evaluation.seeds=[0]"])
+    return out, run_study(cfg, out, progress=False, log=quiet)
+
+
+def test_multi_scale_study_runs_every_scale_and_decides_c6(multi):
+    out, results = multi
+    assert set(results["scales"]) == {"s2", "s3", "s4"}
+    for name, depth in (("s2", 2), ("s3", 3), ("s4", 4)):
+        single = json.loads((out / "scales" / name / "results.json").read_text())
+        assert single["n_blocks"] == depth == results["scales"][name]["n_blocks"]
+        assert results["scales"][name]["claims"] == single["claims"]
+        assert results["scales"][name]["target_delta"] == {d: r["nmse"] for d, r in
+                                                           single["protocols"]["target"]["delta"].items()}
+    assert results["claims"]["C6"] == c6_scales(results)
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert "C6" in format_summary(results)
+
+
+def test_multi_scale_report_has_a_verdict_per_scale_and_links_each_report(multi):
+    out, results = multi
+    report = write_report(out)
+    md = (report / "report.md").read_text()
+    assert "Verdicts per scale" in md and "| claim | s2 | s3 | s4 |" in md
+    assert "C6 (consistent across model scales)" in md
+    assert (report / "scales.png").is_file()
+    for name in ("s2", "s3", "s4"):
+        assert (out / "scales" / name / "report" / "report.html").is_file()
+        assert f"../scales/{name}/report/report.html" in md
+    assert "data:image/png;base64," in (report / "report.html").read_text()
