@@ -13,6 +13,7 @@ from typing import Any
 from tapioca.api import prune
 from tapioca.config import Config
 from tapioca.evaluation import Evaluation, evaluate
+from tapioca.heldout import HeldoutRuns
 from tapioca.interventions import norm_matched, position_norms, residual_scaling_sweep
 from tapioca.models.base import run_in_chunks
 from tapioca.pruning import PruneResult
@@ -24,11 +25,13 @@ WEIGHT_METHODS = ("magnitude", "wanda")
 
 
 def baseline_evaluation(cfg: Config, task: PolyRegTask, model: Any, seed: int, shift: str, tale: PruneResult,
-                        method: str) -> tuple[dict, Evaluation]:
+                        method: str, runs: HeldoutRuns | None = None) -> tuple[dict, Evaluation]:
     """A one-shot baseline selected on the shift's selection inputs, removing as many blocks as TALE did,
-    scored on the shift's held-out split."""
+    scored on the shift's held-out split (through ``runs`` when given: same numbers, shared passes)."""
     result = prune(model, task, method, "target", shift, cfg=cfg.pruning, seed=seed, progress=False,
                    n_remove=len(tale.removed))
+    if runs is not None:
+        return result.to_dict(), runs(result.removed, [shift])
     ev = evaluate(model, task, result.gates, [shift], [seed], cfg.evaluation.n_heldout, cfg.evaluation.batch_size)
     return result.to_dict(), ev
 

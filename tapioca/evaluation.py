@@ -137,7 +137,7 @@ def evaluate(
         for seed in seeds:
             batch = task.data(dist, "heldout", seed, n)
             preds = run_in_chunks(model, batch, gates, capture=False, chunk=chunk).predictions.cpu()
-            parts.append(_single(dist, seed, task.metrics(preds, batch), preds, batch.query_y))
+            parts.append(single_evaluation(dist, seed, task.metrics(preds, batch), preds, batch.query_y))
     return Evaluation.concat(parts)
 
 
@@ -150,11 +150,11 @@ def evaluate_references(task: PolyRegTask, distributions: Iterable[str], seeds: 
             batch = task.data(dist, "heldout", seed, n)
             for name, predict in REFERENCES.items():
                 preds = predict(batch)
-                parts.append(_single(f"{dist}/{name}", seed, task.metrics(preds, batch), preds, batch.query_y))
+                parts.append(single_evaluation(f"{dist}/{name}", seed, task.metrics(preds, batch), preds, batch.query_y))
     return Evaluation.concat(parts)
 
 
-def _single(dist: str, seed: int, metrics: dict[str, torch.Tensor], preds: torch.Tensor, targets: torch.Tensor) -> Evaluation:
+def single_evaluation(dist: str, seed: int, metrics: dict[str, torch.Tensor], preds: torch.Tensor, targets: torch.Tensor) -> Evaluation:
     values = {k: v.double().cpu().numpy() for k, v in metrics.items()}
     n = len(preds)
     return Evaluation({dist: values}, {dist: np.full(n, seed)}, {dist: preds.double().cpu().numpy()},

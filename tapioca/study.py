@@ -19,7 +19,8 @@ from tapioca.claims import verdicts
 from tapioca.api import load_task, prune, resolve_device
 from tapioca.config import Config, read_yaml, to_dict
 from tapioca.errors import CheckpointError
-from tapioca.evaluation import Evaluation, compare, evaluate, evaluate_references
+from tapioca.evaluation import Evaluation, compare, evaluate_references
+from tapioca.heldout import HeldoutRuns
 from tapioca.geometry import Profile, distortion, profile, query_states
 from tapioca.io import environment, read_json, write_json, write_yaml
 from tapioca.models.gates import removal_gates
@@ -143,35 +144,40 @@ def _run_seed(cfg: Config, task: PolyRegTask, seed: int, out: Path, timer: Timer
     model = model_for_seed(cfg, seed, out, timer, progress, log)
     with timer("prune"):
         searches = _searches(cfg, task, model, seed, out / "pruning" / f"seed{seed}", progress)
+    runs = HeldoutRuns(model, task, seed, n, chunk)
     with timer("evaluate"):
-        ev_dir = out / "evaluation" / f"seed{seed}"
-        full = cached_evaluation(ev_dir / "full.npz",
-                                 lambda: evaluate(model, task, None, task.distributions, [seed], n, chunk))
-
-        def run_eval(removed: list[int], dists: list[str]) -> Evaluation:
-            """Held-out evaluation with ``removed`` skipped; with nothing removed it is the full model's
-            (gates of 1 leave every block untouched, so the numbers would be identical)."""
-            if not removed:
-                return full.subset(dists)
-            return evaluate(model, task, removal_gates(removed), dists, [seed], n, chunk)
-
-        from_id = cached_evaluation(ev_dir / "from-id.npz", lambda: run_eval(searches["id"].removed, task.distributions))
-        target = Evaluation.concat([cached_evaluation(ev_dir / f"target-{d}.npz",
-                                                      lambda: run_eval(searches[d].removed, [d]))
-                                    for d in task.distributions])
+        full, from_id, target = _evaluations(task, searches, runs, out / "evaluation" / f"seed{seed}")
     with timer("geometry"):
         profiles = cached_json(out / "geometry" / f"seed{seed}.json",
                                lambda: _profiles(cfg, task, model, seed, searches))
     outputs = SeedOutputs(searches, full, from_id, target, profiles)
     if cfg.geometry.controls:
         with timer("comparisons"):
-            outputs.methods = _comparisons(cfg, task, model, seed, searches, full, out)
+            outputs.methods = _comparisons(cfg, task, model, seed, searches, full, out, runs)
         with timer("interventions"):
             outputs.causal = {t: cached_json(out / "interventions" / f"seed{seed}" / f"{t}.json",
                                              lambda: controls.interventions(cfg, task, model, seed, t, searches[t]))
                               for t in task.distributions if t != "id" and searches[t].removed}
     log(f"seed {seed}: ID query NMSE {full.mean('id', 'nmse'):.4f}; TALE removed (target=id) {searches['id'].removed}")
     return outputs
+
+
+def _evaluations(task: PolyRegTask, searches: dict[str, PruneResult], runs: HeldoutRuns,
+                 folder: Path) -> tuple[Evaluation, Evaluation, Evaluation]:
+    """Held-out evaluations of the full model, the from-id pruned model (every distribution) and the
+    target-protocol pruned model (each on its own distribution), each cached in ``folder``. Missing ones are
+    computed distribution by distribution so each distribution's full-model pass is shared."""
+    dists = task.distributions
+    plan = {"full.npz": ([], dists), "from-id.npz": (searches["id"].removed, dists),
+            **{f"target-{d}.npz": (searches[d].removed, [d]) for d in dists}}
+    todo = [(removed, ds) for name, (removed, ds) in plan.items() if not (folder / name).is_file()]
+    for dist in dists:
+        for removed, ds in todo:
+            if dist in ds:
+                runs.one(removed, dist)
+    ev = {name: cached_evaluation(folder / name, lambda removed=removed, ds=ds: runs(removed, ds))
+          for name, (removed, ds) in plan.items()}
+    return ev["full.npz"], ev["from-id.npz"], Evaluation.concat([ev[f"target-{d}.npz"] for d in dists])
 
 
 def _searches(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, folder: Path, progress: bool) -> dict[str, PruneResult]:
@@ -213,7 +219,7 @@ def _profiles(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, search
 
 
 def _comparisons(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, searches: dict[str, PruneResult],
-                 full: Evaluation, out: Path) -> dict[str, dict[str, Evaluation]]:
+                 full: Evaluation, out: Path, runs: HeldoutRuns) -> dict[str, dict[str, Evaluation]]:
     """Per shift and control method, this seed's held-out Evaluation on that shift. Where TALE removed
     nothing the controls remove nothing too, so their result is the full model's."""
     table: dict[str, dict[str, Evaluation]] = {}
@@ -226,11 +232,13 @@ def _comparisons(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, sea
             if not tale.removed:
                 table[shift][method] = full.subset([shift])
                 continue
-            run = controls.baseline_evaluation if method in controls.BASELINES else controls.weight_pruned_evaluation
             folder = out / "controls" / f"seed{seed}"
             path = folder / f"{method}-{shift}.npz"
             if not path.is_file():
-                info, ev = run(cfg, task, model, seed, shift, tale, method)
+                if method in controls.BASELINES:
+                    info, ev = controls.baseline_evaluation(cfg, task, model, seed, shift, tale, method, runs)
+                else:
+                    info, ev = controls.weight_pruned_evaluation(cfg, task, model, seed, shift, tale, method)
                 write_json(folder / f"{method}-{shift}.json", info)
                 ev.save(path)
             table[shift][method] = Evaluation.load(path)

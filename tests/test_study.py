@@ -9,6 +9,7 @@ import pytest
 import tapioca.study as study
 from tapioca.config import load_config
 from tapioca.errors import CheckpointError
+from tapioca.heldout import HeldoutRuns
 from tapioca.summary import format_summary
 
 TINY = ["model.n_layer=3", "model.n_embd=16", "train.steps=20", "train.warmup_steps=2", "pruning.n_select=32",
@@ -58,25 +59,25 @@ def test_rerun_skips_finished_steps(finished, monkeypatch):
         raise AssertionError("a finished step ran again")
     monkeypatch.setattr(study, "train", must_not_run)
     monkeypatch.setattr(study, "prune", must_not_run)
-    monkeypatch.setattr(study, "evaluate", must_not_run)
+    monkeypatch.setattr(HeldoutRuns, "one", must_not_run)
     again = study.run_study(cfg, out, progress=False, log=quiet)
     assert again["protocols"] == json.loads(json.dumps(results["protocols"]))
 
 
 def test_a_killed_study_resumes_to_the_same_results(finished, tmp_path, monkeypatch):
     cfg, _, results = finished
-    real_evaluate, calls = study.evaluate, []
+    real_one, calls = HeldoutRuns.one, []
 
     def killed_after_three(*args, **kwargs):
         calls.append(1)
         if len(calls) > 3:
             raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
+        return real_one(*args, **kwargs)
 
-    monkeypatch.setattr(study, "evaluate", killed_after_three)
+    monkeypatch.setattr(HeldoutRuns, "one", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
         study.run_study(cfg, tmp_path, progress=False, log=quiet)
-    monkeypatch.setattr(study, "evaluate", real_evaluate)
+    monkeypatch.setattr(HeldoutRuns, "one", real_one)
     resumed = study.run_study(cfg, tmp_path, progress=False, log=quiet)
     assert resumed["protocols"] == results["protocols"]
     assert resumed["removed"] == results["removed"]
