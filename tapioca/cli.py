@@ -17,6 +17,7 @@ from tapioca.evaluation import compare, evaluate
 from tapioca.io import environment, read_json, write_json, write_yaml
 from tapioca.models.gates import removal_gates
 from tapioca.models.icl import ICLModel, load_model
+from tapioca.models.install import add_models_command, main_models
 from tapioca.pruning import PruneResult
 from tapioca.report import write_report
 from tapioca.training import train
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", help="model folder (default: model.checkpoint)")
         if name == "evaluate":
             p.add_argument("--pruning", help="pruning.json whose blocks to remove for the pruned model")
+    add_models_command(sub)
     return parser
 
 
@@ -152,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "report":
             cmd_report(args, say)
+        elif args.command == "models":
+            main_models(args)
         else:
             COMMANDS[args.command](args, resolve_config(args), say)
     except (TapiocaError, ConfigError) as err:

@@ -1,0 +1,364 @@
+"""Tests for tapioca.models.hf on tiny random causal LMs of five families and a tiny character tokenizer."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from tapioca.errors import CheckpointError, ConfigError, DataError
+from tapioca.models.base import run_in_chunks
+from tapioca.models.gates import gated, removal_gates
+from tapioca.models.hf import (
+    ChatTemplateError, ContextTooLongError, HFModel, UnsupportedModelError, blocks_removed, find_blocks,
+    load_causal_lm, remove_blocks, resolve_dtype,
+)
+
+WINDOW = 64
+SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             max_position_embeddings=WINDOW, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **SHAPE),
+    "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                                              max_window_layers=2, **SHAPE),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        num_key_value_heads=2, head_dim=8, sliding_window=4, pad_token_id=None, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"], **SHAPE),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=WINDOW,
+                                            bos_token_id=1, eos_token_id=2, initializer_range=0.3),
+    "neox": lambda: transformers.GPTNeoXConfig(**SHAPE),
+}
+BLOCK_PATHS = {"llama": "model.layers", "qwen2": "model.layers", "gemma3": "model.layers", "gpt2": "transformer.h",
+               "neox": "gpt_neox.layers"}
+PROMPTS = ["the cat sat on", "a b", "hello there, how are you today?"]
+CONTINUATIONS = [" the mat", " c", " fine."]
+
+
+def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer (48 tokens) that prepends <s> like Llama's, with no pad token."""
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    chars = list(string.ascii_lowercase + string.digits + " .,:?!<>\n")
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *chars])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+def build(family: str) -> HFModel:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+    return HFModel(model, char_tokenizer())
+
+
+@pytest.fixture(params=list(CONFIGS))
+def lm(request) -> HFModel:
+    return build(request.param)
+
+
+@pytest.fixture
+def gemma() -> HFModel:
+    return build("gemma3")
+
+
+@pytest.fixture
+def llama() -> HFModel:
+    return build("llama")
+
+
+def logits(lm: HFModel, ids: torch.Tensor, gates=None) -> torch.Tensor:
+    with torch.no_grad(), gated(lm.blocks, gates):
+        return lm.model(ids, use_cache=False).logits
+
+
+def ids_of(lm: HFModel, text: str) -> torch.Tensor:
+    return torch.tensor([lm.tokenizer(text)["input_ids"]])
+
+
+def greedy_uncached(lm: HFModel, prompt: str, gates, steps: int) -> str:
+    """Reference decoding: a full forward pass per new token, no cache."""
+    ids = ids_of(lm, prompt)
+    new = []
+    for _ in range(steps):
+        token = int(logits(lm, ids, gates)[0, -1].argmax())
+        if token == lm.tokenizer.eos_token_id:
+            break
+        new.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return lm.tokenizer.decode(new, skip_special_tokens=True)
+
+
+LONG = "the quick brown fox jumps over the lazy dog"  # longer than the sliding window of 4
+
+
+# ---------------------------------------------------------------- blocks
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_find_blocks_by_structure(family: str) -> None:
+    lm = build(family)
+    assert find_blocks(lm.model) is lm.model.get_submodule(BLOCK_PATHS[family])
+    assert lm.n_blocks == 4 and lm.device == torch.device("cpu")
+    assert lm.block_parameter_count(1) == sum(p.numel() for p in lm.blocks[1].parameters()) > 0
+
+
+def test_find_blocks_unsupported_structure() -> None:
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = transformers.LlamaConfig(num_hidden_layers=3)
+            self.body = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+            self.heads = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+
+    with pytest.raises(UnsupportedModelError, match=r"nn.ModuleList of config.num_hidden_layers=3.*heads \(2\)"):
+        find_blocks(Flat())
+    with pytest.raises(UnsupportedModelError, match="no .config"):
+        find_blocks(nn.Linear(2, 2))
+
+
+def test_alpha_one_is_bit_identical(lm: HFModel) -> None:
+    ids = ids_of(lm, LONG)
+    assert torch.equal(logits(lm, ids, {i: 1.0 for i in range(4)}), logits(lm, ids))
+    batch = lm.tokenize(PROMPTS, CONTINUATIONS)
+    base, ones = lm.run(batch, capture=True), lm.run(batch, {0: 1.0, 3: 1.0}, capture=True)
+    assert torch.equal(base.predictions, ones.predictions) and torch.equal(base.states, ones.states)
+
+
+@pytest.mark.parametrize("removed", [[0], [1, 2], [3], [0, 2]])
+def test_pruned_logits_equal_gated_logits(lm: HFModel, removed: list[int]) -> None:
+    ids = ids_of(lm, LONG)
+    pruned = lm.pruned_copy(removed)
+    assert pruned.n_blocks == 4 - len(removed) and lm.n_blocks == 4  # the original is untouched
+    expected = logits(lm, ids, removal_gates(removed))
+    assert torch.allclose(logits(pruned, ids), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(logits(lm, ids), expected, atol=1e-3)
+    for new_index, layer in enumerate(pruned.blocks):
+        assert all(m.layer_idx == new_index for m in layer.modules() if hasattr(m, "layer_idx"))
+    assert pruned.model.config.num_hidden_layers == 4 - len(removed)
+    layer_types = getattr(lm.model.config, "layer_types", None)
+    if layer_types is not None:
+        assert pruned.model.config.layer_types == [t for i, t in enumerate(layer_types) if i not in removed]
+
+
+def test_gemma_untrimmed_layer_types_would_break_pruning(gemma: HFModel) -> None:
+    ids = ids_of(gemma, LONG)
+    pruned = gemma.pruned_copy([0])  # every later layer changes between sliding and full attention
+    assert pruned.model.config.layer_types == ["full_attention", "sliding_attention", "full_attention"]
+    expected = logits(gemma, ids, {0: 0.0})
+    assert torch.allclose(logits(pruned, ids), expected, atol=1e-5, rtol=0)
+    pruned.model.config.layer_types = gemma.model.config.layer_types[:3]
+    assert not torch.allclose(logits(pruned, ids), expected, atol=1e-3)
+
+
+def test_gpt2_config_counts_follow() -> None:
+    lm = build("gpt2").pruned_copy([1])
+    assert lm.model.config.n_layer == 3 and lm.model.config.num_hidden_layers == 3
+
+
+def test_blocks_removed_restores_everything(gemma: HFModel) -> None:
+    ids = ids_of(gemma, LONG)
+    before, blocks, types = logits(gemma, ids), gemma.blocks, list(gemma.model.config.layer_types)
+    with blocks_removed(gemma.model, [1]):
+        assert gemma.n_blocks == 3 and gemma.blocks[1].self_attn.layer_idx == 1
+    assert gemma.blocks is blocks and gemma.model.config.layer_types == types
+    assert [b.layer_idx for b in gemma.blocks] == [0, 1, 2, 3] and gemma.model.config.num_hidden_layers == 4
+    assert torch.equal(logits(gemma, ids), before)
+
+
+def test_remove_blocks_rejects_bad_requests(llama: HFModel) -> None:
+    with pytest.raises(ConfigError, match="allowed: integers 0..3"):
+        remove_blocks(llama.model, [4])
+    with pytest.raises(ConfigError, match="cannot remove all 4 blocks"):
+        remove_blocks(llama.model, [0, 1, 2, 3])
+    torch.manual_seed(0)
+    scaled = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=3, n_head=4, scale_attn_by_inverse_layer_idx=True))
+    with pytest.raises(ConfigError, match="layer_idx"):
+        remove_blocks(scaled, [0])
+    assert len(remove_blocks(scaled, [2]).transformer.h) == 2  # removing the last block renumbers nothing
+
+
+def test_save_reload_gives_the_same_logits(lm: HFModel, tmp_path) -> None:
+    ids = ids_of(lm, LONG)
+    pruned = lm.pruned_copy([1])
+    folder = pruned.save(tmp_path / "pruned")
+    assert (folder / "model.safetensors").is_file() and not (tmp_path / ".pruned.tmp").exists()
+    model, tokenizer = load_causal_lm(folder)
+    reloaded = HFModel(model, tokenizer)
+    assert reloaded.n_blocks == 3 and model.dtype == torch.float32 and not model.training
+    assert torch.equal(logits(reloaded, ids), logits(pruned, ids))
+    assert pruned.save(folder) == folder  # overwriting an existing folder works
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_cached_generation_equals_uncached_greedy(lm: HFModel) -> None:
+    # a skipped block 0 inside a left-padded batch is the case where gating alone breaks the KV cache
+    outputs = []
+    for gates in ({}, {0: 0.0, 2: 0.5}):
+        got = lm.generate(PROMPTS, gates, max_new_tokens=6, batch_size=3)
+        assert got == [greedy_uncached(lm, p, gates, 6) for p in PROMPTS]
+        assert lm.n_blocks == 4 and all("forward" not in b.__dict__ for b in lm.blocks)
+        outputs.append(got)
+    assert outputs[0] != outputs[1]
+
+
+def test_gated_generation_equals_pruned_model(gemma: HFModel) -> None:
+    got = gemma.generate([LONG], {1: 0.0}, max_new_tokens=8)
+    assert got == gemma.pruned_copy([1]).generate([LONG], max_new_tokens=8)
+
+
+# ---------------------------------------------------------------- tokenize, run, loglik
+
+
+def test_tokenize_right_pads_and_marks_targets(llama: HFModel) -> None:
+    batch = llama.tokenize(["ab", "abcd"], ["x", "yz"])
+    assert batch.input_ids.tolist() == [[1, 3, 4, 26, 2, 2, 2], [1, 3, 4, 5, 6, 27, 28]]  # pad = </s>
+    assert batch.attention_mask[0].tolist() == [1] * 4 + [0] * 3 and batch.attention_mask[1].all()
+    assert batch.query.tolist() == [2, 4]
+    assert batch.target_mask.tolist() == [[False] * 3 + [True] + [False] * 3, [False] * 5 + [True, True]]
+    assert llama.tokenizer.pad_token == "</s>" and len(llama.tokenizer) == 48  # no new token
+    part = batch.slice(0, 1)
+    assert len(part) == 1 and part.input_ids.shape == (1, 4)  # trailing padding dropped
+    with pytest.raises(DataError, match="2 prompts but 1 continuations"):
+        llama.tokenize(["a", "b"], ["c"])
+    with pytest.raises(DataError, match="continuation 0"):
+        llama.tokenize(["a"], [""])
+
+
+def test_too_long_context_raises(llama: HFModel) -> None:
+    with pytest.raises(ContextTooLongError, match="is 66 tokens but the model window is 64"):
+        llama.tokenize(["a" * 60], ["b" * 5])
+    with pytest.raises(ContextTooLongError, match="is 11 tokens but the model window is 10"):
+        llama.tokenize(["a" * 10], max_length=10)
+    with pytest.raises(ContextTooLongError, match="prompt \\+ 40 new tokens is 71 tokens"):
+        llama.generate(["a" * 30], max_new_tokens=40)
+
+
+def test_loglik_equals_manual_log_softmax(lm: HFModel) -> None:
+    got = lm.loglik(PROMPTS, CONTINUATIONS, batch_size=2)
+    for k, (prompt, cont) in enumerate(zip(PROMPTS, CONTINUATIONS)):
+        ctx = lm.tokenizer(prompt)["input_ids"]
+        tgt = lm.tokenizer(cont, add_special_tokens=False)["input_ids"]
+        logprobs = logits(lm, torch.tensor([ctx + tgt]))[0].log_softmax(-1)
+        manual = sum(float(logprobs[len(ctx) - 1 + j, t]) for j, t in enumerate(tgt))
+        assert got[k].item() == pytest.approx(manual, abs=1e-4)
+    pruned = lm.pruned_copy([2])
+    assert torch.allclose(lm.loglik(PROMPTS, CONTINUATIONS, {2: 0.0}), pruned.loglik(PROMPTS, CONTINUATIONS), atol=1e-4)
+
+
+def test_run_in_chunks_matches_one_batch(llama: HFModel) -> None:
+    batch = llama.tokenize(PROMPTS, CONTINUATIONS)
+    whole = llama.run(batch, {1: 0.5}, capture=True)
+    chunks = run_in_chunks(llama, batch, {1: 0.5}, True, 2)
+    assert torch.allclose(whole.predictions, chunks.predictions, atol=1e-5)
+    assert torch.allclose(whole.states, chunks.states, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_run_captures_states_at_the_query(family: str) -> None:
+    lm = build(family)
+    batch = lm.tokenize(PROMPTS, CONTINUATIONS)
+    out = lm.run(batch, {1: 0.0}, capture=True)
+    assert out.states.shape == (5, 3, 32) and out.predictions.shape == (3,)
+    rows = torch.arange(3)
+    with torch.no_grad():
+        embedded = lm.model.get_input_embeddings()(batch.input_ids)[rows, batch.query]
+        head = lm.model.lm_head(lm.model.model.norm(out.states[-1])).log_softmax(-1)
+    assert torch.allclose(out.states[0], embedded, atol=1e-6, rtol=0)
+    assert torch.equal(out.states[2], out.states[1])  # block 1 skipped
+    assert torch.allclose(head, out.query_logprobs, atol=1e-4)
+    assert lm.run(batch).states is None
+    assert torch.equal(out.token_logprobs.sum(1), out.predictions)
+    assert (out.token_logprobs[~batch.target_mask] == 0).all() and (out.token_logprobs[batch.target_mask] < 0).all()
+
+
+# ---------------------------------------------------------------- chat template, loading errors
+
+
+def test_chat_template(llama: HFModel) -> None:
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        HFModel(llama.model, llama.tokenizer, chat=True)
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = "<s>{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    chat = HFModel(llama.model, tokenizer, chat=True)
+    assert chat.format(["hi"]) == ["<s><hi>"]
+    assert chat.tokenize(["hi"]).input_ids.tolist() == [[1, 45, 10, 11, 46]]  # one <s>, from the template
+
+
+def test_load_errors(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="not a folder.*config.json"):
+        load_causal_lm(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="expected config.json"):
+        load_causal_lm(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="expected one of model.safetensors"):
+        load_causal_lm(tmp_path)
+    with pytest.raises(CheckpointError, match="GGUF file .*x.gguf"):
+        load_causal_lm(tmp_path, gguf_file="x.gguf")
+    with pytest.raises(ConfigError, match="allowed: float32, bfloat16, float16"):
+        load_causal_lm(tmp_path, dtype="float64")
+    assert resolve_dtype(torch.bfloat16) is torch.bfloat16
+
+
+def test_load_with_dtype(llama: HFModel, tmp_path) -> None:
+    llama.save(tmp_path / "m")
+    model, _ = load_causal_lm(tmp_path / "m", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    assert HFModel.load(tmp_path / "m", dtype=torch.float16).model.dtype == torch.float16
+
+
+def write_tiny_gguf(path, n_layers: int = 2, width: int = 32, heads: int = 4, kv_heads: int = 2) -> None:
+    """A float32 Llama GGUF with random weights and a 48-token sentencepiece-style vocabulary."""
+    import gguf
+    import numpy as np
+
+    tokens = ["<unk>", "<s>", "</s>", "\u2581", *string.ascii_lowercase]
+    tokens += [f"<0x{i:02X}>" for i in range(48 - len(tokens))]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [(writer.add_block_count, n_layers), (writer.add_context_length, WINDOW),
+                       (writer.add_embedding_length, width), (writer.add_feed_forward_length, 2 * width),
+                       (writer.add_head_count, heads), (writer.add_head_count_kv, kv_heads),
+                       (writer.add_layer_norm_rms_eps, 1e-6), (writer.add_rope_freq_base, 1e4),
+                       (writer.add_tokenizer_model, "llama"), (writer.add_token_list, tokens),
+                       (writer.add_token_scores, [0.0] * len(tokens)),
+                       (writer.add_token_types, [2, 3, 3] + [1] * (len(tokens) - 3)),
+                       (writer.add_bos_token_id, 1), (writer.add_eos_token_id, 2), (writer.add_unk_token_id, 0)]:
+        add(value)
+    rng = np.random.default_rng(0)
+    kv = kv_heads * width // heads
+    shapes = {"token_embd": (len(tokens), width), "output": (len(tokens), width)}
+    for i in range(n_layers):
+        shapes |= {f"blk.{i}.attn_q": (width, width), f"blk.{i}.attn_k": (kv, width), f"blk.{i}.attn_v": (kv, width),
+                   f"blk.{i}.attn_output": (width, width), f"blk.{i}.ffn_gate": (2 * width, width),
+                   f"blk.{i}.ffn_up": (2 * width, width), f"blk.{i}.ffn_down": (width, 2 * width),
+                   f"blk.{i}.attn_norm": (width,), f"blk.{i}.ffn_norm": (width,)}
+    shapes["output_norm"] = (width,)
+    for name, shape in shapes.items():
+        values = np.ones(shape) if len(shape) == 1 else rng.standard_normal(shape) * 0.2
+        writer.add_tensor(f"{name}.weight", values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_is_dequantised_and_serialisable(tmp_path) -> None:
+    pytest.importorskip("gguf")
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    model, tokenizer = load_causal_lm(tmp_path / "tiny.gguf", dtype="float32")
+    assert model.hf_quantizer is None and getattr(model.config, "quantization_config", None) is None
+    lm = HFModel(model, tokenizer)
+    assert lm.n_blocks == 2 and model.dtype == torch.float32
+    ids = ids_of(lm, "hello world")
+    pruned = lm.pruned_copy([0])
+    reloaded, _ = load_causal_lm(pruned.save(tmp_path / "pruned"))
+    assert torch.equal(logits(HFModel(reloaded, tokenizer), ids), logits(lm, ids, {0: 0.0}))
+    same, _ = load_causal_lm(tmp_path, gguf_file="tiny.gguf")
+    assert torch.equal(logits(HFModel(same, tokenizer), ids), logits(lm, ids))
