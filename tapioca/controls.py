@@ -51,10 +51,12 @@ def weight_pruned_evaluation(cfg: Config, task: PolyRegTask, model: Any, seed: i
     return pruned.to_dict() | {"block_parameters": block_parameter_count(model, tale.removed)}, ev
 
 
-def interventions(cfg: Config, task: PolyRegTask, model: Any, seed: int, shift: str, tale: PruneResult) -> dict:
+def interventions(cfg: Config, task: PolyRegTask, model: Any, seed: int, shift: str, tale: PruneResult,
+                  id_profiles: dict | None = None) -> dict:
     """Residual-scaling sweeps of TALE's blocks and of as many random kept blocks (control), and norm
     matching: OOD states forced to ID norms at TALE's blocks (no pruning), and ID states pushed to OOD norms
-    (reverse control). Scores are mean -NMSE on reference-role prompts (higher is better)."""
+    (reverse control). Scores are mean -NMSE on reference-role prompts (higher is better). The ID prompts
+    depend on the seed only, so ``id_profiles`` (see residual_scaling_sweep) may be shared across shifts."""
     n, chunk = cfg.geometry.n_prompts, cfg.evaluation.batch_size
     ood = task.data(shift, "reference", seed + 7919, n)
     ident = task.data("id", "reference", seed + 7919, n)
@@ -62,7 +64,7 @@ def interventions(cfg: Config, task: PolyRegTask, model: Any, seed: int, shift: 
     kept = [b for b in range(model.n_blocks) if b not in tale.removed]
     control = sorted(random.Random(seed).sample(kept, min(len(kept), len(tale.removed))))
     sweep = lambda blocks: [p.to_dict() for p in residual_scaling_sweep(model, blocks, ood, ident, score,
-                                                                          cfg.geometry.alphas, chunk)]
+                                                                          cfg.geometry.alphas, chunk, id_profiles)]
     return {"removed": list(tale.removed), "control_blocks": control, "n": n,
             "sweep_removed": sweep(tale.removed), "sweep_control": sweep(control) if control else [],
             "norm_matching": norm_matching(model, tale.removed, ood, ident, score, chunk)}

@@ -39,15 +39,21 @@ def residual_scaling_sweep(
     score: Callable[[Tensor, Any], Tensor],
     alphas: Sequence[float] = ALPHAS,
     chunk: int = 1024,
+    id_profiles: dict | None = None,
 ) -> list[SweepPoint]:
     """Scale the residual contribution of ``blocks`` jointly by each alpha (1 = full model, 0 = removed)
     and record the mean ``score(predictions, ood_batch)`` and the distortion D of the OOD profile against
-    the ID profile of the same gated model."""
+    the ID profile of the same gated model. ``id_profiles``: an optional dict, shared by sweeps on the same
+    ``model`` and ``id_batch``, that keeps each gated ID profile so it is computed once."""
     points = []
+    id_profiles = {} if id_profiles is None else id_profiles
     for alpha in alphas:
         gates = {b: float(alpha) for b in blocks}
         out = run_in_chunks(model, ood_batch, gates, capture=True, chunk=chunk)
-        reference = profile(run_in_chunks(model, id_batch, gates, capture=True, chunk=chunk).states.cpu())
+        key = tuple(sorted((b, a) for b, a in gates.items() if a != 1.0))  # alpha 1 leaves a block untouched
+        if key not in id_profiles:
+            id_profiles[key] = profile(run_in_chunks(model, id_batch, gates, capture=True, chunk=chunk).states.cpu())
+        reference = id_profiles[key]
         points.append(SweepPoint(float(alpha), float(score(out.predictions, ood_batch).double().mean()),
                                  distortion(profile(out.states.cpu()), reference).D))
     return points

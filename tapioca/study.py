@@ -155,9 +155,11 @@ def _run_seed(cfg: Config, task: PolyRegTask, seed: int, out: Path, timer: Timer
         with timer("comparisons"):
             outputs.methods = _comparisons(cfg, task, model, seed, searches, full, out, runs)
         with timer("interventions"):
-            outputs.causal = {t: cached_json(out / "interventions" / f"seed{seed}" / f"{t}.json",
-                                             lambda: controls.interventions(cfg, task, model, seed, t, searches[t]))
-                              for t in task.distributions if t != "id" and searches[t].removed}
+            id_profiles: dict = {}  # gated ID profiles, shared by every shift's sweeps of this seed
+            outputs.causal = {
+                t: cached_json(out / "interventions" / f"seed{seed}" / f"{t}.json",
+                               lambda: controls.interventions(cfg, task, model, seed, t, searches[t], id_profiles))
+                for t in task.distributions if t != "id" and searches[t].removed}
     log(f"seed {seed}: ID query NMSE {full.mean('id', 'nmse'):.4f}; TALE removed (target=id) {searches['id'].removed}")
     return outputs
 

@@ -33,6 +33,17 @@ def test_sweep_end_points_are_the_full_and_the_pruned_model(setup):
     assert points[2].D == pytest.approx(full_d) and points[0].D == pytest.approx(pruned_d)
 
 
+def test_shared_id_profiles_give_the_same_sweeps(setup, tiny_cfg):
+    model, task, id_batch, ood_batch = setup
+    score = lambda preds, batch: task.score(preds, batch, "nmse")
+    other = task.data("degree_4", "heldout", 0, 16)
+    shared: dict = {}
+    for batch, blocks in ((ood_batch, [1]), (other, [1]), (other, [0, 2])):
+        alone = residual_scaling_sweep(model, blocks, batch, id_batch, score, alphas=(0.0, 1.0), chunk=7)
+        assert residual_scaling_sweep(model, blocks, batch, id_batch, score, (0.0, 1.0), 7, shared) == alone
+    assert set(shared) == {(), ((1, 0.0),), ((0, 0.0), (2, 0.0))}  # alpha 1 is the full model for every sweep
+
+
 def test_norm_matching_forces_the_target_norms_and_keeps_directions(setup):
     model, task, id_batch, ood_batch = setup
     id_norms = position_norms(model, id_batch)  # (L, T)
