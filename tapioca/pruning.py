@@ -23,6 +23,7 @@ from tapioca.models.gates import Gates, injected_input, recorded_inputs, removal
 
 Scorer = Callable[[Gates], torch.Tensor]  # gates -> per-example selection scores (B,)
 PredictionScorer = Callable[[torch.Tensor, Any], torch.Tensor]  # (predictions, batch) -> scores (B,)
+RoundEvaluator = Callable[[list[int], list[int]], dict[int, float]]  # (removed, candidates) -> mean score each
 
 
 @dataclass
@@ -43,6 +44,7 @@ class SearchContext:
     cache_path: Path | None = None  # TALE: evaluated configurations, so an interrupted search resumes
     choose: str = "best"  # TALE: which accepted configuration becomes ``removed``
     reference_batch: Any = None  # ID inputs (no labels needed), for label-free searches against ID
+    candidate_evaluator: RoundEvaluator | None = None  # TALE: scores a round's candidates (e.g. on Ray workers)
 
 
 @dataclass
@@ -88,7 +90,7 @@ def _key(removed: Iterable[int]) -> str:
 class ScoreCache:
     """Mean selection score per evaluated configuration, optionally persisted to JSON as it grows."""
 
-    def __init__(self, scorer: Scorer, path: Path | None, prefix: "PrefixRounds | None" = None) -> None:
+    def __init__(self, scorer: Scorer, path: Path | None, prefix: RoundEvaluator | None = None) -> None:
         self.scorer, self.path, self.prefix = scorer, path, prefix
         self.scores: dict[str, float] = read_json(path) if path is not None and path.is_file() else {}
         self.evaluated = 0  # configurations actually run (cache misses)
@@ -143,8 +145,8 @@ def tale_search(ctx: SearchContext) -> PruneResult:
     """
     n_blocks = ctx.model.n_blocks
     limit = n_blocks if ctx.max_drop is None else ctx.max_drop
-    prefix = None
-    if ctx.prefix_cache and ctx.score_predictions is not None:
+    prefix = ctx.candidate_evaluator
+    if prefix is None and ctx.prefix_cache and ctx.score_predictions is not None:
         prefix = PrefixRounds(ctx.model, ctx.batch, ctx.score_predictions, ctx.chunk)
     score = ScoreCache(ctx.scorer, ctx.cache_path, prefix)
     baseline = score(frozenset())

@@ -1,0 +1,346 @@
+"""Task-aware pruning of Hugging Face causal LMs on text tasks: selection scorers, prefix reuse, ``prune_lm``.
+
+Multiple choice is scored by log-likelihood. The (prompt, choice) pairs of a split are tokenized once into a
+:class:`ChoiceBatch` and reused for every gate configuration. When every continuation is one token (``" A"``
+... in the letters format) a row is one prompt and the choice scores are read off the next-token
+distribution, one forward pass per example instead of one per choice; otherwise a row is one (prompt, choice)
+pair. :class:`ChoiceModel` shows an :class:`~tapioca.models.hf.HFModel` through such batches as a
+``BlockModel`` whose ``predictions`` are choice log-likelihoods, so TALE's prefix-reusing rounds
+(:class:`tapioca.pruning.PrefixRounds`) and the state-based baselines work unchanged::
+
+    lm = HFModel.load(folder)
+    task = TextTask(TextTaskConfig(source="mmlu"))
+    result = prune_lm(lm, task, "tale", protocol="target", target="humanities", max_drop=2, n_select=64)
+    full, pruned = (evaluate_lm(lm, task, g, n=100) for g in (None, result.gates))   # tapioca.lm_evaluation
+
+Short answer is scored by greedy generation (``metric="acc"``, no prefix reuse) or, much faster and with
+prefix reuse, by the log-likelihood of the gold answer (``metric="loglik"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tapioca.api import selection_distribution
+from tapioca.errors import ConfigError
+from tapioca.evaluation import check_split_size
+from tapioca.models.base import BlockModel, RunOutput, run_in_chunks
+from tapioca.models.gates import Gates
+from tapioca.models.hf import HFModel, TokenBatch
+from tapioca.pruning import (
+    NEEDS_ID_REFERENCE, PredictionScorer, PruneResult, Scorer, SearchContext, check_budget, get_search,
+)
+from tapioca.tasks.text import TextExample, TextTask, continuations, score_short_answer
+
+__all__ = [
+    "SELECTION_METRICS", "ChoiceBatch", "ChoiceModel", "LMSelection", "choice_batch", "choice_metrics",
+    "choice_table", "lm_selection", "prune_lm", "task_choices",
+]
+
+# task kind -> selection metrics it supports (all: higher is better)
+SELECTION_METRICS = {
+    "multiple_choice": ("acc", "prob", "loglik"),  # correct top choice, p(correct), log p(correct) over choices
+    "short_answer": ("acc", "loglik"),  # greedy generation is correct, log-likelihood of the gold answer
+}
+CHOICES = ("best", "bsba", "final")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Choice batches
+
+
+@dataclass
+class ChoiceBatch:
+    """Continuations of N prompts (C choices at most), tokenized once, as R rows sorted longest first.
+
+    tokens: the rows. example (R,): the example of each row. choice (R,): the choice a row scores, or -1 in
+    token mode, where a row is a whole prompt and choice_ids (R, C) holds each choice's single token (-1: the
+    example has fewer choices). labels (N,): correct choice. divisor (N, C) float64: what each choice's
+    log-likelihood is divided by (1, or its UTF-8 length when length-normalised).
+    """
+
+    tokens: TokenBatch
+    example: Tensor
+    choice: Tensor
+    choice_ids: Tensor | None
+    labels: Tensor
+    divisor: Tensor
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def token_mode(self) -> bool:
+        return self.choice_ids is not None
+
+    def slice(self, i: int, j: int) -> "ChoiceBatch":
+        """Rows ``i:j`` (trimmed to their longest); the per-example fields are shared."""
+        ids = self.choice_ids[i:j] if self.choice_ids is not None else None
+        return ChoiceBatch(self.tokens.slice(i, j), self.example[i:j], self.choice[i:j], ids, self.labels,
+                           self.divisor)
+
+
+def _single_token_ids(model: HFModel, texts: Sequence[str]) -> dict[str, int] | None:
+    """Token id of each continuation if every one is exactly one token (encoded as HFModel.tokenize does)."""
+    unique = sorted(set(texts))
+    encoded = model.tokenizer(unique, add_special_tokens=False)["input_ids"]
+    if any(len(ids) != 1 for ids in encoded):
+        return None
+    return {text: ids[0] for text, ids in zip(unique, encoded)}
+
+
+def choice_batch(
+    model: HFModel, prompts: Sequence[str], conts: Sequence[Sequence[str]], labels: Sequence[int],
+    length_normalize: bool = False,
+) -> ChoiceBatch:
+    """Tokenize prompt i with each continuation in ``conts[i]`` once; ``labels[i]`` indexes the correct one.
+
+    ``length_normalize`` divides each choice's log-likelihood by its UTF-8 byte length (lm-eval's acc_norm).
+    """
+    n, width = len(prompts), max(len(c) for c in conts)
+    single = _single_token_ids(model, [c for cs in conts for c in cs])
+    if single is not None:
+        window = model.window - 1 if model.window else None  # room for the one continuation token
+        tokens = model.tokenize(prompts, max_length=window)
+        example, choice = torch.arange(n), torch.full((n,), -1)
+        choice_ids = torch.full((n, width), -1, dtype=torch.long)
+        for i, cs in enumerate(conts):
+            choice_ids[i, :len(cs)] = torch.tensor([single[c] for c in cs])
+    else:
+        tokens = model.tokenize([p for p, cs in zip(prompts, conts) for _ in cs], [c for cs in conts for c in cs])
+        example = torch.repeat_interleave(torch.arange(n), torch.tensor([len(cs) for cs in conts]))
+        choice, choice_ids = torch.cat([torch.arange(len(cs)) for cs in conts]), None
+    divisor = torch.ones((n, width), dtype=torch.float64)
+    if length_normalize:
+        for i, cs in enumerate(conts):
+            divisor[i, :len(cs)] = torch.tensor([max(len(c.encode()), 1) for c in cs], dtype=torch.float64)
+    order = torch.argsort(tokens.attention_mask.sum(1), descending=True, stable=True)
+    return ChoiceBatch(tokens.take(order), example[order], choice[order],
+                       choice_ids[order] if choice_ids is not None else None,
+                       torch.tensor([int(y) for y in labels]), divisor)
+
+
+def task_choices(examples: Sequence[TextExample], mc_format: str) -> tuple[list[list[str]], list[int]]:
+    """(continuations per example, correct index): the choices of multiple choice, or the gold answer alone
+    (``" <answer>"``, as in the few-shot demonstrations) for short answer."""
+    if all(ex.choices is not None for ex in examples):
+        return [continuations(ex, mc_format) for ex in examples], [int(ex.answer) for ex in examples]
+    if any(ex.choices is not None for ex in examples):
+        raise ValueError("examples mix multiple-choice and short-answer questions")
+    return [[f" {ex.answer}"] for ex in examples], [0] * len(examples)
+
+
+class ChoiceModel:
+    """An :class:`HFModel` run on :class:`ChoiceBatch` es: a ``BlockModel`` whose predictions are choice
+    log-likelihoods, (R, C) in token mode or (R,) per (prompt, choice) row, and whose states (L + 1, B, D)
+    at the last prompt token are taken once per example (the first choice's row)."""
+
+    def __init__(self, lm: HFModel) -> None:
+        self.lm = lm
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.lm.blocks
+
+    @property
+    def n_blocks(self) -> int:
+        return self.lm.n_blocks
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    def block_parameter_count(self, index: int) -> int:
+        return self.lm.block_parameter_count(index)
+
+    def run(self, batch: ChoiceBatch, gates: Gates | None = None, capture: bool = False) -> RunOutput:
+        out = self.lm.run(batch.tokens, gates, capture)
+        if batch.choice_ids is None:
+            states = out.states[:, (batch.choice == 0).to(out.states.device)] if capture else None
+            return RunOutput(out.predictions, states)
+        ids = batch.choice_ids.to(out.query_logprobs.device)
+        picked = out.query_logprobs.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, -math.inf)
+        return RunOutput(picked, out.states)
+
+
+def choice_table(predictions: Tensor, batch: ChoiceBatch) -> Tensor:
+    """Run predictions ((R, C) or (R,)) -> (N, C) float64 choice log-likelihoods in example order, divided by
+    ``batch.divisor``; missing choices are -inf."""
+    preds = predictions.detach().double().cpu()
+    if torch.isnan(preds).any() or torch.isposinf(preds).any():
+        raise ValueError("the model gave NaN or +inf log-likelihoods")
+    table = torch.full(batch.divisor.shape, -math.inf, dtype=torch.float64)
+    if batch.token_mode:
+        table[batch.example] = preds
+    else:
+        table[batch.example, batch.choice] = preds
+    return table / batch.divisor
+
+
+def choice_metrics(table: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Per-example metrics (N,) float64 of a (N, C) log-likelihood table: acc (top choice correct; ties ->
+    first), prob_correct, log_prob_correct (softmax over choices), confidence (top-choice probability) and
+    brier (sum over choices of (p - onehot)^2)."""
+    if torch.isinf(table.max(1).values).any():
+        raise ValueError("every choice of some example has log-likelihood -inf; its probabilities are undefined")
+    rows = torch.arange(len(labels))
+    logp = table.log_softmax(1)
+    probs = logp.exp()
+    onehot = torch.zeros_like(probs)
+    onehot[rows, labels] = 1.0
+    return {"acc": (probs.argmax(1) == labels).double(), "prob_correct": probs[rows, labels],
+            "log_prob_correct": logp[rows, labels], "confidence": probs.max(1).values,
+            "brier": ((probs - onehot) ** 2).sum(1)}
+
+
+def _choice_scores(predictions: Tensor, batch: ChoiceBatch, metric: str) -> Tensor:
+    """Selection scores (N,) of multiple choice: ``acc``, ``prob`` or ``loglik`` of the correct choice."""
+    key = {"acc": "acc", "prob": "prob_correct", "loglik": "log_prob_correct"}[metric]
+    return choice_metrics(choice_table(predictions, batch), batch.labels)[key]
+
+
+def _answer_loglik(predictions: Tensor, batch: ChoiceBatch) -> Tensor:
+    """Selection scores (N,) of short answer: the log-likelihood of the gold answer."""
+    return choice_table(predictions, batch)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selection
+
+
+@dataclass
+class LMSelection:
+    """What a search needs from one split: a ``BlockModel``, its batch, a ``scorer`` (gates -> per-example
+    scores (N,), higher is better) and, for log-likelihood scoring, ``score_predictions`` (prefix reuse)."""
+
+    model: BlockModel
+    batch: Any
+    scorer: Scorer
+    score_predictions: PredictionScorer | None
+    examples: list[TextExample]
+    prompts: list[str]
+
+
+def check_metric(kind: str, metric: str) -> None:
+    allowed = SELECTION_METRICS[kind]
+    if metric not in allowed:
+        raise ConfigError(f"pruning.metric: {metric!r} is not a selection metric for {kind.replace('_', ' ')} "
+                          f"tasks; allowed: {list(allowed)}")
+
+
+def lm_selection(
+    model: HFModel, task: TextTask, distribution: str, role: str = "select", seed: int = 0, n: int = 64,
+    metric: str = "acc", *, chunk: int = 16, length_normalize: bool = False, max_new_tokens: int = 32,
+) -> LMSelection:
+    """Scorer for ``n`` examples of ``role`` of ``distribution`` (seed ``seed``), tokenized once.
+
+    Multiple choice: ``acc`` (1 if the top choice is correct), ``prob`` / ``loglik`` (probability / log-
+    probability of the correct choice, softmax over choices). Short answer: ``acc`` (greedy generation of
+    ``max_new_tokens``, checked by the task) or ``loglik`` (log-likelihood of the gold answer).
+    """
+    check_metric(task.kind, metric)
+    examples = task.data(distribution, role, seed, n)
+    prompts = task.prompts(examples, seed)
+    if task.kind == "short_answer" and metric == "acc":
+        return LMSelection(model, model.tokenize(prompts), _generation_scorer(model, examples, prompts, chunk,
+                                                                               max_new_tokens), None, examples, prompts)
+    conts, labels = task_choices(examples, task.cfg.mc_format)
+    batch = choice_batch(model, prompts, conts, labels, length_normalize and task.kind == "multiple_choice")
+    wrapped = ChoiceModel(model)
+    score_predictions = (partial(_choice_scores, metric=metric) if task.kind == "multiple_choice"
+                         else _answer_loglik)
+
+    def scorer(gates: Gates) -> Tensor:
+        return score_predictions(run_in_chunks(wrapped, batch, gates, capture=False, chunk=chunk).predictions, batch)
+
+    return LMSelection(wrapped, batch, scorer, score_predictions, examples, prompts)
+
+
+def _generation_scorer(model: HFModel, examples: list[TextExample], prompts: list[str], chunk: int,
+                       max_new_tokens: int) -> Scorer:
+    def scorer(gates: Gates) -> Tensor:
+        generate = partial(model.generate, gates=gates, batch_size=chunk)
+        scores = score_short_answer(generate, examples, prompts, max_new_tokens=max_new_tokens)
+        return torch.from_numpy(scores.correct.astype("float64"))
+
+    return scorer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pruning
+
+
+def _check_search_args(epsilon: float, max_drop: int | None, n_remove: int, choose: str) -> None:
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
+        raise ConfigError(f"pruning.epsilon: {epsilon!r} is not allowed; expected a number >= 0")
+    for name, value in (("max_drop", max_drop), ("n_remove", n_remove)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"pruning.{name}: {value!r} is not allowed; expected an integer >= 1")
+    if choose not in CHOICES:
+        raise ConfigError(f"pruning.choose: {choose!r} is not allowed; expected one of {list(CHOICES)}")
+
+
+def prune_lm(
+    model: HFModel,
+    task: TextTask,
+    search: str = "tale",
+    protocol: str = "target",
+    target: str = "id",
+    *,
+    epsilon: float = 0.08,
+    max_drop: int | None = None,
+    n_remove: int = 1,
+    choose: str = "best",
+    metric: str = "acc",
+    seed: int = 0,
+    n_select: int = 64,
+    batch_size: int = 16,
+    prefix_cache: bool = True,
+    length_normalize: bool = False,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+    cache_path: str | Path | None = None,
+) -> PruneResult:
+    """Search which blocks of ``model`` to remove, scored on ``n_select`` examples of the "select" role
+    (disjoint from the held-out role of :func:`~tapioca.lm_evaluation.evaluate_lm`), as
+    :func:`tapioca.api.prune` does for the testbed.
+
+    protocol "target" selects on ``target``; "from-id" selects on "id". ``search`` is a key of
+    :data:`tapioca.pruning.SEARCHES`: TALE (greedy; with a log-likelihood metric its rounds reuse the residual
+    stream below each candidate) or a one-shot baseline removing ``n_remove`` blocks. ``batch_size`` is rows
+    per forward pass (and prompts per generate call).
+    """
+    run_search = get_search(search)
+    _check_search_args(epsilon, max_drop, n_remove, choose)
+    check_budget(model.n_blocks, max_drop, n_remove)
+    check_split_size(n_select, "pruning.n_select")
+    check_metric(task.kind, metric)
+    dist = selection_distribution(protocol, target, task)
+    select = partial(lm_selection, model, task, role="select", seed=seed, n=n_select, metric=metric,
+                     chunk=batch_size, length_normalize=length_normalize, max_new_tokens=max_new_tokens)
+    sel = select(dist)
+    reference = None
+    if search in NEEDS_ID_REFERENCE:
+        reference = sel.batch if dist == "id" else select("id").batch
+    ctx = SearchContext(
+        model=sel.model, batch=sel.batch, scorer=sel.scorer, score_predictions=sel.score_predictions,
+        prefix_cache=prefix_cache, epsilon=float(epsilon), max_drop=max_drop, n_remove=n_remove, seed=seed,
+        chunk=batch_size, progress=progress, cache_path=Path(cache_path) if cache_path is not None else None,
+        choose=choose, reference_batch=reference,
+    )
+    result = run_search(ctx)
+    result.info.update(protocol=protocol, target=target, selected_on=dist, metric=metric, n_select=n_select,
+                       seed=seed, task_kind=task.kind, mc_format=task.cfg.mc_format,
+                       length_normalize=length_normalize)
+    return result

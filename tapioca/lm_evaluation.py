@@ -1,0 +1,179 @@
+"""Held-out evaluation of (pruned) causal LMs on text tasks: accuracy, calibration and paired comparisons.
+
+:func:`evaluate_lm` returns a :class:`tapioca.evaluation.Evaluation` whose per-example metrics are
+(multiple choice) ``acc``, ``prob_correct``, ``confidence`` (top-choice probability) and ``brier``, or
+(short answer) ``acc`` and ``score`` (the checker's partial credit). Everything ECE, Brier and the
+reliability curve need is per example, so :func:`calibration` works on a saved evaluation too::
+
+    full, pruned = evaluate_lm(lm, task, None, n=100), evaluate_lm(lm, task, result.gates, n=100)
+    compare_lm(full, pruned)["humanities"]["acc"]          # paired bootstrap Δ, Holm across shifts
+    calibration_change(full, pruned)["humanities"]["delta_ece"]
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from tapioca import stats
+from tapioca.evaluation import Evaluation, check_split_size
+from tapioca.lm import ChoiceModel, choice_batch, choice_metrics, choice_table, task_choices
+from tapioca.models.base import run_in_chunks
+from tapioca.models.gates import Gates
+from tapioca.models.hf import HFModel
+from tapioca.tasks.text import TextExample, TextTask, score_short_answer
+
+__all__ = ["LM_METRICS", "calibration", "calibration_change", "compare_lm", "evaluate_lm"]
+
+# metric name -> True if higher is better (the ones a comparison reports; confidence has no good side)
+LM_METRICS = {"acc": True, "prob_correct": True, "brier": False, "score": True}
+
+
+def evaluate_lm(
+    model: HFModel,
+    task: TextTask,
+    gates: Gates | None = None,
+    distributions: Iterable[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    n: int = 100,
+    *,
+    batch_size: int = 16,
+    length_normalize: bool = False,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+) -> Evaluation:
+    """Score ``model`` with ``gates`` on ``n`` held-out examples per seed of each distribution.
+
+    Multiple choice by log-likelihood (softmax over choices; ``length_normalize`` as lm-eval's acc_norm):
+    predictions = top choice, targets = correct choice. Short answer by greedy generation: predictions /
+    targets = the extracted / gold answer as a number (NaN when not a number).
+    """
+    check_split_size(n, "evaluation.n_heldout")
+    dists = list(distributions) if distributions is not None else task.distributions
+    parts = []
+    for dist in tqdm(dists, disable=not progress, desc="evaluate", leave=False):
+        for seed in seeds:
+            examples = task.data(dist, "heldout", seed, n)
+            prompts = task.prompts(examples, seed)
+            if task.kind == "multiple_choice":
+                parts.append(_choice_evaluation(model, task, gates, examples, prompts, dist, seed, batch_size,
+                                                length_normalize))
+            else:
+                parts.append(_generation_evaluation(model, gates, examples, prompts, dist, seed, batch_size,
+                                                    max_new_tokens))
+    return Evaluation.concat(parts)
+
+
+def _single(dist: str, seed: int, values: dict[str, np.ndarray], predictions: np.ndarray,
+            targets: np.ndarray) -> Evaluation:
+    n = len(predictions)
+    return Evaluation({dist: values}, {dist: np.full(n, seed)}, {dist: predictions.astype(np.float64)},
+                      {dist: targets.astype(np.float64)})
+
+
+def _choice_evaluation(model: HFModel, task: TextTask, gates: Gates | None, examples: list[TextExample],
+                       prompts: list[str], dist: str, seed: int, chunk: int, length_normalize: bool) -> Evaluation:
+    conts, labels = task_choices(examples, task.cfg.mc_format)
+    batch = choice_batch(model, prompts, conts, labels, length_normalize)
+    preds = run_in_chunks(ChoiceModel(model), batch, gates, capture=False, chunk=chunk).predictions
+    table = choice_table(preds, batch)
+    metrics = choice_metrics(table, batch.labels)
+    values = {k: metrics[k].numpy() for k in ("acc", "prob_correct", "confidence", "brier")}
+    return _single(dist, seed, values, table.argmax(1).numpy(), batch.labels.numpy())
+
+
+def _as_number(text: Any) -> float:
+    try:
+        value = float(str(text).replace(",", ""))
+    except ValueError:
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+def _generation_evaluation(model: HFModel, gates: Gates | None, examples: list[TextExample], prompts: list[str],
+                           dist: str, seed: int, chunk: int, max_new_tokens: int) -> Evaluation:
+    generate = partial(model.generate, gates=gates, batch_size=chunk)
+    scores = score_short_answer(generate, examples, prompts, max_new_tokens=max_new_tokens)
+    values = {"acc": scores.correct.astype(np.float64), "score": scores.score}
+    predicted = np.array([_as_number(p) if p else math.nan for p in scores.predicted])
+    return _single(dist, seed, values, predicted, np.array([_as_number(ex.answer) for ex in examples]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calibration
+
+
+def _top_choice_table(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A probability table (n, W) and labels (n,) with the given top-choice confidence and correctness: all
+    that ECE and the reliability curve read. Column 0 holds the confidence, the rest share 1 - confidence
+    and stay strictly below it (W - 1 > 1 / min confidence); label 0 = correct, 1 = wrong."""
+    width = max(2, math.ceil(1.0 / float(confidence.min())) + 1)
+    table = np.empty((len(confidence), width))
+    table[:, 0] = confidence
+    table[:, 1:] = ((1.0 - confidence) / (width - 1))[:, None]
+    return table, np.where(correct > 0.5, 0, 1)
+
+
+def calibration(evaluation: Evaluation, n_bins: int = 15) -> dict[str, dict[str, Any]]:
+    """Per distribution: ECE (``n_bins`` equal-width bins on the top-choice probability), Brier score,
+    reliability curve, accuracy, mean confidence and n, from a multiple-choice :func:`evaluate_lm` result."""
+    out = {}
+    for dist, values in evaluation.values.items():
+        if "confidence" not in values or "brier" not in values:
+            raise ValueError(f"{dist}: calibration needs choice probabilities (confidence, brier); this "
+                             "evaluation has none (short-answer generation)")
+        table, labels = _top_choice_table(values["confidence"], values["acc"])
+        out[dist] = {"ece": stats.ece(table, labels, n_bins), "brier": float(values["brier"].mean()),
+                     "reliability": stats.reliability_curve(table, labels, n_bins),
+                     "accuracy": float(values["acc"].mean()), "confidence": float(values["confidence"].mean()),
+                     "n": int(len(labels))}
+    return out
+
+
+def calibration_change(full: Evaluation, pruned: Evaluation, n_bins: int = 15) -> dict[str, dict[str, Any]]:
+    """Calibration before (``full``) and after (``pruned``) per distribution, with Δ = pruned − full of ECE,
+    Brier and mean confidence."""
+    before, after = calibration(full, n_bins), calibration(pruned, n_bins)
+    return {d: {"full": before[d], "pruned": after[d],
+                **{f"delta_{k}": after[d][k] - before[d][k] for k in ("ece", "brier", "confidence", "accuracy")}}
+            for d in before if d in after}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparison
+
+
+def compare_lm(
+    full: Evaluation,
+    pruned: Evaluation,
+    distributions: Sequence[str] | None = None,
+    n_bootstrap: int = 10_000,
+    confidence: float = 0.95,
+) -> dict[str, dict[str, dict]]:
+    """Paired-bootstrap Δ = pruned − full per distribution and LM metric (:data:`LM_METRICS` present in both),
+    Holm-corrected across shifts; the same table as :func:`tapioca.evaluation.compare` gives the testbed."""
+    dists = list(distributions) if distributions is not None else [d for d in full.values if d in pruned.values]
+    metrics = {m: up for m, up in LM_METRICS.items()
+               if all(m in full.values[d] and m in pruned.values[d] for d in dists)}
+    table: dict[str, dict[str, dict]] = {d: {} for d in dists}
+    for metric, higher_better in metrics.items():
+        for dist in dists:
+            a, b = pruned.values[dist][metric], full.values[dist][metric]
+            if len(a) != len(b) or not np.array_equal(pruned.seeds[dist], full.seeds[dist]):
+                raise ValueError(f"{dist}: pruned and full evaluations are not on the same examples")
+            ci = stats.paired_bootstrap(a, b, groups=full.seeds[dist], n_resamples=n_bootstrap,
+                                        confidence=confidence, seed=0)
+            table[dist][metric] = {"full": float(b.mean()), "pruned": float(a.mean()), **ci.to_dict()}
+        shifts = [d for d in dists if d != "id"]
+        adjusted = stats.holm({d: table[d][metric]["p_value"] for d in shifts}) if shifts else {}
+        for dist in dists:
+            row = table[dist][metric]
+            row["p_holm"] = adjusted.get(dist, row["p_value"])
+            significant = row["p_holm"] < 1 - confidence
+            up, down = row["low"] > 0 and significant, row["high"] < 0 and significant
+            row["improved"], row["worse"] = (up, down) if higher_better else (down, up)
+    return table

@@ -1,0 +1,143 @@
+"""The search-speed benchmark: the naive TALE reference picks what tale_search picks, and its cost model,
+measurements and table work on a tiny case. Nothing here asserts on time."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import search_speed as bench  # noqa: E402
+from naive_tale import naive_tale  # noqa: E402
+
+from tapioca.models.gates import first_tensor  # noqa: E402
+from tapioca.models.icl import load_model  # noqa: E402
+from tapioca.pruning import SearchContext, tale_search  # noqa: E402
+
+
+class OffsetBlock(nn.Module):
+    """A planted harmful block: adds a large fixed offset per position (the same for every batch size)."""
+
+    def __init__(self, block: nn.Module, width: int, scale: float = 3.0) -> None:
+        super().__init__()
+        self.block = block
+        self.register_buffer("offset", scale * torch.randn(128, width, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, hidden, *args, **kwargs):
+        out = self.block(hidden, *args, **kwargs)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        return out + self.offset[: hidden.shape[1]]
+
+
+@pytest.fixture
+def planted_case() -> bench.Case:
+    """The shipped testbed model (8 blocks, width 64) with block 2 planted as harmful, 16 ID prompts."""
+    model = load_model(bench.ZOO / "testbed-L8-D64-seed0")
+    model.backbone.h[2] = OffsetBlock(model.backbone.h[2], 64)
+    return bench.testbed_case("planted", model.eval(), 16)
+
+
+@pytest.fixture
+def tiny_case() -> bench.Case:
+    """4 untrained blocks of width 16 and 24 ID selection prompts (cost does not depend on training)."""
+    return bench.testbed_case("tiny", bench.untrained_icl(4, width=16), 24)
+
+
+def test_naive_reference_and_tale_search_pick_identical_blocks(planted_case):
+    case = planted_case
+    naive = naive_tale(case.scorer(1), case.model.n_blocks, epsilon=0.08, max_drop=2)
+    ctx = SearchContext(model=case.model, batch=case.batch, scorer=case.scorer(1024),
+                        score_predictions=case.score_predictions, epsilon=0.08, max_drop=2, progress=False)
+    fast = tale_search(ctx)
+    assert naive.path[0] == 2 and naive.removed == [2]  # the planted block goes first and is the best
+    assert bench.same_selection(naive, fast) and fast.info["prefix_cache"]
+    assert [r["chosen"] for r in naive.rounds] == [r["chosen"] for r in fast.rounds]
+    assert bench.max_score_difference(naive, fast) < 1e-4  # batch 1 vs 16: float rounding only
+    assert naive.info["configurations_evaluated"] == fast.info["configurations_evaluated"]
+
+
+def test_naive_reference_respects_max_drop_and_choose(tiny_case):
+    result = naive_tale(tiny_case.scorer(8), 4, epsilon=math.inf, max_drop=2, choose="final")
+    assert len(result.path) == 2 and result.removed == result.final == result.path
+    assert len(result.rounds) == 2 and result.info["configurations_evaluated"] == 1 + 4 + 3
+
+
+class BlockCounter:
+    """Counts (block, example) forwards actually computed; a skipped block returns its input unchanged."""
+
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        self.count = 0
+        self.handles = [b.register_forward_hook(self.hook, with_kwargs=True) for b in blocks]
+
+    def hook(self, module, args, kwargs, output) -> None:
+        hidden = first_tensor(args, kwargs)
+        if output is not hidden:
+            self.count += hidden.shape[0]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_executed_forwards_match_the_blocks_really_run(tiny_case, prefix):
+    case = tiny_case
+    counter = BlockCounter(case.model.blocks)
+    try:
+        if prefix:
+            result = tale_search(SearchContext(model=case.model, batch=case.batch, scorer=case.scorer(10),
+                                               score_predictions=case.score_predictions, epsilon=math.inf,
+                                               chunk=10, progress=False))
+        else:
+            result = naive_tale(case.scorer(10), case.model.n_blocks, epsilon=math.inf)
+    finally:
+        counter.close()
+    predicted = len(case.batch) * sum(len(f) for f in bench.executed_forwards(result, prefix))
+    assert counter.count == predicted
+    assert len(result.rounds) == 4
+
+
+def test_cost_model_counts_matmuls_and_attention(tiny_model):
+    cost = bench.CostModel(block_params=(10, 20), d_model=4, seq_len=3, other_params=5)
+    assert cost.block_flops(0) == 2 * 10 * 3 + 4 * 3 * 3 * 4
+    assert cost.forward_flops([1]) == cost.block_flops(1) + 2 * 5 * 3
+    icl = bench.model_cost(tiny_model, 16, 81)
+    assert icl.block_params == (12 * 16 * 16,) * 3  # qkv, out, two MLP matrices
+    assert icl.other_params == 2 * 16 + 16  # read-in (2 -> D) and read-out (D -> 1)
+
+
+def test_compare_table_and_verdict_on_a_tiny_case(tiny_case):
+    rows = bench.compare(tiny_case, epsilon=0.08, max_drop=1, chunk=16)
+    assert [r.side for r in rows] == ["naive", "tapioca", "batched only"]
+    assert all(r.configurations == 5 and r.flops > 0 and r.peak_rss > 0 for r in rows)
+    assert rows[1].flops < rows[0].flops == rows[2].flops  # prefix reuse skips work; batching alone does not
+    table = bench.format_table(rows, bench.Peak(wall=1e10, cpu=1e10))
+    assert len(table.splitlines()) == 4 and "%peak wall" in table and "naive" in table
+    assert bench.verdict(rows) == f"model=tiny speedup_vs_naive={rows[0].seconds / rows[1].seconds:.2f} " \
+                                  "identical_selection=true"
+
+
+def test_fit_exponent_recovers_a_power_law():
+    xs = [4, 8, 12, 16]
+    assert bench.fit_exponent(xs, [3 * x**2 for x in xs]) == pytest.approx(2.0)
+    assert bench.fit_exponent(xs, [0.5 * x for x in xs]) == pytest.approx(1.0)
+
+
+def test_peak_rss_sees_an_allocation_and_matmul_peak_is_positive():
+    with bench.PeakRSS(interval=0.005) as rss:
+        block = torch.ones(16 * 2**20 // 4)  # 16 MiB, touched
+        assert block.sum() > 0
+    assert rss.peak - rss.start >= 8 * 2**20
+    peak = bench.matmul_peak(threads=1, size=128, repeats=1)
+    assert peak.wall > 0 and peak.cpu > 0
+
+
+def test_missing_lm_is_a_skip_not_an_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tapioca.models.hf", None)  # import fails as if the adapter were absent
+    with pytest.raises(bench.Skip, match="not importable"):
+        bench.smollm_case(4)
