@@ -6,7 +6,7 @@ removed block passes its input through, so a pruned model still has a profile of
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -36,12 +36,18 @@ class Profile:
 @dataclass
 class Distortion:
     """Relative deviation of a profile from a reference: delta_norm[l], delta_pairwise[l] (L + 1,), the
-    distortion D = sqrt(sum_l delta_norm[l]^2 + delta_pairwise[l]^2) and per-block attribution (L,)."""
+    distortion D = sqrt(sum_l delta_norm[l]^2 + delta_pairwise[l]^2) and per-block attribution (L,).
+
+    A relative deviation from a reference value of 0 is undefined unless the value is 0 too (then it is 0):
+    such a term counts as 0 and its layer is listed in ``undefined`` (e.g. the pairwise distance at h_0 of
+    text prompts that all end in the same token, where every query embedding coincides).
+    """
 
     delta_norm: list[float]
     delta_pairwise: list[float]
     D: float
     attribution: list[float]
+    undefined: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,11 +77,24 @@ def profile(states: Tensor, chunk: int = 1024) -> Profile:
 
 def distortion(p: Profile, reference: Profile) -> Distortion:
     """How far profile ``p`` deviates from ``reference`` (REFERENCE §4)."""
-    dn = [(a - r) / r for a, r in zip(p.norm, reference.norm)]
-    dp = [(a - r) / r for a, r in zip(p.pairwise, reference.pairwise)]
+    dn, undefined_n = _relative(p.norm, reference.norm)
+    dp, undefined_p = _relative(p.pairwise, reference.pairwise)
     magnitude = [(x * x + y * y) ** 0.5 for x, y in zip(dn, dp)]
     attribution = [magnitude[l] - magnitude[l - 1] for l in range(1, len(magnitude))]
-    return Distortion(dn, dp, sum(m * m for m in magnitude) ** 0.5, attribution)
+    return Distortion(dn, dp, sum(m * m for m in magnitude) ** 0.5, attribution, sorted(undefined_n | undefined_p))
+
+
+def _relative(values: list[float], reference: list[float]) -> tuple[list[float], set[int]]:
+    """(v - r) / r per layer, 0 where v == r == 0; layers with r == 0 != v get 0 and are returned apart."""
+    deltas, undefined = [], set()
+    for layer, (v, r) in enumerate(zip(values, reference)):
+        if r != 0:
+            deltas.append((v - r) / r)
+        else:
+            deltas.append(0.0)
+            if v != 0:
+                undefined.add(layer)
+    return deltas, undefined
 
 
 def query_states(model: BlockModel, batch: Any, gates: Gates | None = None, chunk: int = 1024) -> Tensor:

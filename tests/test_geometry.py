@@ -57,6 +57,17 @@ def test_distortion_is_zero_against_itself_and_scales_with_deviation():
     assert sum(d.attribution) == pytest.approx(math.sqrt(1.25))
 
 
+def test_distortion_against_a_zero_reference_is_zero_when_equal_and_flagged_when_not():
+    # text prompts ending in one token: every query embedding coincides, so P(0) = 0 for both samples
+    ref = Profile(norm=[1.0, 2.0], pairwise=[0.0, 1.0], n=10)
+    same_token = Profile(norm=[1.0, 3.0], pairwise=[0.0, 1.0], n=10)
+    d = distortion(same_token, ref)
+    assert d.delta_pairwise == [0.0, 0.0] and d.undefined == [] and d.D == pytest.approx(0.5)
+    other_token = Profile(norm=[1.0, 3.0], pairwise=[0.2, 1.0], n=10)
+    d = distortion(other_token, ref)
+    assert d.delta_pairwise == [0.0, 0.0] and d.undefined == [0] and d.D == pytest.approx(0.5)
+
+
 def test_query_states_of_a_pruned_model_pass_removed_blocks_through(tiny_model, tiny_cfg):
     from tapioca.tasks.polyreg import PolyRegTask
 

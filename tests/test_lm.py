@@ -167,14 +167,7 @@ def test_from_id_protocol_selects_on_id_and_evaluation_shows_the_gain() -> None:
         change["wide"]["pruned"]["brier"] - change["wide"]["full"]["brier"])
 
 
-DISTORTION_BUG = pytest.mark.xfail(
-    raises=ZeroDivisionError, strict=True,
-    reason="geometry.distortion divides by the reference's pairwise distance at h_0, which is 0 for text: every "
-           "prompt ends in the same token ('Answer:'), so all query embeddings coincide")
-
-
-@pytest.mark.parametrize("search", ["block_influence", "angular", "last_k", "random",
-                                    pytest.param("distortion", marks=DISTORTION_BUG)])
+@pytest.mark.parametrize("search", ["block_influence", "angular", "last_k", "random", "distortion"])
 def test_one_shot_baselines_run_on_lm_states(search: str) -> None:
     lm, task = tiny_lm(False), mc_task("cloze")
     result = prune_lm(lm, task, search, target="wide", n_remove=2, n_select=10, progress=False)
