@@ -12,6 +12,7 @@ from tapioca.errors import ConfigError
 from tapioca.evaluation import check_split_size, selection_scorer
 from tapioca.models.base import BlockModel
 from tapioca.models.icl import ICLModel, load_model
+from tapioca.parallel import ICLReplica, parallel_tale, require_ray
 from tapioca.pruning import NEEDS_ID_REFERENCE, PruneResult, SearchContext, check_budget, get_search
 from tapioca.tasks.polyreg import PolyRegTask
 
@@ -78,6 +79,8 @@ def prune(
 
     ``overrides`` replace fields of ``cfg`` (e.g. ``epsilon=0.05, max_drop=2``) with the usual checks.
     The selection split (role "select") is disjoint from the held-out split used by :func:`evaluate`.
+    ``workers=N`` (N >= 1) scores TALE's candidate rounds on N Ray workers (``ray_address``: join a cluster),
+    with the same selection as serial; one-shot searches have no rounds and run in-process.
     """
     cfg = from_dict(PruningConfig, {**to_dict(cfg or PruningConfig()), "search": search, "protocol": protocol,
                                     "target": target, **overrides}, "pruning")
@@ -93,8 +96,16 @@ def prune(
         progress=progress, cache_path=Path(cache_path) if cache_path is not None else None,
         reference_batch=_id_reference(task, cfg, dist, batch, seed),
     )
-    result = run_search(ctx)
+    result = _parallel_tale(ctx, model, cfg) if cfg.workers and cfg.search == "tale" else run_search(ctx)
     result.info.update(protocol=cfg.protocol, target=cfg.target, selected_on=dist, metric=cfg.metric,
                        n_select=cfg.n_select, seed=seed)
     return result
 
+
+def _parallel_tale(ctx: SearchContext, model: BlockModel, cfg: PruningConfig) -> PruneResult:
+    """TALE with candidates on ``cfg.workers`` Ray workers, each holding a replica of the testbed ``model``."""
+    require_ray("pruning.workers", cfg.workers)
+    if not isinstance(model, ICLModel):
+        raise ConfigError(f"pruning.workers: Ray workers rebuild testbed models (ICLModel), not "
+                          f"{type(model).__name__}; use tapioca.parallel.parallel_tale with a factory")
+    return parallel_tale(ctx, ICLReplica.of(model), workers=cfg.workers, address=cfg.ray_address)

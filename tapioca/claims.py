@@ -12,6 +12,9 @@ import numpy as np
 
 SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
 ID_MARGIN_RELATIVE = 0.01  # C1: a held-out ID change within ±1% of the full model's NMSE counts as "no change"
+ID_MARGIN_POINTS = 0.01  # C1 on accuracy-type metrics: within ±1 point (REFERENCE §1)
+CONFIDENCE_TOLERANCE = 0.05  # C7 (LMs): mean top-choice confidence may fall by at most this much
+HIGHER_IS_BETTER = {"nmse": False, "tol_acc": True, "acc": True, "prob_correct": True, "brier": False}
 DISTORTION_FACTOR = 3.0  # C3: D(OOD vs ID) must be at least 3x the ID-vs-ID noise floor
 MONOTONE_RHO = -0.8  # C5: Spearman rho(D, score) over the alpha sweep at most this (D down <-> score up)
 SLOPE_TOLERANCE = 0.05  # C7: a pruned model's shrinkage slope may fall by at most this much
@@ -21,6 +24,11 @@ SCALE_CLAIMS = ("C1", "C2", "C3", "C4")  # C6: the claims that must hold at ever
 
 def _verdict(verdict: str, evidence: str, **numbers: Any) -> dict[str, Any]:
     return {"verdict": verdict, "evidence": evidence, "numbers": numbers, "settle_case": None}
+
+
+def primary_metric(results: dict) -> str:
+    """The held-out metric the claims are decided on: NMSE on the testbed, accuracy on text tasks."""
+    return results.get("primary_metric", "nmse")
 
 
 def _shifts(results: dict) -> list[str]:
@@ -52,25 +60,32 @@ def spearman_with_p(x: list[float], y: list[float], n_perm: int = 10_000, seed: 
 
 
 def c1_no_id_benefit(results: dict) -> dict:
-    """Supported unless TALE selected on ID improves held-out ID NMSE significantly by more than the margin."""
-    row = results["protocols"]["target"]["delta"]["id"]["nmse"]
-    margin = ID_MARGIN_RELATIVE * row["full"]
-    gain = row["high"] < -margin  # lower NMSE is better: the whole CI below -margin
-    ci = f"Δ NMSE {row['mean']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] (full {row['full']:.4f})"
+    """Supported unless TALE selected on ID improves the held-out ID score significantly by more than the
+    margin (NMSE: 1% of the full model's; accuracy-type metrics: 1 point)."""
+    metric = primary_metric(results)
+    row = results["protocols"]["target"]["delta"]["id"][metric]
+    if HIGHER_IS_BETTER[metric]:
+        margin = ID_MARGIN_POINTS
+        gain = row["low"] > margin  # the whole CI above +margin
+    else:
+        margin = ID_MARGIN_RELATIVE * row["full"]
+        gain = row["high"] < -margin  # lower is better: the whole CI below -margin
+    ci = f"Δ {metric} {row['mean']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] (full {row['full']:.4f})"
     if gain:
         return _verdict(REFUTED, f"target=ID improves held-out ID: {ci}", **row, margin=margin)
     return _verdict(SUPPORTED, f"no ID benefit beyond ±{margin:.4f}: {ci}", **row, margin=margin)
 
 
 def c2_ood_improves(results: dict) -> dict:
-    """Supported if TALE (target protocol) improves held-out NMSE (CI excludes 0, Holm) on a majority of shifts,
+    """Supported if TALE (target protocol) improves the held-out score (CI excludes 0, Holm) on a majority of shifts,
     refuted if on none, inconclusive otherwise; from-ID counts are reported beside."""
     shifts = _shifts(results)
     target = results["protocols"]["target"]["delta"]
     from_id = results["protocols"]["from-id"]["delta"]
+    metric = primary_metric(results)
     better = _improved_shifts(results)
-    worse = [s for s in shifts if target[s]["nmse"]["worse"]]
-    better_from_id = [s for s in shifts if from_id[s]["nmse"]["improved"]]
+    worse = [s for s in shifts if target[s][metric]["worse"]]
+    better_from_id = [s for s in shifts if from_id[s][metric]["improved"]]
     verdict = SUPPORTED if len(better) > len(shifts) / 2 else REFUTED if not better else INCONCLUSIVE
     evidence = (f"improved on {len(better)}/{len(shifts)} shifts ({', '.join(better) or 'none'}), worse on "
                 f"{len(worse)}; from-ID selection improved {len(better_from_id)}/{len(shifts)}")
@@ -103,7 +118,7 @@ def c4_realigns(results: dict) -> dict:
     closer = [(s, seed) for s, seed in pairs if per_seed[seed][s]["target_pruned"] < per_seed[seed][s]["full"]]
     verdict = SUPPORTED if len(closer) > len(pairs) / 2 else REFUTED if len(closer) < len(pairs) / 2 else INCONCLUSIVE
     not_closer = sorted({s for s, seed in pairs if (s, seed) not in closer})
-    closer_not_better = sorted({s for s, _ in closer if not target[s]["nmse"]["improved"]})
+    closer_not_better = sorted({s for s, _ in closer if not target[s][primary_metric(results)]["improved"]})
     result = _verdict(verdict, f"D fell after pruning in {len(closer)}/{len(pairs)} (shift, seed) pairs with "
                       f"removed blocks", closer=len(closer), pairs=len(pairs))
     cases = []
@@ -137,11 +152,18 @@ def c5_causal(results: dict) -> dict:
     monotone = together > len(rhos) / 2
     matched = bool(recovered) and float(np.mean(recovered)) > 0
     verdict = SUPPORTED if monotone and matched else REFUTED if not monotone and not matched else INCONCLUSIVE
-    evidence = (f"ρ(D, score) ≤ {MONOTONE_RHO} in {together}/{len(rhos)} sweeps of TALE's blocks "
-                f"(control median ρ {np.nanmedian(control_rhos) if control_rhos else float('nan'):.2f}); "
-                f"norm matching recovered {np.mean(recovered) * 100 if recovered else float('nan'):.0f}% of the "
-                f"pruning gain on average ({len(recovered)} cases with a gain)")
+    sweeps = (f"ρ(D, score) ≤ {MONOTONE_RHO} in {together}/{len(rhos)} sweeps of TALE's blocks "
+              f"(control median ρ {np.nanmedian(control_rhos) if control_rhos else float('nan'):.2f})")
+    if not _norm_matching_ran(interventions):
+        return _verdict(INCONCLUSIVE, f"{sweeps}; norm matching was not run, so half of the test is missing",
+                        rhos=rhos, control_rhos=control_rhos)
+    evidence = (f"{sweeps}; norm matching recovered {np.mean(recovered) * 100 if recovered else float('nan'):.0f}% "
+                f"of the pruning gain on average ({len(recovered)} cases with a gain)")
     return _verdict(verdict, evidence, rhos=rhos, control_rhos=control_rhos, recovered=recovered)
+
+
+def _norm_matching_ran(interventions: dict) -> bool:
+    return any("ood_matched" in m for row in interventions.values() for m in row["norm_matching"].values())
 
 
 def _sweep_rho(points: list[dict]) -> float:
@@ -180,10 +202,14 @@ def c6_scales(results: dict) -> dict:
 
 def c7_not_tamer(results: dict) -> dict:
     """On shifts where TALE improved OOD: the prediction-shrinkage slope must not fall by more than 0.05
-    (a gain from shrinking predictions toward 0 would be "tamer confidence"). Inconclusive with no gain."""
+    (a gain from shrinking predictions toward 0 would be "tamer confidence"); on text tasks with choice
+    probabilities, the mean top-choice confidence must not fall by more than 0.05 (ECE and Brier reported
+    beside). Inconclusive with no gain, or on a task without probabilities."""
     improved = _improved_shifts(results)
     if not improved:
         return _verdict(INCONCLUSIVE, "no shift improved, so there is no gain to explain")
+    if primary_metric(results) != "nmse":
+        return _c7_confidence(results, improved)
     full, pruned = results["full"], results["protocols"]["target"]["pruned"]
     slopes = {s: (full[s]["shrinkage_slope"], pruned[s]["shrinkage_slope"]) for s in improved}
     shrunk = [s for s, (a, b) in slopes.items() if b < a - SLOPE_TOLERANCE]
@@ -192,18 +218,36 @@ def c7_not_tamer(results: dict) -> dict:
                     f"improved shifts", slopes=slopes)
 
 
+def _c7_confidence(results: dict, improved: list[str]) -> dict:
+    calibration = results.get("calibration", {}).get("target") or {}
+    rows = {s: calibration[s] for s in improved if s in calibration}
+    if not rows:
+        return _verdict(INCONCLUSIVE, "the task has no choice probabilities (short answer): calibration "
+                                      "cannot be compared")
+    tamer = [s for s, r in rows.items() if r["delta_confidence"] < -CONFIDENCE_TOLERANCE]
+    verdict = REFUTED if len(tamer) > len(rows) / 2 else SUPPORTED
+    detail = "; ".join(f"{s}: Δconf {r['delta_confidence']:+.3f}, ΔECE {r['delta_ece']:+.3f}, "
+                       f"ΔBrier {r['delta_brier']:+.3f}" for s, r in rows.items())
+    return _verdict(verdict, f"mean confidence fell by > {CONFIDENCE_TOLERANCE} on {len(tamer)}/{len(rows)} "
+                    f"improved shifts ({detail})", tamer=tamer)
+
+
 def _improved_shifts(results: dict) -> list[str]:
     delta = results["protocols"]["target"]["delta"]
-    return [s for s in _shifts(results) if delta[s]["nmse"]["improved"]]
+    metric = primary_metric(results)
+    return [s for s in _shifts(results) if delta[s][metric]["improved"]]
 
 
 def c8_distortion_predicts(results: dict) -> dict:
-    """Spearman rho across shifts between D (full model) and the OOD drop (shift NMSE − ID NMSE): supported if
+    """Spearman rho across shifts between D (full model) and the OOD drop (how much worse the shift scores than
+    ID: shift NMSE − ID NMSE, or ID accuracy − shift accuracy): supported if
     rho > 0 with permutation p < 0.05, refuted if rho <= 0, else inconclusive. Also: overlap between the
     blocks TALE removed and the blocks of largest distortion attribution, against the random expectation."""
     shifts = _shifts(results)
     d = [results["geometry"]["D_mean"][s]["full"] for s in shifts]
-    drop = [results["full"][s]["nmse"]["mean"] - results["full"]["id"]["nmse"]["mean"] for s in shifts]
+    metric = primary_metric(results)
+    sign = -1.0 if HIGHER_IS_BETTER[metric] else 1.0
+    drop = [sign * (results["full"][s][metric]["mean"] - results["full"]["id"][metric]["mean"]) for s in shifts]
     if len(shifts) < 3:
         return _verdict(INCONCLUSIVE, f"only {len(shifts)} shifts; need at least 3 for a rank correlation")
     rho, p = spearman_with_p(d, drop)
@@ -238,7 +282,7 @@ def c9_needs_layer_removal(results: dict) -> dict:
     cases = [(s, m) for s in improved if s in comparisons for m in ("magnitude", "wanda") if m in comparisons[s]]
     if not cases:
         return _verdict(INCONCLUSIVE, "TALE improved no shift (or no weight-pruning control ran)")
-    also = [(s, m) for s, m in cases if comparisons[s][m]["nmse"]["improved"]]
+    also = [(s, m) for s, m in cases if comparisons[s][m][primary_metric(results)]["improved"]]
     verdict = REFUTED if len(also) > len(cases) / 2 else SUPPORTED
     return _verdict(verdict, f"weight pruning at TALE's budget also improved {len(also)}/{len(cases)} "
                     f"(shift, method) cases where TALE did", also_improved=also, cases=cases)

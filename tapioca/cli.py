@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -54,19 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         if name in ("prune", "evaluate"):
             p.add_argument("--model", help="model folder (default: model.checkpoint)")
+        if name == "prune":
+            p.add_argument("--workers", type=int, metavar="N",
+                           help="score TALE candidates on N Ray workers (default: pruning.workers; 0 = serial)")
+            p.add_argument("--ray-address", metavar="ADDR",
+                           help='join a Ray cluster: "auto" or "ray://host:port" (default: pruning.ray_address; '
+                                "none = start local Ray)")
         if name == "evaluate":
             p.add_argument("--pruning", help="pruning.json whose blocks to remove for the pruned model")
     add_models_command(sub)
     return parser
 
 
+FLAG_KEYS = (("out", "run.out"), ("device", "run.device"), ("seed", "run.seed"), ("workers", "pruning.workers"),
+             ("ray_address", "pruning.ray_address"))  # command-line flag -> the config key it overrides
+
+
 def resolve_config(args: argparse.Namespace) -> Config:
-    """The config from --config and --set, with --out/--device/--seed applied as run.* overrides."""
+    """The config from --config and --set, with --out/--device/--seed (and prune's --workers/--ray-address)
+    applied as run.* (pruning.*) overrides, after the --set ones."""
     overrides = list(args.overrides)
-    for flag, key in (("out", "run.out"), ("device", "run.device"), ("seed", "run.seed")):
-        value = getattr(args, flag)
+    for flag, key in FLAG_KEYS:
+        value = getattr(args, flag, None)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            overrides.append(f"{key}={json.dumps(value)}")  # JSON is YAML: "10.0.0.1:6379" stays a string
     cfg = load_config(args.config, overrides)
     resolve_device(cfg.run.device)
     if cfg.run.threads is not None:
@@ -101,9 +113,12 @@ def cmd_train(args: argparse.Namespace, cfg: Config, say: Callable[[str], None])
 
 
 def cmd_prune(args: argparse.Namespace, cfg: Config, say: Callable[[str], None]) -> None:
+    p = cfg.pruning
+    if p.workers and p.search != "tale":
+        raise ConfigError(f"pruning.workers: {p.workers} applies only to pruning.search=tale (its candidate "
+                          f"rounds); {p.search!r} runs in-process: use --workers 0")
     model, task = _model(args, cfg), load_task(cfg)
     out = _start(cfg)
-    p = cfg.pruning
     result = prune(model, task, p.search, p.protocol, p.target, cfg=p, seed=cfg.run.seed,
                    progress=not args.quiet, cache_path=out / ".pruning.scores.json")
     write_json(out / "pruning.json", result.to_dict())

@@ -106,6 +106,25 @@ class PruningConfig:
     n_select: int = _range(512, ge=8)  # selection prompts (disjoint from the held-out split)
     batch_size: int = _range(1024, ge=1)
     prefix_cache: bool = True  # TALE rounds reuse the residual stream below each candidate (same numbers)
+    workers: int = _range(0, ge=0)  # 0: serial, in-process; N >= 1: TALE candidates on N Ray workers
+    ray_address: str | None = None  # None: start local Ray; "auto" or "ray://host:port": join a cluster
+
+    def __post_init__(self) -> None:
+        _check_ray_address(self.ray_address, self.workers)
+
+
+RAY_ADDRESS = re.compile(r"^(auto|ray://[^\s/:]+(:\d+)?|[^\s/:]+:\d+)$")
+
+
+def _check_ray_address(address: str | None, workers: int) -> None:
+    if address is None:
+        return
+    if not RAY_ADDRESS.match(address):
+        raise ConfigError(f"pruning.ray_address: {address!r} is not allowed; expected \"auto\", "
+                          "\"ray://host:port\" or \"host:port\" (a running Ray cluster), or null (start local Ray)")
+    if workers == 0:
+        raise ConfigError(f"pruning.ray_address: {address!r} has no effect with pruning.workers=0; "
+                          "set pruning.workers to 1 or more, or drop ray_address")
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,31 @@ class GeometryConfig:
     n_prompts: int = _range(256, ge=4)  # prompts per profile (all n(n-1)/2 pairs are used)
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # residual-scaling sweep
     controls: bool = True  # baselines, weight pruning and interventions on shifts where TALE removed blocks
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """A study on a real causal LM and a text task (``tapioca.lm_study``) instead of the testbed.
+
+    ``model``: a name from ``tapioca models list`` (installed with ``tapioca models install``), a local Hugging
+    Face folder or a ``.gguf`` file. ``task``: :class:`tapioca.tasks.text.TextTaskConfig` fields. ``metric``:
+    the selection score (multiple choice: acc, prob, loglik; short answer: acc by greedy generation, or
+    loglik of the gold answer). Held-out accuracy is always scored as the task defines it (choice
+    log-likelihood, or generation checked by the task). The ``pruning`` section supplies epsilon, max_drop and
+    choose; ``evaluation.seeds`` are sampling seeds (examples and demonstrations), the model is fixed.
+    """
+
+    model: str = ""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    chat: bool = False  # wrap prompts in the tokenizer's chat template
+    task: dict[str, Any] = field(default_factory=dict)
+    metric: Literal["acc", "prob", "loglik"] = "loglik"
+    n_select: int = _range(32, ge=8)
+    n_heldout: int = _range(64, ge=8)
+    n_profile: int = _range(48, ge=4)  # prompts per geometry profile and per intervention
+    batch_size: int = _range(16, ge=1)
+    length_normalize: bool = False
+    max_new_tokens: int = _range(12, ge=1)
 
 
 @dataclass(frozen=True)
@@ -152,8 +196,12 @@ class Config:
     # Multi-scale study: scale name -> section overrides merged into this config, e.g.
     # {"L4": {"model": {"n_layer": 4}}}. Empty: one scale (this config). See tapioca/scales.py.
     scales: dict[str, Any] = field(default_factory=dict)
+    lm: LMConfig | None = None  # set: the study runs on a causal LM and a text task (see LMConfig)
 
     def __post_init__(self) -> None:
+        if self.lm is not None and not self.lm.model:
+            raise ConfigError("lm.model: empty; give an installed model name (tapioca models list), "
+                              "a Hugging Face folder or a .gguf file")
         if self.model.n_embd % self.model.n_head:
             raise ConfigError(f"model.n_embd: {self.model.n_embd} is not allowed; it must be divisible by "
                               f"model.n_head ({self.model.n_head})")
@@ -383,8 +431,9 @@ def _apply(tree: dict[str, Any], keys: list[str], value: Any) -> None:
 
 
 def _is_open_mapping(keys: list[str]) -> bool:
-    """Keys below ``task.shifts`` and ``scales`` are user-chosen names, so overrides may create them."""
-    return (len(keys) == 3 and keys[:2] == ["task", "shifts"]) or keys[0] == "scales"
+    """Keys below ``task.shifts`` and ``scales`` are user-chosen names, so overrides may create them; the
+    optional ``lm`` section (None by default) is created by its first override."""
+    return (len(keys) == 3 and keys[:2] == ["task", "shifts"]) or keys[0] == "scales" or keys == ["lm"]
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,10 @@ pair. :class:`ChoiceModel` shows an :class:`~tapioca.models.hf.HFModel` through 
 
 Short answer is scored by greedy generation (``metric="acc"``, no prefix reuse) or, much faster and with
 prefix reuse, by the log-likelihood of the gold answer (``metric="loglik"``).
+
+``prune_lm(..., workers=N)`` scores TALE candidates on N Ray workers (log-likelihood metrics): each worker
+loads the model again from its folder (:class:`~tapioca.parallel.HFReplica`) and wraps it in a
+:class:`ChoiceModel`, as the search does on the driver (:class:`ChoiceReplica`).
 """
 
 from __future__ import annotations
@@ -29,19 +33,21 @@ import torch
 from torch import Tensor, nn
 
 from tapioca.api import selection_distribution
+from tapioca.config import PruningConfig, from_dict
 from tapioca.errors import ConfigError
 from tapioca.evaluation import check_split_size
 from tapioca.models.base import BlockModel, RunOutput, run_in_chunks
 from tapioca.models.gates import Gates
 from tapioca.models.hf import HFModel, TokenBatch
+from tapioca.parallel import HFReplica, parallel_tale, require_ray
 from tapioca.pruning import (
     NEEDS_ID_REFERENCE, PredictionScorer, PruneResult, Scorer, SearchContext, check_budget, get_search,
 )
 from tapioca.tasks.text import TextExample, TextTask, continuations, score_short_answer
 
 __all__ = [
-    "SELECTION_METRICS", "ChoiceBatch", "ChoiceModel", "LMSelection", "choice_batch", "choice_metrics",
-    "choice_table", "lm_selection", "prune_lm", "task_choices",
+    "SELECTION_METRICS", "ChoiceBatch", "ChoiceModel", "ChoiceReplica", "LMSelection", "choice_batch",
+    "choice_metrics", "choice_table", "lm_selection", "prune_lm", "task_choices",
 ]
 
 # task kind -> selection metrics it supports (all: higher is better)
@@ -174,6 +180,17 @@ class ChoiceModel:
         return RunOutput(picked, out.states)
 
 
+@dataclass(frozen=True)
+class ChoiceReplica:
+    """A picklable recipe for the model an LM search runs on: ``ChoiceModel(lm(device))``. A Ray worker
+    built from it scores ``ChoiceBatch`` es exactly as the driver's :class:`ChoiceModel` does."""
+
+    lm: HFReplica
+
+    def __call__(self, device: torch.device) -> ChoiceModel:
+        return ChoiceModel(self.lm(device))
+
+
 def choice_table(predictions: Tensor, batch: ChoiceBatch) -> Tensor:
     """Run predictions ((R, C) or (R,)) -> (N, C) float64 choice log-likelihoods in example order, divided by
     ``batch.divisor``; missing choices are -inf."""
@@ -291,6 +308,20 @@ def _check_search_args(epsilon: float, max_drop: int | None, n_remove: int, choo
         raise ConfigError(f"pruning.choose: {choose!r} is not allowed; expected one of {list(CHOICES)}")
 
 
+def _check_workers(workers: int, ray_address: str | None, search: str, kind: str, metric: str) -> None:
+    """``workers`` / ``ray_address`` as ``pruning.workers`` / ``pruning.ray_address`` are checked, and usable here."""
+    from_dict(PruningConfig, {"workers": workers, "ray_address": ray_address}, "pruning")
+    if not workers:
+        return
+    if search != "tale":
+        raise ConfigError(f"pruning.workers: {workers} applies only to search 'tale' (its candidate rounds); "
+                          f"{search!r} runs in-process, use workers=0")
+    if kind == "short_answer" and metric == "acc":
+        raise ConfigError("pruning.workers: Ray workers score log-likelihoods, but short-answer metric 'acc' "
+                          "scores by generation on the driver; use metric='loglik' or workers=0")
+    require_ray("pruning.workers", workers)
+
+
 def prune_lm(
     model: HFModel,
     task: TextTask,
@@ -311,6 +342,9 @@ def prune_lm(
     max_new_tokens: int = 32,
     progress: bool = True,
     cache_path: str | Path | None = None,
+    workers: int = 0,
+    ray_address: str | None = None,
+    ray_options: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Search which blocks of ``model`` to remove, scored on ``n_select`` examples of the "select" role
     (disjoint from the held-out role of :func:`~tapioca.lm_evaluation.evaluate_lm`), as
@@ -320,12 +354,19 @@ def prune_lm(
     :data:`tapioca.pruning.SEARCHES`: TALE (greedy; with a log-likelihood metric its rounds reuse the residual
     stream below each candidate) or a one-shot baseline removing ``n_remove`` blocks. ``batch_size`` is rows
     per forward pass (and prompts per generate call).
+
+    ``workers`` >= 1 scores each TALE round's candidates on that many Ray workers (same selection as serial;
+    needs ``pip install 'tapioca[parallel]'``, a model from ``HFModel.load`` and a log-likelihood metric).
+    ``ray_address``: None starts local Ray, "auto" / "ray://host:port" joins a cluster. ``ray_options`` go to
+    :func:`~tapioca.parallel.parallel_tale` (e.g. ``{"num_gpus": 1}``: one GPU per worker).
     """
     run_search = get_search(search)
     _check_search_args(epsilon, max_drop, n_remove, choose)
     check_budget(model.n_blocks, max_drop, n_remove)
     check_split_size(n_select, "pruning.n_select")
     check_metric(task.kind, metric)
+    _check_workers(workers, ray_address, search, task.kind, metric)
+    factory = ChoiceReplica(HFReplica.of(model)) if workers else None
     dist = selection_distribution(protocol, target, task)
     select = partial(lm_selection, model, task, role="select", seed=seed, n=n_select, metric=metric,
                      chunk=batch_size, length_normalize=length_normalize, max_new_tokens=max_new_tokens)
@@ -339,7 +380,10 @@ def prune_lm(
         chunk=batch_size, progress=progress, cache_path=Path(cache_path) if cache_path is not None else None,
         choose=choose, reference_batch=reference,
     )
-    result = run_search(ctx)
+    if factory is not None:
+        result = parallel_tale(ctx, factory, workers=workers, address=ray_address, **(ray_options or {}))
+    else:
+        result = run_search(ctx)
     result.info.update(protocol=protocol, target=target, selected_on=dist, metric=metric, n_select=n_select,
                        seed=seed, task_kind=task.kind, mc_format=task.cfg.mc_format,
                        length_normalize=length_normalize)

@@ -7,11 +7,15 @@ cluster. On GPUs give every worker one device with ``num_gpus=1`` (see benchmark
 
     factory = ICLReplica.of(model)                       # picklable: config + CPU state dict
     result = parallel_tale(ctx, factory, workers=2)       # ctx: a SearchContext, as for tale_search
+
+Hugging Face LMs: ``HFReplica.of(lm)`` (an :class:`~tapioca.models.hf.HFModel` from ``HFModel.load``) reloads
+the model from its folder on each worker; ``tapioca.lm.prune_lm(..., workers=N)`` wraps it as the search does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,8 +23,10 @@ from typing import Any, Callable
 import torch
 
 from tapioca.config import ModelConfig
+from tapioca.errors import ConfigError
 from tapioca.models.base import BlockModel, run_in_chunks
 from tapioca.models.gates import removal_gates
+from tapioca.models.hf import HFModel, dtype_name
 from tapioca.models.icl import ICLModel
 from tapioca.pruning import PredictionScorer, PrefixRounds, PruneResult, SearchContext, tale_search
 
@@ -42,6 +48,46 @@ class ICLReplica:
         model = ICLModel(self.cfg)
         model.load_state_dict(self.state)
         return model.to(device).eval()
+
+
+@dataclass(frozen=True)
+class HFReplica:
+    """A picklable recipe for a Hugging Face causal LM adapter: a local folder (or ``.gguf`` file) read again on
+    the worker, so only these few fields travel. The folder must exist at ``path`` on every worker machine.
+
+    ``dtype``: "float32", "bfloat16" or "float16". ``device_map``: accelerate sharding (then the worker's
+    device is not used; give the actor ``num_gpus=k`` for k shards).
+    """
+
+    path: str
+    dtype: str = "float32"
+    chat: bool = False
+    gguf_file: str | None = None
+    device_map: str | dict | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))  # checks it; torch.bfloat16 -> "bfloat16"
+
+    @classmethod
+    def of(cls, lm: HFModel) -> "HFReplica":
+        """The recipe of an adapter made by :meth:`HFModel.load` (the same folder, dtype, chat and device map).
+        Workers read the folder's weights: changes made to ``lm`` in memory after loading do not travel."""
+        if lm.source is None:
+            raise ConfigError("this HFModel was not made by HFModel.load, so workers cannot load it again; "
+                              "save it (lm.save(folder)) and load it with HFModel.load(folder), or build "
+                              "HFReplica(folder, dtype, chat) yourself")
+        src = lm.source
+        return cls(src.path, src.dtype, lm.chat, src.gguf_file, src.device_map)
+
+    def __call__(self, device: torch.device) -> HFModel:
+        return HFModel.load(self.path, self.dtype, device, self.gguf_file, self.chat, self.device_map)
+
+
+def require_ray(key: str, workers: int) -> None:
+    """A ConfigError naming ``key`` when ``workers`` asks for Ray workers but Ray is not installed."""
+    if workers > 0 and importlib.util.find_spec("ray") is None:
+        raise ConfigError(f"{key}: {workers} Ray workers need Ray, which is not installed; "
+                          "pip install 'tapioca[parallel]' (or use 0 workers: serial, in-process)")
 
 
 def split_candidates(candidates: list[int], workers: int) -> list[list[int]]:

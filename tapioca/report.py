@@ -28,6 +28,7 @@ from tapioca.plots import (METHOD_ORDER, METRIC_LABELS, _ci, _dig, _lower_is_bet
 __all__ = ["write_report", "build_report", "load_results"]
 
 REQUIRED_KEYS = ("quality", "full", "protocols")
+TESTBED_ONLY_SECTIONS = ("model", "task", "train")  # config sections an LM study does not use
 CLAIMS = {
     "C1": "task-aware pruning gives no ID benefit",
     "C2": "task-aware pruning improves OOD",
@@ -129,6 +130,8 @@ def section_header(results: dict, config: Any, environment: Any, timings: Any) -
     if isinstance(config, dict):
         rows = []
         for section, values in config.items():
+            if results.get("kind") == "lm" and section in TESTBED_ONLY_SECTIONS:
+                continue
             if not isinstance(values, dict):
                 rows.append([section, _config_value(values)])
                 continue
@@ -155,8 +158,17 @@ def section_header(results: dict, config: Any, environment: Any, timings: Any) -
 
 
 def section_quality(results: dict) -> list[Block]:
-    """The model's ID query NMSE beside the reference predictors."""
+    """The model's ID query NMSE beside the reference predictors (LM: its held-out ID accuracy)."""
     q = results["quality"]
+    if "model_id_acc" in q:
+        model, m = q["model_id_acc"], results.get("model", {})
+        per_seed = ", ".join(f"s{s}: {_num(v)}" for s, v in (model.get("per_seed") or {}).items())
+        return [("h", 2, "Model quality"),
+                ("p", f"{m.get('name', 'the model')} ({m.get('n_blocks', '?')} blocks, {m.get('dtype', '?')}): "
+                      f"held-out ID accuracy with a seed-stratified bootstrap 95% CI (seeds are sampling seeds). "
+                      "Models installed by `tapioca models install` are quantised GGUF originals dequantised "
+                      "to float: their scores sit below the published fp16 models'."),
+                ("table", ["model", "ID accuracy [95% CI]", "per seed"], [["full", _ci(model), per_seed or "—"]])]
     model = q.get("model_id_nmse", {})
     per_seed = ", ".join(f"s{s}: {_num(v)}" for s, v in (model.get("per_seed") or {}).items())
     rows = [["transformer (full)", _ci(model), per_seed or "—"]]

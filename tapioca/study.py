@@ -113,10 +113,15 @@ class SeedOutputs:
 
 def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True, log: Log = print) -> dict:
     """Run the whole pipeline for ``cfg`` into ``out`` (default ``cfg.run.out``) and return results.json.
-    A config with ``scales`` runs every scale's study and returns the multi-scale results instead."""
+    A config with ``scales`` runs every scale's study and returns the multi-scale results instead; one with
+    an ``lm`` section runs the study on that causal LM and text task (:mod:`tapioca.lm_study`)."""
     out = Path(out if out is not None else cfg.run.out)
     if cfg.scales:
         return run_scales(cfg, out, progress, log)
+    if cfg.lm is not None:
+        from tapioca.lm_study import run_lm_study  # imports the text and Hugging Face stack only when needed
+
+        return run_lm_study(cfg, out, progress, log)
     prepare_run_dir(cfg, out)
     task = load_task(cfg)
     timer = Timer(out / "timings.json")
@@ -131,7 +136,7 @@ def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True,
         if cfg.geometry.controls:
             results["comparisons"] = _comparison_table(cfg, full, target, {s: o.methods for s, o in per_seed.items()},
                                                        searches)
-            results["interventions"] = _intervention_table({s: o.causal for s, o in per_seed.items()})
+            results["interventions"] = intervention_table({s: o.causal for s, o in per_seed.items()})
         results["claims"] = verdicts(results)
     results["timings_seconds"] = timer.seconds
     write_json(out / "results.json", results)
@@ -264,7 +269,7 @@ def _comparison_table(cfg: Config, full: Evaluation, target: Evaluation, methods
     return table
 
 
-def _intervention_table(causal: dict[int, dict[str, dict]]) -> dict:
+def intervention_table(causal: dict[int, dict[str, dict]]) -> dict:
     """Regroup per-seed interventions by shift: {shift: {sweep_removed: {seed: points}, ...}}."""
     table: dict[str, dict] = {}
     for seed, per_shift in causal.items():

@@ -11,6 +11,10 @@ def _removed(by_seed: dict[str, list[int]]) -> str:
 
 def format_quality(results: dict[str, Any]) -> str:
     q = results["quality"]
+    if "model_id_acc" in q:
+        m = q["model_id_acc"]
+        return (f"{results['model']['name']} ({results['n_blocks']} blocks): held-out ID accuracy {m['mean']:.3f} "
+                f"[{m['low']:.3f}, {m['high']:.3f}] (per seed {', '.join(f'{v:.3f}' for v in m['per_seed'].values())})")
     m = q["model_id_nmse"]
     refs = ", ".join(f"{name} {value:.4f}" for name, value in q["references_id_nmse"].items())
     return (f"ID query NMSE: model {m['mean']:.4f} [{m['low']:.4f}, {m['high']:.4f}] "
@@ -72,7 +76,7 @@ def format_summary(results: dict[str, Any]) -> str:
         return format_scales(results)
     parts = [format_quality(results)]
     for protocol in results["protocols"]:
-        for metric in ("nmse", "tol_acc"):
+        for metric in ("acc",) if results.get("kind") == "lm" else ("nmse", "tol_acc"):
             parts.append(format_protocol(results, protocol, metric))
     if "geometry" in results:
         parts.append(format_geometry(results))

@@ -54,6 +54,22 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ConfigError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
 
 
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The :data:`DTYPES` name of a supported dtype (``torch.bfloat16`` -> ``"bfloat16"``)."""
+    resolved = resolve_dtype(dtype)
+    return next(name for name, value in DTYPES.items() if value == resolved)
+
+
+@dataclass(frozen=True)
+class LoadSource:
+    """How an :class:`HFModel` was loaded (:meth:`HFModel.load`): absolute path, dtype name, GGUF file, device map."""
+
+    path: str
+    dtype: str
+    gguf_file: str | None = None
+    device_map: str | dict | None = None
+
+
 def _check_model_folder(folder: Path, gguf_file: str | None) -> None:
     if not folder.is_dir():
         raise CheckpointError(f"model path {str(folder)!r} is not a folder (expected a Hugging Face model folder "
@@ -70,12 +86,14 @@ def _check_model_folder(folder: Path, gguf_file: str | None) -> None:
 
 def load_causal_lm(
     path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-    gguf_file: str | None = None,
+    gguf_file: str | None = None, device_map: str | dict | None = None,
 ) -> tuple[Any, Any]:
     """Load a local causal LM and its tokenizer (no hub access), in ``dtype`` on ``device``, in eval mode.
 
     ``path`` is a Hugging Face folder, or a folder with ``gguf_file`` in it, or a ``.gguf`` file: GGUF weights
     are dequantised by transformers (needs the ``gguf`` package) and the model is made serialisable again.
+    ``device_map`` ("auto", {"": "cuda:1"}, {module name: device}, ...) shards the model with accelerate, for
+    models larger than one device; ``device`` is then ignored.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,11 +103,14 @@ def load_causal_lm(
         folder, gguf_file = folder.parent, folder.name
     _check_model_folder(folder, gguf_file)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    placement = {"device_map": device_map} if device_map is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True, **extra)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True,
+                                                     **extra, **placement)
     except ImportError as err:
-        raise ConfigError(f"loading {str(folder)!r} needs a missing package ({err}); GGUF: pip install gguf") from None
+        raise ConfigError(f"loading {str(folder)!r} needs a missing package ({err}); GGUF: pip install gguf; "
+                          "device_map: pip install accelerate") from None
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"cannot load the model in {str(folder)!r}: {err}") from None
     if gguf_file:
@@ -97,7 +118,9 @@ def load_causal_lm(
             del model.config.quantization_config
         model.hf_quantizer = None  # else save_pretrained refuses: "quantized with gguf"
         model = model.to(torch_dtype)
-    return model.to(device).eval(), tokenizer
+    if device_map is None:
+        model = model.to(device)  # a dispatched model stays where device_map put it
+    return model.eval(), tokenizer
 
 
 # ---------------------------------------------------------------- blocks
@@ -285,12 +308,15 @@ class HFModel:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
         self.window = getattr(text_config(model), "max_position_embeddings", None)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.source: LoadSource | None = None  # set by :meth:`load`: how to load this model again
 
     @classmethod
     def load(cls, path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-             gguf_file: str | None = None, chat: bool = False) -> "HFModel":
-        """:func:`load_causal_lm` wrapped in an adapter."""
-        return cls(*load_causal_lm(path, dtype, device, gguf_file), chat=chat)
+             gguf_file: str | None = None, chat: bool = False, device_map: str | dict | None = None) -> "HFModel":
+        """:func:`load_causal_lm` wrapped in an adapter that remembers where it came from (``source``)."""
+        lm = cls(*load_causal_lm(path, dtype, device, gguf_file, device_map), chat=chat)
+        lm.source = LoadSource(str(Path(path).resolve()), dtype_name(dtype), gguf_file, device_map)
+        return lm
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -302,7 +328,16 @@ class HFModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device of the input embeddings (the first shard under a ``device_map``; its
+        execution device when accelerate offloads it)."""
+        try:
+            embeddings = self.model.get_input_embeddings()
+        except NotImplementedError:
+            return next(self.model.parameters()).device
+        hook = getattr(embeddings, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+        return embeddings.weight.device
 
     def block_parameter_count(self, index: int) -> int:
         return sum(p.numel() for p in self.blocks[index].parameters())
@@ -360,7 +395,7 @@ class HFModel:
         if self._keeps_logits:
             kwargs["logits_to_keep"] = batch.input_ids.shape[1] - start
         logits = self.model(**kwargs).logits
-        return logits[:, -(batch.input_ids.shape[1] - start):].float()
+        return logits[:, -(batch.input_ids.shape[1] - start):].float().to(self.device)
 
     @torch.no_grad()
     def run(self, batch: TokenBatch, gates: Gates | None = None, capture: bool = False) -> LMRunOutput:
@@ -378,6 +413,8 @@ class HFModel:
             nxt = batch.input_ids[:, start + 1:]
             picked = predictors.gather(-1, nxt[..., None]).squeeze(-1) - predictors.logsumexp(-1)
             token_logprobs[:, start + 1:] = torch.where(batch.target_mask[:, start + 1:], picked, 0.0)
+        if cap is not None:  # under a device_map each block's states are on that block's device
+            cap.states = [None if h is None else h.to(self.device) for h in cap.states]
         states = cap.stacked() if cap is not None else None
         return LMRunOutput(token_logprobs.sum(1), states, token_logprobs, query_logprobs)
 
@@ -458,5 +495,6 @@ class HFModel:
         return path
 
 
-__all__ = ["HFModel", "TokenBatch", "LMRunOutput", "load_causal_lm", "find_blocks", "remove_blocks", "blocks_removed",
-           "resolve_dtype", "text_config", "ContextTooLongError", "ChatTemplateError", "UnsupportedModelError"]
+__all__ = ["HFModel", "LoadSource", "TokenBatch", "LMRunOutput", "load_causal_lm", "find_blocks", "remove_blocks",
+           "blocks_removed", "resolve_dtype", "dtype_name", "text_config", "ContextTooLongError", "ChatTemplateError",
+           "UnsupportedModelError"]

@@ -1,0 +1,108 @@
+"""The LM study end to end on a tiny saved Llama with a planted harmful block and a local JSONL task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tapioca.config import load_config
+from tapioca.errors import CheckpointError, ConfigError
+from tapioca.io import read_json
+from tapioca.lm_study import intervention_metric, load_text_task, resolve_lm_path
+from tapioca.report import write_report
+from tapioca.study import run_study
+
+from test_lm import PLANTED, mc_task, plant, relabel, tiny_lm
+
+CLAIMS = [f"C{i}" for i in range(1, 10)]
+
+
+def planted_study_files(folder: Path) -> tuple[Path, Path]:
+    """A tiny Llama whose block PLANTED is blown up, saved; and questions labelled with the answers of the
+    same model with that block removed, as JSONL with a split column. TALE should find the block."""
+    lm = tiny_lm(True)
+    plant(lm, PLANTED)
+    task = relabel(lm, mc_task("letters", n=120), {PLANTED: 0.0})
+    rows = [{"q": ex.question, "c": list(ex.choices), "a": int(ex.answer), "s": dist}
+            for dist, pool in task.source.examples.items() for ex in pool]
+    data = folder / "items.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model_dir = folder / "model"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    return model_dir, data
+
+
+def lm_overrides(model_dir: Path, data: Path, out: Path) -> list[str]:
+    task = {"source": "jsonl", "path": str(data), "columns": {"question": "q", "choices": "c", "answer": "a",
+                                                               "split": "s"},
+            "splits": {"id": ["id"], "wide": ["wide"]}, "n_shots": 0}
+    return [f"lm.model={model_dir}", f"lm.task={json.dumps(task)}", "lm.metric=acc", "lm.n_select=16",
+            "lm.n_heldout=16", "lm.n_profile=8", "lm.batch_size=8", "evaluation.seeds=[0, 1]",
+            "evaluation.n_bootstrap=200", "pruning.max_drop=2", "geometry.alphas=[0.0, 0.5, 1.0]",
+            f"run.out={out}"]
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory) -> tuple[Path, dict, list[str]]:
+    folder = tmp_path_factory.mktemp("lm_study")
+    model_dir, data = planted_study_files(folder)
+    overrides = lm_overrides(model_dir, data, folder / "run")
+    results = run_study(load_config(None, overrides), progress=False, log=lambda m: None)
+    return folder / "run", results, overrides
+
+
+def test_lm_study_finds_the_planted_block_and_decides_every_claim(planted_run) -> None:
+    run, results, _ = planted_run
+    assert results["kind"] == "lm" and results["primary_metric"] == "acc" and results["n_blocks"] == 4
+    for dist in ("id", "wide"):
+        for seed in ("0", "1"):
+            assert PLANTED in results["removed"]["target"][dist][seed]
+    wide = results["protocols"]["target"]["delta"]["wide"]["acc"]
+    assert wide["pruned"] > wide["full"] and wide["improved"]
+    assert set(results["claims"]) == set(CLAIMS)
+    assert {c["verdict"] for c in results["claims"].values()} <= {"supported", "refuted", "inconclusive"}
+    assert results["claims"]["C2"]["verdict"] == "supported"  # the one shift improved
+    assert results["claims"]["C1"]["verdict"] == "refuted"  # ID improves too: the planted block hurts everywhere
+    assert "calibration" in results and "delta_ece" in results["calibration"]["target"]["wide"]
+    sweep = results["interventions"]["wide"]["sweep_removed"]["0"]
+    assert [p["alpha"] for p in sweep] == [0.0, 0.5, 1.0]
+    assert sweep[0]["score"] > sweep[-1]["score"]  # removing the planted block helps on the sweep prompts too
+    assert set(results["geometry"]["D_mean"]) == {"noise_floor", "wide"}
+    assert read_json(run / "results.json")["claims"] == json.loads(json.dumps(results["claims"]))
+
+
+def test_lm_study_resumes_without_recomputing(planted_run) -> None:
+    run, results, overrides = planted_run
+    written = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.suffix in (".json", ".npz")
+               and p.name not in ("results.json", "timings.json", "environment.json")}
+    again = run_study(load_config(None, overrides), progress=False, log=lambda m: None)
+    assert again["removed"] == results["removed"]
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+
+
+def test_lm_study_report_builds_from_the_run_dir(planted_run) -> None:
+    run, _, _ = planted_run
+    folder = write_report(run)
+    html = (folder / "report.html").read_text()
+    assert "C9" in html and "acc" in html
+    assert (folder / "report.md").is_file()
+
+
+def test_lm_config_errors_are_specific(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="lm.model"):
+        load_config(None, ["lm.metric=acc"])
+    with pytest.raises(ConfigError, match="lm.metric"):
+        load_config(None, ["lm.model=x", "lm.metric=nmse"])
+    with pytest.raises(CheckpointError, match="not installed|neither"):
+        resolve_lm_path(str(tmp_path / "missing"))
+    cfg = load_config(None, ["lm.model=x", "lm.task={source: jsonl, bogus: 1}"])
+    with pytest.raises(ConfigError, match="lm.task"):
+        load_text_task(cfg.lm)
+
+
+def test_generation_accuracy_sweeps_score_the_gold_answer_loglik() -> None:
+    assert intervention_metric("short_answer", "acc") == "loglik"
+    assert intervention_metric("multiple_choice", "acc") == "acc"
