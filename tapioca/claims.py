@@ -18,7 +18,8 @@ HIGHER_IS_BETTER = {"nmse": False, "tol_acc": True, "acc": True, "prob_correct":
 DISTORTION_FACTOR = 3.0  # C3: D(OOD vs ID) must be at least 3x the ID-vs-ID noise floor
 MONOTONE_RHO = -0.8  # C5: Spearman rho(D, score) over the alpha sweep at most this (D down <-> score up)
 SLOPE_TOLERANCE = 0.05  # C7: a pruned model's shrinkage slope may fall by at most this much
-MIN_SCALES = 3  # C6: model scales needed (REFERENCE §1)
+MIN_SCALES = 3  # C6: testbed scales needed (REFERENCE §1)
+MIN_LMS = 2  # C6: real LMs needed (REFERENCE §1)
 SCALE_CLAIMS = ("C1", "C2", "C3", "C4")  # C6: the claims that must hold at every scale
 
 
@@ -175,7 +176,8 @@ def _sweep_rho(points: list[dict]) -> float:
 
 
 def c6_scales(results: dict) -> dict:
-    """C1–C4 at every scale of a multi-scale study (at least MIN_SCALES). Supported when all four are
+    """C1–C4 at every scale of a multi-scale study (at least MIN_SCALES testbed sizes, or MIN_LMS language
+    models when the scales are LMs). Supported when all four are
     supported at every scale; refuted when any is refuted at some scale (the claimed effect does not hold
     there); otherwise inconclusive. Whether the verdicts themselves agree across scales is reported too."""
     scales = results.get("scales")
@@ -183,10 +185,11 @@ def c6_scales(results: dict) -> dict:
         return _verdict(INCONCLUSIVE, "single model scale in this study; run a multi-scale config "
                                       "(e.g. configs/scales.yaml) to test C6")
     table = {name: {c: s["claims"][c]["verdict"] for c in SCALE_CLAIMS} for name, s in scales.items()}
+    needed = MIN_LMS if results.get("kind") == "lm" else MIN_SCALES
     agree = [c for c in SCALE_CLAIMS if len({v[c] for v in table.values()}) == 1]
     consistency = (f"verdicts agree across scales on {', '.join(agree) or 'none'} of {', '.join(SCALE_CLAIMS)}")
-    if len(scales) < MIN_SCALES:
-        return _verdict(INCONCLUSIVE, f"{len(scales)} scale(s); C6 needs at least {MIN_SCALES}; {consistency}",
+    if len(scales) < needed:
+        return _verdict(INCONCLUSIVE, f"{len(scales)} scale(s); C6 needs at least {needed}; {consistency}",
                         per_scale=table, n_scales=len(scales))
     refuted = {c: [n for n, v in table.items() if v[c] == REFUTED] for c in SCALE_CLAIMS}
     refuted = {c: names for c, names in refuted.items() if names}

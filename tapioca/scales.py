@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from tapioca.claims import c6_scales
+from tapioca.claims import c6_scales, primary_metric
 from tapioca.config import Config, scale_config
 from tapioca.io import write_json
 
@@ -21,12 +21,15 @@ Log = Callable[[str], None]
 def scale_summary(cfg: Config, results: dict) -> dict:
     """What the multi-scale report needs from one scale's results.json: size, quality, TALE's held-out
     Δ per distribution (main metric, target protocol) and the claims."""
-    metric = "nmse"
+    metric = primary_metric(results)
     deltas = results["protocols"]["target"]["delta"]
+    lm = cfg.lm is not None
     return {
+        "kind": "lm" if lm else "testbed",
+        "model": cfg.lm.model if lm else None,
         "n_blocks": results.get("n_blocks", cfg.model.n_layer),
-        "n_embd": cfg.model.n_embd,
-        "train_steps": cfg.train.steps,
+        "n_embd": None if lm else cfg.model.n_embd,
+        "train_steps": None if lm else cfg.train.steps,
         "seeds": list(cfg.evaluation.seeds),
         "quality": results["quality"],
         "metric": metric,
@@ -46,10 +49,12 @@ def run_scales(cfg: Config, out: Path, progress: bool = True, log: Log = print) 
     summaries = {}
     for name in cfg.scales:
         sub = scale_config(cfg, name)
-        log(f"scale {name}: {sub.model.n_layer} blocks, width {sub.model.n_embd} -> {out / 'scales' / name}")
+        what = f"model {sub.lm.model}" if sub.lm is not None else f"{sub.model.n_layer} blocks, width {sub.model.n_embd}"
+        log(f"scale {name}: {what} -> {out / 'scales' / name}")
         summaries[name] = {"run_dir": f"scales/{name}", **scale_summary(sub, run_study(sub, out / "scales" / name,
                                                                                   progress, log))}
-    results = {"scales": summaries, "claims": {"C6": c6_scales({"scales": summaries})}}
+    kind = "lm" if cfg.lm is not None else "testbed"
+    results = {"kind": kind, "scales": summaries, "claims": {"C6": c6_scales({"kind": kind, "scales": summaries})}}
     write_json(out / "results.json", results)
     return results
 

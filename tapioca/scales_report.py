@@ -25,8 +25,21 @@ def section_overview(results: dict) -> list[Block]:
                   "page sets their numbers side by side. Nothing here re-runs a model.")]
 
 
+def _quality(s: dict) -> dict:
+    """A scale's held-out ID score row: NMSE (testbed) or accuracy (LM)."""
+    q = s["quality"]
+    return q["model_id_nmse"] if "model_id_nmse" in q else q["model_id_acc"]
+
+
 def section_scale_quality(results: dict) -> list[Block]:
-    """Per scale: size, training steps, seeds, ID NMSE with CI beside the reference predictors."""
+    """Per scale: size, training steps, seeds, ID NMSE with CI beside the reference predictors (LMs: the
+    model and its held-out ID accuracy)."""
+    if results.get("kind") == "lm":
+        rows = [[name, s.get("model", "?"), s.get("n_blocks", "?"), ", ".join(map(str, s.get("seeds", []))),
+                 _ci(_quality(s))] for name, s in _by_depth(results["scales"])]
+        return [("h", 2, "Model quality per model"),
+                ("p", "Held-out ID accuracy (seed-stratified bootstrap 95% CI; seeds are sampling seeds)."),
+                ("table", ["name", "model", "blocks", "seeds", "ID accuracy [95% CI]"], rows)]
     rows = []
     for name, s in _by_depth(results["scales"]):
         refs = s["quality"].get("references_id_nmse", {})
@@ -71,9 +84,11 @@ def section_scale_deltas(results: dict) -> list[Block]:
             d = s["target_delta"].get(dist)
             row.append("—" if d is None else f"{_ci(d, signed=True)} (Holm p {_p(d.get('p_holm'))})")
         rows.append(row)
-    metric = next(iter(results["scales"].values())).get("metric", "nmse").upper()
+    metric = next(iter(results["scales"].values())).get("metric", "nmse")
+    better = "negative" if metric == "nmse" else "positive"
+    metric = metric.upper()
     return [("h", 2, f"TALE (target protocol): held-out Δ{metric} per scale"),
-            ("p", f"Δ = pruned − full on held-out prompts (for {metric} negative is better), paired bootstrap 95% "
+            ("p", f"Δ = pruned − full on held-out prompts (for {metric} {better} is better), paired bootstrap 95% "
                   "CI stratified by seed. 0 means TALE kept every block on every seed."),
             ("table", ["distribution", *[n for n, _ in ordered]], rows)]
 
@@ -92,14 +107,19 @@ def plot_scales(results: dict) -> Any:
     fig = _figure(12, 4.2)
     ax_q, ax_d = fig.subplots(1, 2)
     depth = [s["n_blocks"] for _, s in ordered]
-    q = [s["quality"]["model_id_nmse"] for _, s in ordered]
+    q = [_quality(s) for _, s in ordered]
+    metric = ordered[0][1].get("metric", "nmse")
     ax_q.errorbar(depth, [v["mean"] for v in q], yerr=[[v["mean"] - v["low"] for v in q],
                                                        [v["high"] - v["mean"] for v in q]], marker="o", capsize=3,
                   label="transformer")
     for ref in ("knn", "mean"):
         ax_q.plot(depth, [s["quality"].get("references_id_nmse", {}).get(ref, np.nan) for _, s in ordered], "--",
                   label=ref)
-    ax_q.set(xlabel="blocks", ylabel="ID NMSE (log)", yscale="log", title="model quality per scale")
+    if metric == "nmse":
+        ax_q.set(ylabel="ID NMSE (log)", yscale="log")
+    else:
+        ax_q.set(ylabel=f"ID {metric}")
+    ax_q.set(xlabel="blocks", title="model quality per scale")
     ax_q.legend(fontsize=8)
     shifts = [d for d in next(iter(results["scales"].values()))["target_delta"] if d != "id"]
     width = 0.8 / max(len(ordered), 1)
@@ -112,7 +132,8 @@ def plot_scales(results: dict) -> Any:
     ax_d.axhline(0, color="k", lw=0.8)
     ax_d.set_yscale("symlog", linthresh=0.01)
     ax_d.set_xticks(np.arange(len(shifts)), shifts, rotation=45, ha="right", fontsize=8)
-    ax_d.set(ylabel="ΔNMSE pruned − full (symlog)", title="TALE held-out Δ per shift (below 0 = better)")
+    ax_d.set(ylabel=f"Δ{metric} pruned − full (symlog)",
+             title=f"TALE held-out Δ per shift ({'below' if metric == 'nmse' else 'above'} 0 = better)")
     ax_d.legend(fontsize=8)
     return fig
 

@@ -62,10 +62,12 @@ def format_claims(results: dict[str, Any]) -> str:
 def format_scales(results: dict[str, Any]) -> str:
     """A multi-scale study: per scale its ID NMSE and C1–C9 verdicts, then C6."""
     claims = [c for c in next(iter(results["scales"].values()))["claims"] if c != "C6"]
-    lines = [f"{'scale':>8} {'blocks':>6} {'ID NMSE':>9}  " + " ".join(f"{c:>12}" for c in claims)]
+    score = "ID acc" if results.get("kind") == "lm" else "ID NMSE"
+    lines = [f"{'scale':>8} {'blocks':>6} {score:>9}  " + " ".join(f"{c:>12}" for c in claims)]
     for name, s in sorted(results["scales"].items(), key=lambda kv: kv[1]["n_blocks"]):
         verdicts = " ".join(f"{s['claims'][c]['verdict']:>12}" for c in claims)
-        lines.append(f"{name:>8} {s['n_blocks']:>6} {s['quality']['model_id_nmse']['mean']:9.4f}  {verdicts}")
+        quality = s["quality"].get("model_id_nmse") or s["quality"]["model_id_acc"]
+        lines.append(f"{name:>8} {s['n_blocks']:>6} {quality['mean']:9.4f}  {verdicts}")
     c6 = results["claims"]["C6"]
     lines.append(f"C6 {c6['verdict']}: {c6['evidence']}")
     return "\n".join(lines)

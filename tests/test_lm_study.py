@@ -106,3 +106,20 @@ def test_lm_config_errors_are_specific(tmp_path: Path) -> None:
 def test_generation_accuracy_sweeps_score_the_gold_answer_loglik() -> None:
     assert intervention_metric("short_answer", "acc") == "loglik"
     assert intervention_metric("multiple_choice", "acc") == "acc"
+
+
+def test_two_lms_as_scales_decide_c6_and_report(planted_run, tmp_path: Path) -> None:
+    from tapioca.scales_report import build_scales_report
+
+    run, _, overrides = planted_run
+    model_dir = next(o for o in overrides if o.startswith("lm.model=")).split("=", 1)[1]
+    others = [o for o in overrides if not o.startswith(("lm.model=", "run.out="))]
+    scales = json.dumps({"tiny_a": {"lm": {"model": model_dir}}, "tiny_b": {"lm": {"model": model_dir}}})
+    cfg = load_config(None, [f"lm.model={model_dir}", *others, f"scales={scales}", f"run.out={tmp_path / 'lms'}"])
+    results = run_study(cfg, progress=False, log=lambda m: None)
+    assert results["kind"] == "lm" and set(results["scales"]) == {"tiny_a", "tiny_b"}
+    c6 = results["claims"]["C6"]
+    assert "needs at least" not in c6["evidence"]  # two LMs are enough for C6 (REFERENCE §1)
+    assert c6["verdict"] == "refuted"  # C1 is refuted on both (the planted block hurts ID too)
+    blocks, figures = build_scales_report(results)
+    assert "scales.png" in figures and any("ID accuracy" in str(b) for b in blocks)
