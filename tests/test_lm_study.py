@@ -123,3 +123,21 @@ def test_two_lms_as_scales_decide_c6_and_report(planted_run, tmp_path: Path) -> 
     assert c6["verdict"] == "refuted"  # C1 is refuted on both (the planted block hurts ID too)
     blocks, figures = build_scales_report(results)
     assert "scales.png" in figures and any("ID accuracy" in str(b) for b in blocks)
+
+
+@pytest.mark.slow
+def test_real_smollm2_arithmetic_study_smoke(tmp_path: Path) -> None:
+    """SmolLM2-135M (installed with `tapioca models install SmolLM2-135M-Instruct`) through the whole LM study
+    at toy sizes: one seed, one TALE round. Several minutes on 2 CPU cores."""
+    from tapioca.models.install import installed_path
+
+    if installed_path("SmolLM2-135M-Instruct") is None:
+        pytest.skip("SmolLM2-135M-Instruct is not installed (tapioca models install SmolLM2-135M-Instruct)")
+    pytest.importorskip("reasoning_gym")
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "lm-smollm2-arithmetic.yaml", [
+        "evaluation.seeds=[0]", "lm.n_select=8", "lm.n_heldout=16", "lm.n_profile=8", "pruning.max_drop=1",
+        "evaluation.n_bootstrap=200", "geometry.alphas=[0.0, 1.0]", f"run.out={tmp_path}"])
+    results = run_study(cfg, progress=False, log=lambda m: None)
+    assert results["n_blocks"] == 30 and set(results["claims"]) == set(CLAIMS)
+    assert 0.0 <= results["quality"]["model_id_acc"]["mean"] <= 1.0
+    assert all(len(results["removed"]["target"][d]["0"]) <= 1 for d in ("id", "more_digits", "more_terms"))
