@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -167,16 +167,17 @@ def compare(
     distributions: Sequence[str] | None = None,
     n_bootstrap: int = 10_000,
     confidence: float = 0.95,
+    metrics: Mapping[str, bool] = METRICS,
 ) -> dict[str, dict[str, dict]]:
     """Paired-bootstrap Δ = pruned − full per distribution and metric, on the same held-out examples.
 
     Holm-corrected p-values are computed across the shifts (every distribution but "id") per metric.
     ``improved`` (``worse``): the CI excludes 0 on the good (bad) side of the metric — lower NMSE, higher
-    accuracy — and the Holm-corrected p-value is below 1 − confidence.
+    accuracy — and the Holm-corrected p-value is below 1 − confidence. ``metrics``: name -> higher is better.
     """
     dists = list(distributions) if distributions is not None else [d for d in full.values if d in pruned.values]
     table: dict[str, dict[str, dict]] = {d: {} for d in dists}
-    for metric, higher_better in METRICS.items():
+    for metric, higher_better in metrics.items():
         for dist in dists:
             a, b = pruned.values[dist][metric], full.values[dist][metric]
             if len(a) != len(b) or not np.array_equal(pruned.seeds[dist], full.seeds[dist]):

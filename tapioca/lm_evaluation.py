@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tapioca import stats
-from tapioca.evaluation import Evaluation, check_split_size
+from tapioca.evaluation import Evaluation, check_split_size, compare
 from tapioca.lm import ChoiceModel, choice_batch, choice_metrics, choice_table, task_choices
 from tapioca.models.base import run_in_chunks
 from tapioca.models.gates import Gates
@@ -159,21 +159,4 @@ def compare_lm(
     dists = list(distributions) if distributions is not None else [d for d in full.values if d in pruned.values]
     metrics = {m: up for m, up in LM_METRICS.items()
                if all(m in full.values[d] and m in pruned.values[d] for d in dists)}
-    table: dict[str, dict[str, dict]] = {d: {} for d in dists}
-    for metric, higher_better in metrics.items():
-        for dist in dists:
-            a, b = pruned.values[dist][metric], full.values[dist][metric]
-            if len(a) != len(b) or not np.array_equal(pruned.seeds[dist], full.seeds[dist]):
-                raise ValueError(f"{dist}: pruned and full evaluations are not on the same examples")
-            ci = stats.paired_bootstrap(a, b, groups=full.seeds[dist], n_resamples=n_bootstrap,
-                                        confidence=confidence, seed=0)
-            table[dist][metric] = {"full": float(b.mean()), "pruned": float(a.mean()), **ci.to_dict()}
-        shifts = [d for d in dists if d != "id"]
-        adjusted = stats.holm({d: table[d][metric]["p_value"] for d in shifts}) if shifts else {}
-        for dist in dists:
-            row = table[dist][metric]
-            row["p_holm"] = adjusted.get(dist, row["p_value"])
-            significant = row["p_holm"] < 1 - confidence
-            up, down = row["low"] > 0 and significant, row["high"] < 0 and significant
-            row["improved"], row["worse"] = (up, down) if higher_better else (down, up)
-    return table
+    return compare(full, pruned, dists, n_bootstrap, confidence, metrics)
