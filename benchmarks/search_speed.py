@@ -333,6 +333,26 @@ def compare(case: Case, epsilon: float, max_drop: int | None, chunk: int, worker
     return rows
 
 
+def racing_line(case: Case, exact: Row, delta: float, min_examples: int, chunk: int) -> str:
+    """tale_search with racing against the exact search (``exact``, the tapioca row): wall time, the
+    (candidate, example) pairs scored, and whether the selection is the same. Racing is not TALE (it may
+    differ, with probability bounded by delta per round), so it is reported apart from the verdict."""
+    from tapioca.racing import RacingRounds
+
+    racer = RacingRounds(case.model, case.batch, case.score_predictions, chunk, delta, min_examples)
+    ctx = SearchContext(model=case.model, batch=case.batch, scorer=case.scorer(chunk),
+                        score_predictions=case.score_predictions, epsilon=exact.result.info["epsilon"],
+                        max_drop=exact.result.info["max_drop"], chunk=chunk, progress=False, candidate_evaluator=racer)
+    start = time.perf_counter()
+    result = tale_search(ctx)
+    seconds = time.perf_counter() - start
+    exact_pairs = sum(len(r["candidates"]) for r in exact.result.rounds) * len(case.batch)
+    raced = sum(len(r.get("raced_out", {})) for r in result.rounds)
+    return (f"racing delta={delta} min={min_examples}: {seconds:.2f} s ({exact.seconds / seconds:.2f}x vs exact "
+            f"tapioca), candidate-example pairs {racer.example_runs} vs {exact_pairs}, {raced} candidates raced out, "
+            f"same_selection={str(same_selection(exact.result, result)).lower()}")
+
+
 def ray_row(case: Case, ctx: SearchContext, workers: int) -> Row:
     """tale_search with candidates on ``workers`` local Ray workers (start-up included in the time)."""
     from tapioca.parallel import ICLReplica, parallel_tale
@@ -409,6 +429,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lm-max-drop", type=int, default=1, help="rounds for the LM case (both sides)")
     p.add_argument("--lm-cache-dir", help="tapioca model cache holding the converted LM (default: $TAPIOCA_CACHE)")
     p.add_argument("--workers", type=int, default=0, help="also time tale on this many local Ray workers")
+    p.add_argument("--racing", type=float, metavar="DELTA",
+                   help="also run tale with racing at this error bound (reported apart: racing is not exact TALE)")
+    p.add_argument("--racing-min", type=int, default=64, help="racing: examples in the first stage")
     p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
                    help="also time tale_search batched without prefix reuse (separates the two gains)")
     p.add_argument("--sweep", choices=["L", "N", "both"], help="scaling sweep instead of the comparison")
@@ -446,6 +469,8 @@ def run_comparison(args: argparse.Namespace, peak: Peak) -> None:
         print(format_table(rows, peak), flush=True)
         print(f"speed-up over naive: {gains(rows)}")
         print(f"max |score difference| naive vs tapioca: {max_score_difference(rows[0].result, rows[1].result):.2e}")
+        if args.racing is not None:
+            print(racing_line(make(), rows[1], args.racing, args.racing_min, args.batch), flush=True)
         verdicts.append(verdict(rows))
     print("\n".join(verdicts))
 

@@ -95,6 +95,7 @@ def prune(
         epsilon=cfg.epsilon, max_drop=cfg.max_drop, choose=cfg.choose, n_remove=cfg.n_remove, seed=seed, chunk=cfg.batch_size,
         progress=progress, cache_path=Path(cache_path) if cache_path is not None else None,
         reference_batch=_id_reference(task, cfg, dist, batch, seed),
+        racing_delta=cfg.racing_delta, racing_min=cfg.racing_min,
     )
     result = _parallel_tale(ctx, model, cfg) if cfg.workers and cfg.search == "tale" else run_search(ctx)
     result.info.update(protocol=cfg.protocol, target=cfg.target, selected_on=dist, metric=cfg.metric,

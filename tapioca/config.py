@@ -106,6 +106,8 @@ class PruningConfig:
     n_select: int = _range(512, ge=8)  # selection prompts (disjoint from the held-out split)
     batch_size: int = _range(1024, ge=1)
     prefix_cache: bool = True  # TALE rounds reuse the residual stream below each candidate (same numbers)
+    racing_delta: float | None = _range(None, gt=0, le=0.5)  # TALE racing error bound (None: off, exact TALE)
+    racing_min: int = _range(64, ge=2)  # TALE racing: examples in the first stage (then doubled)
     workers: int = _range(0, ge=0)  # 0: serial, in-process; N >= 1: TALE candidates on N Ray workers
     ray_address: str | None = None  # None: start local Ray; "auto" or "ray://host:port": join a cluster
 

@@ -20,6 +20,7 @@ from tapioca.geometry import distortion, profile, query_states
 from tapioca.io import read_json, write_json
 from tapioca.models.base import BlockModel, run_in_chunks
 from tapioca.models.gates import Gates, injected_input, recorded_inputs, removal_gates
+from tapioca.racing import RacingRounds
 
 Scorer = Callable[[Gates], torch.Tensor]  # gates -> per-example selection scores (B,)
 PredictionScorer = Callable[[torch.Tensor, Any], torch.Tensor]  # (predictions, batch) -> scores (B,)
@@ -45,6 +46,8 @@ class SearchContext:
     choose: str = "best"  # TALE: which accepted configuration becomes ``removed``
     reference_batch: Any = None  # ID inputs (no labels needed), for label-free searches against ID
     candidate_evaluator: RoundEvaluator | None = None  # TALE: scores a round's candidates (e.g. on Ray workers)
+    racing_delta: float | None = None  # TALE: race candidates with this error bound (None: exact TALE)
+    racing_min: int = 64  # TALE racing: examples in the first stage
 
 
 @dataclass
@@ -93,6 +96,7 @@ class ScoreCache:
     def __init__(self, scorer: Scorer, path: Path | None, prefix: RoundEvaluator | None = None) -> None:
         self.scorer, self.path, self.prefix = scorer, path, prefix
         self.scores: dict[str, float] = read_json(path) if path is not None and path.is_file() else {}
+        self.partial: dict[str, tuple[float, int]] = {}  # raced out: (mean on the examples seen, how many)
         self.evaluated = 0  # configurations actually run (cache misses)
 
     def __call__(self, removed: frozenset[int]) -> float:
@@ -106,7 +110,10 @@ class ScoreCache:
         todo = [b for b in candidates if _key([*removed, b]) not in self.scores]
         if todo and self.prefix is not None:
             self._store({_key([*removed, b]): s for b, s in self.prefix(removed, todo).items()})
-        return {b: self(frozenset([*removed, b])) for b in candidates}
+            for b, seen in getattr(self.prefix, "eliminated", {}).items():  # racing: not stored, never chosen
+                self.partial[_key([*removed, b])] = seen
+        return {b: self.partial[k][0] if (k := _key([*removed, b])) in self.partial else self(frozenset([*removed, b]))
+                for b in candidates}
 
     def _store(self, scores: dict[str, float]) -> None:
         self.scores.update(scores)
@@ -142,11 +149,15 @@ def tale_search(ctx: SearchContext) -> PruneResult:
 
     Each round scores every remaining block; the best candidate (ties -> lowest index) is accepted unless
     its score is below ``baseline - epsilon``. Stops at ``max_drop`` removals or when no block is left.
+    With ``racing_delta`` set, candidates that cannot win are dropped early (:mod:`tapioca.racing`); the
+    winner is chosen among the candidates scored on every example.
     """
     n_blocks = ctx.model.n_blocks
     limit = n_blocks if ctx.max_drop is None else ctx.max_drop
     prefix = ctx.candidate_evaluator
-    if prefix is None and ctx.prefix_cache and ctx.score_predictions is not None:
+    if prefix is None and ctx.racing_delta is not None and ctx.score_predictions is not None:
+        prefix = RacingRounds(ctx.model, ctx.batch, ctx.score_predictions, ctx.chunk, ctx.racing_delta, ctx.racing_min)
+    elif prefix is None and ctx.prefix_cache and ctx.score_predictions is not None:
         prefix = PrefixRounds(ctx.model, ctx.batch, ctx.score_predictions, ctx.chunk)
     score = ScoreCache(ctx.scorer, ctx.cache_path, prefix)
     baseline = score(frozenset())
@@ -157,10 +168,13 @@ def tale_search(ctx: SearchContext) -> PruneResult:
     bar = tqdm(total=limit, disable=not ctx.progress, desc="TALE rounds", leave=False)
     while len(removed) < limit and len(removed) < n_blocks:
         candidates = score.round(removed, [b for b in range(n_blocks) if b not in removed])
-        chosen = max(candidates, key=lambda b: (candidates[b], -b))
+        raced = {b: score.partial[_key([*removed, b])][1] for b in candidates if _key([*removed, b]) in score.partial}
+        chosen = max((b for b in candidates if b not in raced), key=lambda b: (candidates[b], -b))
         accepted = candidates[chosen] >= floor
         rounds.append({"removed_before": list(removed), "candidates": {str(b): s for b, s in candidates.items()},
                        "chosen": chosen, "score": candidates[chosen], "accepted": accepted})
+        if raced:  # racing: candidates eliminated early, with the examples they were scored on
+            rounds[-1]["raced_out"] = {str(b): n for b, n in raced.items()}
         bar.update(1)
         if not accepted:
             break
@@ -175,7 +189,8 @@ def tale_search(ctx: SearchContext) -> PruneResult:
         selection_score=score(frozenset(chosen)), info={"epsilon": ctx.epsilon, "max_drop": ctx.max_drop,
                                                          "choose": ctx.choose,
                                                        "configurations_evaluated": score.evaluated,
-                                                       "prefix_cache": prefix is not None},
+                                                       "prefix_cache": prefix is not None,
+                                                       "racing_delta": ctx.racing_delta},
     )
 
 

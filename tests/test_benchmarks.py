@@ -141,3 +141,11 @@ def test_missing_lm_is_a_skip_not_an_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tapioca.models.hf", None)  # import fails as if the adapter were absent
     with pytest.raises(bench.Skip, match="not importable"):
         bench.smollm_case(4)
+
+
+def test_racing_line_on_the_planted_case(planted_case):
+    rows = bench.compare(planted_case, epsilon=0.08, max_drop=1, chunk=8, ablation=False)
+    line = bench.racing_line(planted_case, rows[1], delta=0.05, min_examples=4, chunk=8)
+    assert line.startswith("racing delta=0.05 min=4:") and "same_selection=true" in line
+    raced, exact = map(int, line.split("candidate-example pairs ")[1].split(",")[0].split(" vs "))
+    assert exact == 8 * 16 and raced < exact  # one round: 8 candidates on 16 examples; racing scores fewer
