@@ -135,7 +135,8 @@ def c5_causal(results: dict) -> dict:
     """Residual scaling of TALE's blocks (alpha 0..1): Spearman rho between D and score must be <= -0.8 in a
     majority of sweeps and weaker for the random-block control; norm matching (no pruning) must recover a
     positive share of the pruning gain on average. Supported if both hold, refuted if neither, else
-    inconclusive (also when no intervention ran)."""
+    inconclusive (also when no intervention ran, when norm matching was not run, or when pruning gained
+    nothing on the intervention prompts, so that there is no gain to recover)."""
     interventions = results.get("interventions") or {}
     rhos, control_rhos, recovered = [], [], []
     for row in interventions.values():
@@ -157,6 +158,10 @@ def c5_causal(results: dict) -> dict:
               f"(control median ρ {np.nanmedian(control_rhos) if control_rhos else float('nan'):.2f})")
     if not _norm_matching_ran(interventions):
         return _verdict(INCONCLUSIVE, f"{sweeps}; norm matching was not run, so half of the test is missing",
+                        rhos=rhos, control_rhos=control_rhos)
+    if not recovered:
+        return _verdict(INCONCLUSIVE, f"{sweeps}; pruning gained nothing on the intervention prompts, so there "
+                        "is no gain for norm matching to recover: half of the test is missing",
                         rhos=rhos, control_rhos=control_rhos)
     evidence = (f"{sweeps}; norm matching recovered {np.mean(recovered) * 100 if recovered else float('nan'):.0f}% "
                 f"of the pruning gain on average ({len(recovered)} cases with a gain)")

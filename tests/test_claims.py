@@ -86,6 +86,11 @@ def test_c5_needs_monotone_sweeps_and_recovery_by_norm_matching():
     results["interventions"]["s1"]["norm_matching"]["0"] = {**matching, "ood_matched": -2.5}
     assert c5_causal(results)["verdict"] == REFUTED
     assert c5_causal(build())["verdict"] == INCONCLUSIVE
+    results["interventions"]["s1"]["norm_matching"]["0"] = {**matching, "ood_pruned": -2.5}  # pruning lost
+    no_gain = c5_causal(results)
+    assert no_gain["verdict"] == INCONCLUSIVE and "no gain for norm matching to recover" in no_gain["evidence"]
+    del results["interventions"]["s1"]["norm_matching"]["0"]["ood_matched"]  # matching not run (text)
+    assert "not run" in c5_causal(results)["evidence"]
 
 
 def test_c7_flags_gains_that_come_from_shrinking_predictions():
