@@ -112,8 +112,13 @@ class ScoreCache:
             self._store({_key([*removed, b]): s for b, s in self.prefix(removed, todo).items()})
             for b, seen in getattr(self.prefix, "eliminated", {}).items():  # racing: not stored, never chosen
                 self.partial[_key([*removed, b])] = seen
-        return {b: self.partial[k][0] if (k := _key([*removed, b])) in self.partial else self(frozenset([*removed, b]))
+        raced = self.raced_out(removed, candidates)
+        return {b: self.partial[_key([*removed, b])][0] if b in raced else self(frozenset([*removed, b]))
                 for b in candidates}
+
+    def raced_out(self, removed: list[int], candidates: Iterable[int]) -> dict[int, int]:
+        """Candidates of this round that racing dropped early -> how many examples they were scored on."""
+        return {b: self.partial[k][1] for b in candidates if (k := _key([*removed, b])) in self.partial}
 
     def _store(self, scores: dict[str, float]) -> None:
         self.scores.update(scores)
@@ -168,7 +173,7 @@ def tale_search(ctx: SearchContext) -> PruneResult:
     bar = tqdm(total=limit, disable=not ctx.progress, desc="TALE rounds", leave=False)
     while len(removed) < limit and len(removed) < n_blocks:
         candidates = score.round(removed, [b for b in range(n_blocks) if b not in removed])
-        raced = {b: score.partial[_key([*removed, b])][1] for b in candidates if _key([*removed, b]) in score.partial}
+        raced = score.raced_out(removed, candidates)
         chosen = max((b for b in candidates if b not in raced), key=lambda b: (candidates[b], -b))
         accepted = candidates[chosen] >= floor
         rounds.append({"removed_before": list(removed), "candidates": {str(b): s for b, s in candidates.items()},
