@@ -230,7 +230,7 @@ def _c7_confidence(results: dict, improved: list[str]) -> dict:
     calibration = results.get("calibration", {}).get("target") or {}
     rows = {s: calibration[s] for s in improved if s in calibration}
     if not rows:
-        return _verdict(INCONCLUSIVE, "the task has no choice probabilities (short answer): calibration "
+        return _verdict(INCONCLUSIVE, "the run has no confidence values for the improved shifts: calibration "
                                       "cannot be compared")
     tamer = [s for s, r in rows.items() if r["delta_confidence"] < -CONFIDENCE_TOLERANCE]
     verdict = REFUTED if len(tamer) > len(rows) / 2 else SUPPORTED

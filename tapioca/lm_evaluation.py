@@ -2,8 +2,10 @@
 
 :func:`evaluate_lm` returns a :class:`tapioca.evaluation.Evaluation` whose per-example metrics are
 (multiple choice) ``acc``, ``prob_correct``, ``confidence`` (top-choice probability) and ``brier``, or
-(short answer) ``acc`` and ``score`` (the checker's partial credit). Everything ECE, Brier and the
-reliability curve need is per example, so :func:`calibration` works on a saved evaluation too::
+(short answer) ``acc``, ``score`` (the checker's partial credit), ``confidence`` (the model's probability
+of its own greedy answer line) and ``brier`` ((confidence - acc)^2, the binary Brier score of "the answer is
+right"). Everything ECE, Brier and the reliability curve need is per example, so :func:`calibration` works on
+a saved evaluation too::
 
     full, pruned = evaluate_lm(lm, task, None, n=100), evaluate_lm(lm, task, result.gates, n=100)
     compare_lm(full, pruned)["humanities"]["acc"]          # paired bootstrap Δ, Holm across shifts
@@ -96,9 +98,17 @@ def _as_number(text: Any) -> float:
 
 def _generation_evaluation(model: HFModel, gates: Gates | None, examples: list[TextExample], prompts: list[str],
                            dist: str, seed: int, chunk: int, max_new_tokens: int) -> Evaluation:
-    generate = partial(model.generate, gates=gates, batch_size=chunk)
+    confidences: list[np.ndarray] = []
+
+    def generate(texts: list[str], max_new_tokens: int) -> list[str]:
+        responses, confidence = model.generate_with_confidence(texts, gates, max_new_tokens, chunk)
+        confidences.append(confidence.numpy())
+        return responses
+
     scores = score_short_answer(generate, examples, prompts, max_new_tokens=max_new_tokens)
-    values = {"acc": scores.correct.astype(np.float64), "score": scores.score}
+    correct = scores.correct.astype(np.float64)
+    confidence = np.concatenate(confidences)
+    values = {"acc": correct, "score": scores.score, "confidence": confidence, "brier": (confidence - correct) ** 2}
     predicted = np.array([_as_number(p) if p else math.nan for p in scores.predicted])
     return _single(dist, seed, values, predicted, np.array([_as_number(ex.answer) for ex in examples]))
 
@@ -120,12 +130,13 @@ def _top_choice_table(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.n
 
 def calibration(evaluation: Evaluation, n_bins: int = 15) -> dict[str, dict[str, Any]]:
     """Per distribution: ECE (``n_bins`` equal-width bins on the top-choice probability), Brier score,
-    reliability curve, accuracy, mean confidence and n, from a multiple-choice :func:`evaluate_lm` result."""
+    reliability curve, accuracy, mean confidence and n, from an :func:`evaluate_lm` result (multiple choice:
+    top-choice probability; short answer: probability of the greedy answer line)."""
     out = {}
     for dist, values in evaluation.values.items():
         if "confidence" not in values or "brier" not in values:
-            raise ValueError(f"{dist}: calibration needs choice probabilities (confidence, brier); this "
-                             "evaluation has none (short-answer generation)")
+            raise ValueError(f"{dist}: calibration needs per-example confidence and brier values; this "
+                             f"evaluation has only {sorted(values)}")
         table, labels = _top_choice_table(values["confidence"], values["acc"])
         out[dist] = {"ece": stats.ece(table, labels, n_bins), "brier": float(values["brier"].mean()),
                      "reliability": stats.reliability_curve(table, labels, n_bins),

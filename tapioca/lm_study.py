@@ -3,7 +3,8 @@
 The same steps and the same results.json layout as the testbed study (:mod:`tapioca.study`), so the report
 and the C1–C9 rules read both. What differs: the model is fixed and ``evaluation.seeds`` are sampling seeds
 (which examples and demonstrations); held-out scores are accuracy (multiple choice by choice log-likelihood,
-short answer by greedy generation and the task's checker), with ECE and Brier for multiple choice; states
+short answer by greedy generation and the task's checker), with ECE and Brier (confidence: top-choice
+probability, or the probability of the greedy answer line); states
 are taken at the last prompt token. Every step is cached in the run directory and skipped on re-run.
 
     tapioca study --config configs/lm-smollm2-arithmetic.yaml
@@ -264,8 +265,6 @@ def _results(study: LMStudy, per_seed: dict[int, LMSeedOutputs]) -> dict:
         "geometry": distortion_summary({s: o.profiles for s, o in per_seed.items()}, dists),
         "interventions": intervention_table({s: o.causal for s, o in per_seed.items()}),
     }
-    if task.kind == "multiple_choice":
-        results["calibration"] = {"target": calibration_change(full, target),
-                                  "from-id": calibration_change(full, from_id)}
+    results["calibration"] = {"target": calibration_change(full, target), "from-id": calibration_change(full, from_id)}
     results["claims"] = verdicts(results)
     return results

@@ -342,8 +342,9 @@ def binned_reliability(pred: np.ndarray, target: np.ndarray, n_bins: int = N_REL
 
 
 def plot_reliability(results: dict, ev: Evaluation | None) -> Figure | None:
-    """Binned mean prediction vs binned target per distribution (full model, seeds pooled), with y = x."""
-    if ev is None:
+    """Binned mean prediction vs binned target per distribution (full model, seeds pooled), with y = x.
+    Regression runs only: an LM run's calibration is :func:`plot_calibration`."""
+    if ev is None or results.get("kind") == "lm":
         return None
     dists = [d for d in results["full"] if d in ev.predictions] or ev.distributions
     if not dists:
@@ -415,6 +416,36 @@ def plot_attribution(results: dict) -> Figure | None:
     return fig
 
 
+def plot_calibration(results: dict, protocol: str = "target") -> Figure | None:
+    """Reliability diagrams (accuracy vs confidence, equal-width bins) per distribution, full vs pruned under
+    ``protocol``, from ``results["calibration"]`` (LM runs)."""
+    table = _dig(results, "calibration", protocol)
+    if not isinstance(table, dict) or not table:
+        return None
+    dists = list(table)
+    ncols = min(4, len(dists))
+    nrows = math.ceil(len(dists) / ncols)
+    fig = _figure(3.0 * ncols, 2.9 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, dist in zip(axes, dists):
+        ax.plot([0, 1], [0, 1], color="grey", ls=":", label="y = x")
+        for model in ("full", "pruned"):
+            curve, ece = table[dist][model]["reliability"], table[dist][model]["ece"]
+            conf, acc = np.asarray(curve["confidence"], float), np.asarray(curve["accuracy"], float)
+            ok = np.isfinite(conf) & np.isfinite(acc)
+            ax.plot(conf[ok], acc[ok], marker="o", ms=3, label=f"{model} (ECE {ece:.3f})")
+        ax.set_title(dist, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(dists):]:
+        ax.set_visible(False)
+    fig.supxlabel("mean confidence (bin)", fontsize=9)
+    fig.supylabel("accuracy (bin)", fontsize=9)
+    return fig
+
+
 def make_plots(results: dict, profiles: dict[int, dict], ev: Evaluation | None) -> dict[str, Figure]:
     """Every plot the run has data for, by file name (in report order)."""
     makers: dict[str, Callable[[], Figure | None]] = {
@@ -424,6 +455,7 @@ def make_plots(results: dict, profiles: dict[int, dict], ev: Evaluation | None) 
         "distortion_vs_drop.png": lambda: plot_distortion_vs_drop(results),
         "interventions.png": lambda: plot_interventions(results),
         "reliability.png": lambda: plot_reliability(results, ev),
+        "calibration.png": lambda: plot_calibration(results),
         "attribution.png": lambda: plot_attribution(results),
     }
     figures = {}

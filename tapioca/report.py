@@ -281,6 +281,26 @@ def section_comparisons(results: dict) -> list[Block]:
             ("table", ["shift", "method", "full", "pruned", "Δ [95% CI]", "Holm p", "outcome"], rows)]
 
 
+def section_calibration(results: dict) -> list[Block]:
+    """ECE, Brier, mean confidence and accuracy per distribution, full -> pruned, per protocol (LM runs)."""
+    calibration = results.get("calibration")
+    if not isinstance(calibration, dict) or not calibration:
+        return []
+    rows = []
+    for protocol, table in calibration.items():
+        for dist, row in table.items():
+            full, pruned = row["full"], row["pruned"]
+            rows.append([protocol, dist, full["n"],
+                         *[f"{_num(full[k])} → {_num(pruned[k])} ({_num(row[f'delta_{k}'], signed=True)})"
+                           for k in ("accuracy", "confidence", "ece", "brier")]])
+    return [("h", 2, "Calibration"),
+            ("p", "Held-out calibration, full → pruned (Δ), seeds pooled. Confidence is the top choice's probability "
+                  "(multiple choice) or the model's probability of its own greedy answer line (short answer); ECE "
+                  "uses 15 equal-width bins; Brier is multi-class over choices (multiple choice) or binary on "
+                  "'the answer is right' (short answer)."),
+            ("table", ["protocol", "distribution", "n", "accuracy", "confidence", "ECE", "Brier"], rows)]
+
+
 def section_interventions(results: dict) -> list[Block]:
     """Norm-matching summary (seed means) when ``interventions`` is present."""
     interventions = results.get("interventions")
@@ -323,6 +343,8 @@ PLOT_TEXT = {  # file -> (section title, caption)
                           "blocks (mean over seeds)."),
     "reliability.png": ("Reliability / shrinkage", "Binned mean prediction vs binned target, 15 quantile bins (full "
                         "model, seeds pooled), with y = x and the shrinkage slope."),
+    "calibration.png": ("Calibration", "Reliability diagrams (accuracy vs confidence, 15 equal-width bins) per "
+                        "distribution, full model vs target-protocol pruned model, with each one's ECE."),
     "attribution.png": ("Distortion attribution", "Per-block distortion attribution a_l (shifts × blocks, full "
                         "model, mean over seeds)."),
 }
@@ -420,7 +442,8 @@ def build_report(run_dir: str | Path) -> tuple[list[Block], dict[str, bytes]]:
     blocks = (section_header(results, _optional_yaml(run_dir / "config.yaml"),
                              _optional_json(run_dir / "environment.json"), _optional_json(run_dir / "timings.json"))
               + section_quality(results) + section_claims(results) + section_protocols(results)
-              + section_comparisons(results) + section_geometry(results) + section_interventions(results)
+              + section_comparisons(results) + section_calibration(results) + section_geometry(results)
+              + section_interventions(results)
               + section_plots(images))
     return blocks, images
 

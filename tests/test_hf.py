@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import string
 
 import pytest
@@ -207,6 +208,23 @@ def test_cached_generation_equals_uncached_greedy(lm: HFModel) -> None:
         assert lm.n_blocks == 4 and all("forward" not in b.__dict__ for b in lm.blocks)
         outputs.append(got)
     assert outputs[0] != outputs[1]
+
+
+def test_generation_confidence_is_the_probability_of_the_greedy_answer_line(llama: HFModel) -> None:
+    gates = {1: 0.0, 2: 0.5}
+    texts, confidence = llama.generate_with_confidence(PROMPTS, gates, max_new_tokens=5, batch_size=2, stop="a")
+    assert texts == llama.generate(PROMPTS, gates, max_new_tokens=5, batch_size=2)
+    for prompt, conf in zip(PROMPTS, confidence.tolist()):
+        ids, total = ids_of(llama, prompt), 0.0
+        for _ in range(5):  # uncached reference: sum log p of greedy tokens before EOS or a token with "a"
+            logprobs = logits(llama, ids, gates)[0, -1].double().log_softmax(-1)
+            token = int(logprobs.argmax())
+            if token == llama.tokenizer.eos_token_id or "a" in llama.tokenizer.decode([token]):
+                break
+            total += float(logprobs[token])
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        assert conf == pytest.approx(math.exp(total), rel=1e-4)
+        assert 0 < conf <= 1
 
 
 def test_gated_generation_equals_pruned_model(gemma: HFModel) -> None:

@@ -203,12 +203,19 @@ def test_short_answer_loglik_selection_reuses_prefix_and_generation_selection_ru
     assert not generated.info["prefix_cache"] and len(generated.rounds[0]["candidates"]) == 4
 
 
-def test_short_answer_evaluation_has_acc_and_score_but_no_calibration() -> None:
+def test_short_answer_evaluation_has_confidence_and_calibration() -> None:
     lm, task = tiny_lm(False), sa_task()
     ev = evaluate_lm(lm, task, {1: 0.0}, ["id"], seeds=[0], n=8, max_new_tokens=3)
-    assert set(ev.values["id"]) == {"acc", "score"} and ev.predictions["id"].shape == (8,)
+    values = ev.values["id"]
+    assert set(values) == {"acc", "score", "confidence", "brier"} and ev.predictions["id"].shape == (8,)
     assert np.all(np.isfinite(ev.targets["id"]))
-    with pytest.raises(ValueError, match="calibration needs choice probabilities"):
+    assert np.all((values["confidence"] > 0) & (values["confidence"] <= 1))
+    np.testing.assert_allclose(values["brier"], (values["confidence"] - values["acc"]) ** 2)
+    got = calibration(ev)["id"]
+    assert got["n"] == 8 and sum(got["reliability"]["count"]) == 8
+    assert got["confidence"] == pytest.approx(values["confidence"].mean())
+    ev.values["id"] = {"acc": values["acc"], "score": values["score"]}
+    with pytest.raises(ValueError, match="needs per-example confidence"):
         calibration(ev)
 
 

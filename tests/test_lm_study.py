@@ -88,7 +88,9 @@ def test_lm_study_report_builds_from_the_run_dir(planted_run) -> None:
     folder = write_report(run)
     html = (folder / "report.html").read_text()
     assert "C9" in html and "acc" in html
-    assert (folder / "report.md").is_file()
+    markdown = (folder / "report.md").read_text()
+    assert "## Calibration" in markdown and "ECE" in markdown and (folder / "calibration.png").is_file()
+    assert not (folder / "reliability.png").exists()  # the regression reliability plot is for the testbed
 
 
 def test_lm_config_errors_are_specific(tmp_path: Path) -> None:

@@ -449,23 +449,47 @@ class HFModel:
         return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                                 pad_token_id=self.pad_id, eos_token_id=eos)
 
-    @torch.no_grad()
     def generate(
         self, prompts: Sequence[str], gates: Gates | None = None, max_new_tokens: int = 32, batch_size: int = 8,
     ) -> list[str]:
         """Greedy continuations (KV cache on) of each prompt with block gates, decoded up to the first EOS."""
+        return self.generate_with_confidence(prompts, gates, max_new_tokens, batch_size)[0]
+
+    @torch.no_grad()
+    def generate_with_confidence(
+        self, prompts: Sequence[str], gates: Gates | None = None, max_new_tokens: int = 32, batch_size: int = 8,
+        stop: str = "\n",
+    ) -> tuple[list[str], Tensor]:
+        """Greedy continuations as :meth:`generate`, and each one's confidence (N,) float64: the model's
+        probability of its own greedy answer, the product of the chosen tokens' probabilities up to the first
+        EOS or the first token containing ``stop`` (the answer line; a response that starts with ``stop``
+        has confidence 1, an empty product)."""
         contexts = self._encode(self.format(prompts), special=not self.chat)
         self._check_fits([len(c) + max_new_tokens for c in contexts], None, f"prompt + {max_new_tokens} new tokens")
         config = self._generation_config(max_new_tokens)
         eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-        texts = []
+        texts: list[str] = []
+        confidence: list[float] = []
         with self._gated_for_cache(gates):
             for i in range(0, len(contexts), batch_size):
                 ids, mask = _pad(contexts[i:i + batch_size], self.pad_id, left=True)
                 out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=config)
-                texts += [self._decode(row.tolist(), eos) for row in out[:, ids.shape[1]:]]
-        return texts
+                                          generation_config=config, output_scores=True, return_dict_in_generate=True)
+                new = out.sequences[:, ids.shape[1]:]  # (b, S)
+                logprobs = torch.stack(out.scores, 1).float().log_softmax(-1)  # (b, S, V)
+                chosen = logprobs.gather(-1, new[..., None]).squeeze(-1).double().cpu()  # (b, S)
+                for row, row_logprobs in zip(new.tolist(), chosen):
+                    texts.append(self._decode(row, eos))
+                    span = self._answer_span(row, eos, stop)
+                    confidence.append(float(row_logprobs[:span].sum().exp()))
+        return texts, torch.tensor(confidence, dtype=torch.float64)
+
+    def _answer_span(self, ids: list[int], eos: list[int | None], stop: str) -> int:
+        """Number of leading generated tokens before the first EOS or the first token that contains ``stop``."""
+        for k, token in enumerate(ids):
+            if token in eos or stop in self.tokenizer.decode([token]):
+                return k
+        return len(ids)
 
     def _decode(self, ids: list[int], eos: list[int | None]) -> str:
         cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
