@@ -16,6 +16,7 @@ from tapioca.evaluation import Evaluation, evaluate
 from tapioca.heldout import HeldoutRuns
 from tapioca.interventions import norm_matched, position_norms, residual_scaling_sweep
 from tapioca.models.base import run_in_chunks
+from tapioca.models.resumed import ResumedRuns
 from tapioca.pruning import PruneResult
 from tapioca.tasks.polyreg import PolyRegTask
 from tapioca.weight_pruning import block_parameter_count, magnitude_prune, n_prunable, wanda_prune
@@ -63,20 +64,23 @@ def interventions(cfg: Config, task: PolyRegTask, model: Any, seed: int, shift: 
     score = lambda preds, batch: task.score(preds, batch, "nmse")
     kept = [b for b in range(model.n_blocks) if b not in tale.removed]
     control = sorted(random.Random(seed).sample(kept, min(len(kept), len(tale.removed))))
-    sweep = lambda blocks: [p.to_dict() for p in residual_scaling_sweep(model, blocks, ood, ident, score,
+    ood_runs, id_runs = ResumedRuns(model, ood, chunk), ResumedRuns(model, ident, chunk)  # shared by all below
+    sweep = lambda blocks: [p.to_dict() for p in residual_scaling_sweep(model, blocks, ood_runs, id_runs, score,
                                                                           cfg.geometry.alphas, chunk, id_profiles)]
     return {"removed": list(tale.removed), "control_blocks": control, "n": n,
             "sweep_removed": sweep(tale.removed), "sweep_control": sweep(control) if control else [],
-            "norm_matching": norm_matching(model, tale.removed, ood, ident, score, chunk)}
+            "norm_matching": norm_matching(model, tale.removed, ood_runs, id_runs, score, chunk)}
 
 
-def norm_matching(model: Any, blocks: list[int], ood: Any, ident: Any, score: Any, chunk: int) -> dict:
+def norm_matching(model: Any, blocks: list[int], ood_runs: ResumedRuns, id_runs: ResumedRuns, score: Any,
+                  chunk: int) -> dict:
     """Mean scores of: the full model on OOD; OOD with the outputs of ``blocks`` forced to ID per-position
     norms; the pruned model on OOD; the full model on ID; ID pushed to OOD norms at ``blocks``."""
-    mean = lambda batch, gates=None: float(score(run_in_chunks(model, batch, gates, False, chunk).predictions,
-                                                 batch).double().mean())
-    out: dict[str, Any] = {"ood_full": mean(ood), "ood_pruned": mean(ood, {b: 0.0 for b in blocks}),
-                           "id_full": mean(ident)}
+    ood, ident = ood_runs.batch, id_runs.batch
+    mean_of = lambda runs, gates=None: float(score(runs(gates).predictions, runs.batch).double().mean())
+    mean = lambda batch: float(score(run_in_chunks(model, batch, None, False, chunk).predictions, batch).double().mean())
+    out: dict[str, Any] = {"ood_full": mean_of(ood_runs), "ood_pruned": mean_of(ood_runs, {b: 0.0 for b in blocks}),
+                           "id_full": mean_of(id_runs)}
     if ood.xs.shape != ident.xs.shape:
         out["skipped"] = "prompt lengths differ between ID and this shift; per-position norms cannot be matched"
         return out

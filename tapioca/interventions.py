@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from tapioca.geometry import distortion, profile
-from tapioca.models.base import BlockModel, run_in_chunks
+from tapioca.models.base import BlockModel
+from tapioca.models.resumed import ResumedRuns
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
@@ -44,17 +45,22 @@ def residual_scaling_sweep(
     """Scale the residual contribution of ``blocks`` jointly by each alpha (1 = full model, 0 = removed)
     and record the mean ``score(predictions, ood_batch)`` and the distortion D of the OOD profile against
     the ID profile of the same gated model. ``id_profiles``: an optional dict, shared by sweeps on the same
-    ``model`` and ``id_batch``, that keeps each gated ID profile so it is computed once."""
+    ``model`` and ``id_batch``, that keeps each gated ID profile so it is computed once.
+
+    ``ood_batch`` / ``id_batch`` may be :class:`~tapioca.models.resumed.ResumedRuns` (shared by sweeps on the
+    same prompts); plain batches are wrapped. Either way each gated run resumes at the lowest swept block."""
+    ood = ood_batch if isinstance(ood_batch, ResumedRuns) else ResumedRuns(model, ood_batch, chunk)
+    ident = id_batch if isinstance(id_batch, ResumedRuns) else ResumedRuns(model, id_batch, chunk)
     points = []
     id_profiles = {} if id_profiles is None else id_profiles
     for alpha in alphas:
         gates = {b: float(alpha) for b in blocks}
-        out = run_in_chunks(model, ood_batch, gates, capture=True, chunk=chunk)
+        out = ood(gates, capture=True)
         key = tuple(sorted((b, a) for b, a in gates.items() if a != 1.0))  # alpha 1 leaves a block untouched
         if key not in id_profiles:
-            id_profiles[key] = profile(run_in_chunks(model, id_batch, gates, capture=True, chunk=chunk).states.cpu())
+            id_profiles[key] = profile(ident(gates, capture=True).states.cpu())
         reference = id_profiles[key]
-        points.append(SweepPoint(float(alpha), float(score(out.predictions, ood_batch).double().mean()),
+        points.append(SweepPoint(float(alpha), float(score(out.predictions, ood.batch).double().mean()),
                                  distortion(profile(out.states.cpu()), reference).D))
     return points
 

@@ -30,6 +30,7 @@ from tapioca.lm_evaluation import calibration_change, compare_lm, evaluate_lm
 from tapioca.models.base import run_in_chunks
 from tapioca.models.gates import removal_gates
 from tapioca.models.hf import HFModel
+from tapioca.models.resumed import ResumedRuns
 from tapioca.models.install import MODELS, installed_path
 from tapioca.pruning import PruneResult
 from tapioca.study import (
@@ -221,8 +222,10 @@ def interventions(study: LMStudy, seed: int, shift: str, removed: list[int], id_
     kept = [b for b in range(study.lm.n_blocks) if b not in removed]
     control = sorted(random.Random(seed).sample(kept, min(len(kept), len(removed))))
 
+    ood_runs, id_runs = (ResumedRuns(ood.model, s.batch, lmc.batch_size) for s in (ood, ident))
+
     def sweep(blocks: list[int]) -> list[dict]:
-        points = residual_scaling_sweep(ood.model, blocks, ood.batch, ident.batch, ood.score_predictions,
+        points = residual_scaling_sweep(ood.model, blocks, ood_runs, id_runs, ood.score_predictions,
                                         study.cfg.geometry.alphas, lmc.batch_size, id_profiles)
         return [p.to_dict() for p in points]
 

@@ -41,6 +41,11 @@ class BlockModel(Protocol):
 
 def run_in_chunks(model: BlockModel, batch: Any, gates: Gates | None, capture: bool, chunk: int) -> RunOutput:
     """:meth:`BlockModel.run` over ``batch`` in chunks of ``chunk`` examples, concatenated."""
-    outputs = [model.run(batch.slice(i, i + chunk), gates, capture) for i in range(0, len(batch), chunk)]
-    states = torch.cat([o.states for o in outputs], dim=1) if capture else None
-    return RunOutput(torch.cat([o.predictions for o in outputs]), states)
+    return concat_outputs([model.run(batch.slice(i, i + chunk), gates, capture) for i in range(0, len(batch), chunk)])
+
+
+def concat_outputs(outputs: list[RunOutput]) -> RunOutput:
+    """Chunk outputs joined along the example axis (states too, when every chunk has them)."""
+    states = [o.states for o in outputs]
+    joined = torch.cat(states, dim=1) if all(s is not None for s in states) else None  # type: ignore[arg-type]
+    return RunOutput(torch.cat([o.predictions for o in outputs]), joined)

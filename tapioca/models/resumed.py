@@ -1,0 +1,68 @@
+"""Many gated runs of one model on one batch, each resumed from the full model's residual stream.
+
+Gates change nothing below the lowest block whose alpha is not 1, so a run gated at blocks ``>= b`` can start
+at block ``b`` from the full model's input to ``b``, computed once. The chunks are the full pass's chunks,
+so predictions and captured states are the numbers a plain gated :func:`~tapioca.models.base.run_in_chunks`
+gives, for a fraction of the compute when the gated blocks are deep::
+
+    runs = ResumedRuns(model, batch, chunk=256)
+    for alpha in (0.0, 0.5, 1.0):
+        out = runs({5: alpha, 6: alpha}, capture=True)   # blocks 0..4 are not recomputed
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tapioca.models.base import BlockModel, RunOutput, concat_outputs
+from tapioca.models.gates import Gates, check_gates, injected_input, recorded_inputs
+
+
+class ResumedRuns:
+    """``runs(gates, capture)`` -> the :class:`RunOutput` of ``model`` on ``batch`` with ``gates``.
+
+    The first call records every block's input (B, T, D) of the ungated model, per chunk (memory: blocks x
+    batch x tokens x width floats); states (L + 1, B, D) are always captured on that pass.
+    """
+
+    def __init__(self, model: BlockModel, batch: Any, chunk: int) -> None:
+        self.model, self.batch = model, batch
+        self.chunks = [batch.slice(i, i + chunk) for i in range(0, len(batch), chunk)]
+        self._inputs: list[list[torch.Tensor]] = []  # per chunk: every block's input, ungated model
+        self._full: RunOutput | None = None
+        self.passes = 0  # forward passes over the batch made (the recorded one included)
+
+    @property
+    def full(self) -> RunOutput:
+        """The ungated model's predictions and states, recorded on first use."""
+        if self._full is None:
+            outputs = []
+            for sub in self.chunks:
+                with recorded_inputs(self.model.blocks) as inputs:
+                    outputs.append(self.model.run(sub, None, capture=True))
+                self._inputs.append(list(inputs))
+            self._full = concat_outputs(outputs)
+            self.passes += 1
+        return self._full
+
+    def __call__(self, gates: Gates | None = None, capture: bool = False) -> RunOutput:
+        gates = check_gates(gates, self.model.n_blocks)
+        full = self.full
+        active = [b for b, alpha in gates.items() if alpha != 1.0]
+        if not active:
+            return full if capture else RunOutput(full.predictions)
+        start = min(active)
+        skipped = {**gates, **{j: 0.0 for j in range(start)}}
+        outputs = []
+        for sub, inputs in zip(self.chunks, self._inputs):
+            with injected_input(self.model.blocks, start, inputs[start]):
+                outputs.append(self.model.run(sub, skipped, capture=capture))
+        self.passes += 1
+        out = concat_outputs(outputs)
+        if capture:
+            assert out.states is not None and full.states is not None
+            out.states[: start + 1] = full.states[: start + 1]  # below the resumed block: the full model's
+        return out
+
