@@ -8,6 +8,7 @@ Each function computes one seed and returns plain data (or an Evaluation); the s
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 from tapioca.api import prune
@@ -25,16 +26,13 @@ BASELINES = ("block_influence", "angular", "last_k", "random", "distortion")
 WEIGHT_METHODS = ("magnitude", "wanda")
 
 
-def baseline_evaluation(cfg: Config, task: PolyRegTask, model: Any, seed: int, shift: str, tale: PruneResult,
-                        method: str, runs: HeldoutRuns | None = None) -> tuple[dict, Evaluation]:
-    """A one-shot baseline selected on the shift's selection inputs, removing as many blocks as TALE did,
-    scored on the shift's held-out split (through ``runs`` when given: same numbers, shared passes)."""
-    result = prune(model, task, method, "target", shift, cfg=cfg.pruning, seed=seed, progress=False,
-                   n_remove=len(tale.removed))
-    if runs is not None:
-        return result.to_dict(), runs(result.removed, [shift])
-    ev = evaluate(model, task, result.gates, [shift], [seed], cfg.evaluation.n_heldout, cfg.evaluation.batch_size)
-    return result.to_dict(), ev
+def baseline_selection(cfg: Config, task: PolyRegTask, model: Any, seed: int, shift: str, tale: PruneResult,
+                       method: str, score_cache: Path | None = None) -> PruneResult:
+    """A one-shot baseline selected on the shift's selection inputs, removing as many blocks as TALE did.
+    ``score_cache``: the shift's TALE score cache (same selection data), so configurations TALE scored (the
+    full model, every single block) are read, not recomputed."""
+    return prune(model, task, method, "target", shift, cfg=cfg.pruning, seed=seed, progress=False,
+                 n_remove=len(tale.removed), cache_path=score_cache)
 
 
 def weight_pruned_evaluation(cfg: Config, task: PolyRegTask, model: Any, seed: int, shift: str, tale: PruneResult,

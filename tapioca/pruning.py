@@ -252,7 +252,7 @@ def random_search(ctx: SearchContext) -> PruneResult:
 
 
 def _one_shot(ctx: SearchContext, name: str, removed: list[int], block_scores: dict[int, float]) -> PruneResult:
-    score = ScoreCache(ctx.scorer, None)
+    score = ScoreCache(ctx.scorer, ctx.cache_path)  # e.g. TALE's cache on the same selection data
     return PruneResult(
         search=name, n_blocks=ctx.model.n_blocks, baseline_score=score(frozenset()), removed=removed,
         best=removed, final=removed, bsba=removed, path=removed, block_scores=block_scores,

@@ -150,15 +150,20 @@ def _run_seed(cfg: Config, task: PolyRegTask, seed: int, out: Path, timer: Timer
     with timer("prune"):
         searches = _searches(cfg, task, model, seed, out / "pruning" / f"seed{seed}", progress)
     runs = HeldoutRuns(model, task, seed, n, chunk)
+    baselines: dict[str, dict[str, PruneResult]] = {}
+    if cfg.geometry.controls:
+        with timer("comparisons"):
+            baselines = _baseline_selections(cfg, task, model, seed, searches, out)
     with timer("evaluate"):
-        full, from_id, target = _evaluations(task, searches, runs, out / "evaluation" / f"seed{seed}")
+        full, from_id, target = _evaluations(task, searches, runs, out / "evaluation" / f"seed{seed}",
+                                             _pending_baselines(baselines, out / "controls" / f"seed{seed}"))
     with timer("geometry"):
         profiles = cached_json(out / "geometry" / f"seed{seed}.json",
                                lambda: _profiles(cfg, task, model, seed, searches))
     outputs = SeedOutputs(searches, full, from_id, target, profiles)
     if cfg.geometry.controls:
         with timer("comparisons"):
-            outputs.methods = _comparisons(cfg, task, model, seed, searches, full, out, runs)
+            outputs.methods = _comparisons(cfg, task, model, seed, searches, baselines, full, out, runs)
         with timer("interventions"):
             id_profiles: dict = {}  # gated ID profiles, shared by every shift's sweeps of this seed
             outputs.causal = {
@@ -169,15 +174,17 @@ def _run_seed(cfg: Config, task: PolyRegTask, seed: int, out: Path, timer: Timer
     return outputs
 
 
-def _evaluations(task: PolyRegTask, searches: dict[str, PruneResult], runs: HeldoutRuns,
-                 folder: Path) -> tuple[Evaluation, Evaluation, Evaluation]:
+def _evaluations(task: PolyRegTask, searches: dict[str, PruneResult], runs: HeldoutRuns, folder: Path,
+                 also: list[tuple[list[int], list[str]]] = ()) -> tuple[Evaluation, Evaluation, Evaluation]:
     """Held-out evaluations of the full model, the from-id pruned model (every distribution) and the
     target-protocol pruned model (each on its own distribution), each cached in ``folder``. Missing ones are
-    computed distribution by distribution so each distribution's full-model pass is shared."""
+    computed distribution by distribution so each distribution's full-model pass is shared, together with
+    the (removed, distributions) runs in ``also`` (kept in ``runs`` for later steps)."""
     dists = task.distributions
     plan = {"full.npz": ([], dists), "from-id.npz": (searches["id"].removed, dists),
             **{f"target-{d}.npz": (searches[d].removed, [d]) for d in dists}}
     todo = [(removed, ds) for name, (removed, ds) in plan.items() if not (folder / name).is_file()]
+    todo += list(also)
     for dist in dists:
         for removed, ds in todo:
             if dist in ds:
@@ -225,10 +232,38 @@ def _profiles(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, search
     }
 
 
+def _baseline_selections(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int,
+                         searches: dict[str, PruneResult], out: Path) -> dict[str, dict[str, PruneResult]]:
+    """Per shift where TALE removed blocks, each one-shot baseline's selection (cached as
+    ``controls/seed<seed>/<method>-<shift>.json``), scored with the shift's TALE score cache."""
+    folder = out / "controls" / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    table: dict[str, dict[str, PruneResult]] = {}
+    for shift, tale in searches.items():
+        if shift == "id" or not tale.removed:
+            continue
+        score_cache = out / "pruning" / f"seed{seed}" / f".{shift}.scores.json"
+        table[shift] = {method: PruneResult.from_dict(cached_json(
+            folder / f"{method}-{shift}.json",
+            lambda method=method: controls.baseline_selection(cfg, task, model, seed, shift, tale, method,
+                                                              score_cache).to_dict()))
+            for method in controls.BASELINES}
+    return table
+
+
+def _pending_baselines(baselines: dict[str, dict[str, PruneResult]], folder: Path) -> list[tuple[list[int], list[str]]]:
+    """(removed, [shift]) of every baseline whose held-out evaluation is not cached in ``folder`` yet."""
+    return [(result.removed, [shift]) for shift, methods in baselines.items() for method, result in methods.items()
+            if not (folder / f"{method}-{shift}.npz").is_file()]
+
+
 def _comparisons(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, searches: dict[str, PruneResult],
-                 full: Evaluation, out: Path, runs: HeldoutRuns) -> dict[str, dict[str, Evaluation]]:
+                 baselines: dict[str, dict[str, PruneResult]], full: Evaluation, out: Path,
+                 runs: HeldoutRuns) -> dict[str, dict[str, Evaluation]]:
     """Per shift and control method, this seed's held-out Evaluation on that shift. Where TALE removed
-    nothing the controls remove nothing too, so their result is the full model's."""
+    nothing the controls remove nothing too, so their result is the full model's. Baselines use their
+    ``baselines`` selection through ``runs``; weight pruning is applied and evaluated here."""
+    folder = out / "controls" / f"seed{seed}"
     table: dict[str, dict[str, Evaluation]] = {}
     for shift in task.distributions:
         if shift == "id":
@@ -239,14 +274,13 @@ def _comparisons(cfg: Config, task: PolyRegTask, model: ICLModel, seed: int, sea
             if not tale.removed:
                 table[shift][method] = full.subset([shift])
                 continue
-            folder = out / "controls" / f"seed{seed}"
             path = folder / f"{method}-{shift}.npz"
             if not path.is_file():
                 if method in controls.BASELINES:
-                    info, ev = controls.baseline_evaluation(cfg, task, model, seed, shift, tale, method, runs)
+                    ev = runs(baselines[shift][method].removed, [shift])
                 else:
                     info, ev = controls.weight_pruned_evaluation(cfg, task, model, seed, shift, tale, method)
-                write_json(folder / f"{method}-{shift}.json", info)
+                    write_json(folder / f"{method}-{shift}.json", info)
                 ev.save(path)
             table[shift][method] = Evaluation.load(path)
     return table

@@ -119,6 +119,21 @@ def test_tale_resumes_from_its_score_cache(tmp_path):
     assert resumed.info["configurations_evaluated"] == len(resumed_calls)
 
 
+def test_one_shot_searches_read_scores_from_a_shared_cache(tmp_path):
+    from tapioca.io import read_json, write_json
+
+    cache = tmp_path / "scores.json"
+    write_json(cache, {"": 1.5, "5": 2.5})  # as TALE leaves them: full model and single removals
+    calls: list = []
+    ctx = SearchContext(model=FakeModel(6), batch=None, scorer=additive_scorer({}, calls), progress=False,
+                        cache_path=cache, n_remove=1)
+    result = SEARCHES["last_k"](ctx)
+    assert result.removed == [5] and (result.baseline_score, result.selection_score) == (1.5, 2.5) and not calls
+    ctx.n_remove = 2
+    two = SEARCHES["last_k"](ctx)
+    assert two.selection_score == -2.0 and len(calls) == 1 and read_json(cache)["4,5"] == -2.0  # new ones stored
+
+
 @pytest.fixture(scope="module")
 def trained():
     torch.set_num_threads(1)
