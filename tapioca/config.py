@@ -182,6 +182,9 @@ class RunConfig:
     device: str = "cpu"
     out: str = "runs/default"
     threads: int | None = _range(None, ge=1)  # torch CPU threads (None: torch's default)
+    # testbed seeds run at once in threads sharing the CPU threads (None: one per seed up to the CPU threads on
+    # a CPU device, else 1; 1: one after another, with per-step progress bars)
+    seed_workers: int | None = _range(None, ge=1)
 
 
 @dataclass(frozen=True)

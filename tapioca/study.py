@@ -6,19 +6,23 @@ a killed study loses at most the step in flight (an interrupted TALE search resu
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from tapioca import controls
 from tapioca.claims import verdicts
 from tapioca.api import load_task, prune, resolve_device
 from tapioca.config import Config, read_yaml, to_dict
-from tapioca.errors import CheckpointError
+from tapioca.errors import CheckpointError, TapiocaError
 from tapioca.evaluation import Evaluation, compare, evaluate_references
 from tapioca.heldout import HeldoutRuns
 from tapioca.geometry import Profile, distortion, profile, query_states
@@ -31,23 +35,98 @@ from tapioca.tasks.polyreg import PolyRegTask
 from tapioca.training import find_pretrained, is_trained, train
 
 Log = Callable[[str], None]
+T = TypeVar("T")
+
+
+class StudyStopped(TapiocaError):
+    """A seed stopped because another seed of the same study failed."""
 
 
 class Timer:
-    """Wall seconds per named step, summed, persisted to ``timings.json``."""
+    """Wall seconds per named step, summed (over seeds, also when seeds run in parallel threads), persisted to
+    ``timings.json``. ``before_step`` runs in the calling thread as each step starts."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, before_step: Callable[[], None] | None = None) -> None:
+        self.path, self.before_step = path, before_step
         self.seconds: dict[str, float] = read_json(path) if path.is_file() else {}
+        self._lock = threading.Lock()
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if self.before_step is not None:
+            self.before_step()
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-            write_json(self.path, self.seconds)
+            with self._lock:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                write_json(self.path, self.seconds)
+
+
+class SeedThreads:
+    """Runs replicate seeds in parallel threads and shares this process's torch CPU threads among the seeds
+    running at once: each seed sets its own thread's count as each of its steps starts (:meth:`fit`), so a
+    seed left alone at the end gets every thread back. Per-example results do not depend on it (the kernels
+    give the same numbers with 1 or 2 threads; tests check the parallel study against the serial one).
+    After an error in one seed the others stop at their next step."""
+
+    def __init__(self, workers: int, threads: int | None = None, progress: bool = False) -> None:
+        self.workers, self.progress = workers, progress
+        self.threads = threads if threads is not None else torch.get_num_threads()
+        self._running = 0
+        self._lock = threading.Lock()
+        self._failed = threading.Event()
+
+    def fit(self) -> None:
+        """Called at a step boundary by the seed's own thread."""
+        if self._failed.is_set():
+            raise StudyStopped("another seed failed; this one stops at a step boundary")
+        if self.workers > 1:
+            torch.set_num_threads(max(1, self.threads // max(1, self._running)))
+
+    def map(self, run: Callable[[int], T], seeds: list[int]) -> dict[int, T]:
+        """``{seed: run(seed)}``, ``workers`` seeds at a time (in order when ``workers`` is 1)."""
+        if self.workers <= 1 or len(seeds) <= 1:
+            return {seed: run(seed) for seed in seeds}
+
+        def one(seed: int) -> T:
+            with self._lock:
+                self._running += 1
+            try:
+                return run(seed)
+            except BaseException:
+                self._failed.set()
+                raise
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+        pool = ThreadPoolExecutor(min(self.workers, len(seeds)), thread_name_prefix="tapioca-seed")
+        try:
+            futures = {seed: pool.submit(one, seed) for seed in seeds}
+            bar = tqdm(total=len(seeds), disable=not self.progress, desc=f"seeds ({self.workers} at once)")
+            for _ in as_completed(futures.values()):
+                bar.update(1)
+            bar.close()
+            errors = [e for f in futures.values() if (e := f.exception()) is not None]
+            if errors:  # the error that stopped the study, not the stops it caused
+                raise next((e for e in errors if not isinstance(e, StudyStopped)), errors[0])
+            return {seed: future.result() for seed, future in futures.items()}
+        except BaseException:
+            self._failed.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def seed_workers(cfg: Config) -> int:
+    """``run.seed_workers``, or (None) one per seed up to the CPU threads on a CPU device, else 1."""
+    if cfg.run.seed_workers is not None:
+        return cfg.run.seed_workers
+    if resolve_device(cfg.run.device).type != "cpu":
+        return 1
+    return max(1, min(len(cfg.evaluation.seeds), torch.get_num_threads()))
 
 
 def prepare_run_dir(cfg: Config, out: Path) -> None:
@@ -124,8 +203,13 @@ def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True,
         return run_lm_study(cfg, out, progress, log)
     prepare_run_dir(cfg, out)
     task = load_task(cfg)
-    timer = Timer(out / "timings.json")
-    per_seed = {seed: _run_seed(cfg, task, seed, out, timer, progress, log) for seed in cfg.evaluation.seeds}
+    seeds = SeedThreads(seed_workers(cfg), progress=progress)
+    timer = Timer(out / "timings.json", before_step=seeds.fit)
+    try:
+        per_seed = seeds.map(lambda seed: _run_seed(cfg, task, seed, out, timer, progress and seeds.workers == 1, log),
+                             list(cfg.evaluation.seeds))
+    finally:
+        torch.set_num_threads(seeds.threads)
     with timer("statistics"):
         searches = {seed: o.searches for seed, o in per_seed.items()}
         full = Evaluation.concat([o.full for o in per_seed.values()])

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import shutil
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def _fingerprint(cfg: Config, seed: int) -> dict:
             "train": to_dict(cfg.train), "seed": seed}
 
 
+_INIT_LOCK = threading.Lock()
+
+
 def train(cfg: Config, out: str | Path | None = None, seed: int | None = None, progress: bool = True) -> ICLModel:
     """Train an ICL model on the ID sampler of ``cfg``; resume from ``out`` if it holds a checkpoint.
 
@@ -56,8 +60,9 @@ def train(cfg: Config, out: str | Path | None = None, seed: int | None = None, p
     """
     seed = cfg.run.seed if seed is None else seed
     device = torch.device(cfg.run.device)
-    torch.manual_seed(seed)
-    model = ICLModel(cfg.model).to(device)
+    with _INIT_LOCK:  # the global RNG: seeds trained in parallel threads must not interleave their draws
+        torch.manual_seed(seed)
+        model = ICLModel(cfg.model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     fingerprint = _fingerprint(cfg, seed)
     state = {"step": 0, "losses": [], "seconds": 0.0}

@@ -83,6 +83,37 @@ def test_a_killed_study_resumes_to_the_same_results(finished, tmp_path, monkeypa
     assert resumed["removed"] == results["removed"]
 
 
+def test_seeds_in_parallel_threads_give_the_serial_results(finished, tmp_path):
+    cfg, out, results = finished
+    assert study.seed_workers(cfg) == min(2, study.torch.get_num_threads())  # auto: one per seed, up to the threads
+    serial = study.run_study(load_config(None, [*TINY, "run.seed_workers=1"]), tmp_path / "serial", progress=False,
+                             log=quiet)
+    parallel = study.run_study(load_config(None, [*TINY, "run.seed_workers=2"]), tmp_path / "parallel",
+                               progress=False, log=quiet)
+    for key in ("protocols", "removed", "full", "geometry", "comparisons", "interventions", "claims"):
+        assert parallel[key] == serial[key], key
+    for seed in ("0", "1"):  # the trained models too
+        a, b = ((tmp_path / run / "models" / f"seed{seed}" / "model.safetensors").read_bytes() for run in ("serial", "parallel"))
+        assert a == b
+
+
+def test_a_failing_seed_stops_the_others_and_its_error_is_raised():
+    threads = study.SeedThreads(2)
+    ran = []
+
+    def run(seed: int) -> int:
+        if seed == 1:
+            raise ValueError("seed 1 broke")
+        threads._failed.wait(timeout=10)
+        threads.fit()  # the next step boundary after seed 1 failed
+        ran.append(seed)
+        return seed
+
+    with pytest.raises(ValueError, match="seed 1 broke"):
+        threads.map(run, [1, 0, 2, 3])
+    assert ran == []  # every other seed stopped at its next step boundary
+
+
 def test_a_run_dir_of_another_config_is_refused(finished):
     cfg, out, _ = finished
     other = load_config(None, [*TINY, "train.steps=21"])
