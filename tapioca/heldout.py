@@ -15,7 +15,7 @@ import torch
 
 from tapioca.evaluation import Evaluation, check_split_size, single_evaluation
 from tapioca.models.base import BlockModel
-from tapioca.models.gates import injected_input, recorded_inputs, removal_gates
+from tapioca.models.gates import Recorded, injected_input, recorded_inputs, removal_gates
 from tapioca.tasks.polyreg import PolyRegTask
 
 
@@ -33,7 +33,7 @@ class HeldoutRuns:
         self._dist: str | None = None
         self._batch: Any = None
         self._full_predictions = torch.empty(0)  # (n,), the full model on the current distribution
-        self._inputs: list[list[torch.Tensor]] = []  # per chunk: input (B, T, D) of every block, full model
+        self._inputs: list[list[Recorded]] = []  # per chunk: the input of every block, full model
 
     def __call__(self, removed: Sequence[int], dists: Sequence[str]) -> Evaluation:
         return Evaluation.concat([self.one(removed, d) for d in dists])

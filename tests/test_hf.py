@@ -297,6 +297,45 @@ def test_run_captures_states_at_the_query(family: str) -> None:
     assert (out.token_logprobs[~batch.target_mask] == 0).all() and (out.token_logprobs[batch.target_mask] < 0).all()
 
 
+SHARED = "shared demos: 1 2 3. "  # longer than the sliding windows (4) of qwen2 and gemma3
+
+
+def unshared(lm: HFModel):
+    """The same adapter with prompt-prefix sharing off."""
+    plain = HFModel(lm.model, lm.tokenizer)
+    plain.share_prefix = False
+    return plain
+
+
+@pytest.mark.parametrize("gates", [{}, {0: 0.0}, {1: 0.5, 3: 0.0}, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}])
+def test_a_shared_prompt_prefix_is_run_once_with_the_same_results(lm: HFModel, gates) -> None:
+    batch = lm.tokenize([SHARED + p for p in PROMPTS], CONTINUATIONS)
+    assert lm.shared_prefix(batch) == len(lm.tokenizer(SHARED)["input_ids"])  # characters, with <s>
+    assert unshared(lm).shared_prefix(batch) == 0 and lm.shared_prefix(batch.slice(0, 1)) == 0
+    calls = [0]
+    counter = lm.blocks[3].register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    try:
+        got = lm.run(batch, gates, capture=True)
+    finally:
+        counter.remove()
+    want = unshared(lm).run(batch, gates, capture=True)
+    assert calls[0] == 2  # the prefix once, then every row's rest (a skipped block is called, and passes through)
+    for name in ("predictions", "states", "token_logprobs", "query_logprobs"):
+        assert torch.allclose(getattr(got, name), getattr(want, name), atol=1e-4, rtol=1e-4), name
+
+
+def test_resuming_from_recorded_inputs_works_with_a_shared_prefix(llama: HFModel) -> None:
+    from tapioca.models.gates import injected_input, recorded_inputs
+
+    batch = llama.tokenize([SHARED + p for p in PROMPTS], CONTINUATIONS)
+    with recorded_inputs(llama.blocks) as inputs:
+        llama.run(batch, {0: 0.5})
+    assert [t.shape[0] for t in inputs[2]] == [1, 3]  # the prefix call, then every row's rest
+    with injected_input(llama.blocks, 2, inputs[2]):
+        resumed = llama.run(batch, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.5}).predictions
+    assert torch.allclose(resumed, unshared(llama).run(batch, {0: 0.5, 2: 0.0, 3: 0.5}).predictions, atol=1e-4)
+
+
 # ---------------------------------------------------------------- chat template, loading errors
 
 

@@ -137,14 +137,19 @@ def _post_hook(cap: Capture, slot: int) -> Callable:
     return hook
 
 
+Recorded = tuple  # one block's recorded inputs: a tensor per forward call, in call order
+
+
 @contextmanager
-def recorded_inputs(blocks: nn.ModuleList) -> Iterator[list[Tensor | None]]:
-    """Record the full hidden-state input (B, T, D) of every block during the forward pass run inside."""
-    inputs: list[Tensor | None] = [None] * len(blocks)
+def recorded_inputs(blocks: nn.ModuleList) -> Iterator[list[Recorded]]:
+    """Record the hidden-state input of every block during the forward pass run inside: ``inputs[i]`` is a
+    tuple with one tensor per call of block ``i`` (one (B, T, D) tensor for a plain pass; a causal LM that
+    runs a shared prompt prefix first gives (prefix (1, P, D), rest (B, T - P, D)))."""
+    inputs: list[Recorded] = [() for _ in blocks]
 
     def recorder(index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs[index] = first_tensor(args, kwargs).detach()
+            inputs[index] = (*inputs[index], first_tensor(args, kwargs).detach())
         return hook
 
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
@@ -156,15 +161,25 @@ def recorded_inputs(blocks: nn.ModuleList) -> Iterator[list[Tensor | None]]:
 
 
 @contextmanager
-def injected_input(blocks: nn.ModuleList, index: int, hidden: Tensor) -> Iterator[None]:
-    """Replace the hidden-state input of block ``index`` by ``hidden`` (B, T, D) during the forward pass.
+def injected_input(blocks: nn.ModuleList, index: int, hidden: Tensor | Recorded) -> Iterator[None]:
+    """Replace the hidden-state input of block ``index`` by ``hidden`` during the forward pass: a (B, T, D)
+    tensor for every call, or what :func:`recorded_inputs` recorded (its k-th tensor for the k-th call).
 
     With every block before ``index`` gated to 0, the model resumes from a cached residual stream.
     """
+    calls = [0]
+
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if isinstance(hidden, Tensor):
+            value = hidden
+        else:
+            if calls[0] >= len(hidden):
+                raise RuntimeError(f"block {index} ran {calls[0] + 1} times but {len(hidden)} inputs were recorded")
+            value = hidden[calls[0]]
+        calls[0] += 1
         if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+            return (value, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": value}
 
     handle = blocks[index].register_forward_pre_hook(hook, with_kwargs=True)
     try:

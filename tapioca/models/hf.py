@@ -307,7 +307,11 @@ class HFModel:
             tokenizer.pad_token = tokenizer.eos_token  # existing token: the scoring vocabulary is unchanged
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
         self.window = getattr(text_config(model), "max_position_embeddings", None)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_parameters = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in forward_parameters
+        self._takes_cache = "cache" in forward_parameters
+        self.share_prefix = True  # run a prompt prefix shared by every row of a batch once (see shared_prefix)
+        self.min_shared = 8  # fewest shared tokens worth a separate pass
         self.source: LoadSource | None = None  # set by :meth:`load`: how to load this model again
 
     @classmethod
@@ -389,22 +393,76 @@ class HFModel:
 
     # -- forward passes
 
-    def _logits(self, batch: TokenBatch, start: int) -> Tensor:
-        """Logits for positions ``start:`` -> (B, T - start, V), float32."""
-        kwargs: dict[str, Any] = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        if self._keeps_logits:
-            kwargs["logits_to_keep"] = batch.input_ids.shape[1] - start
-        logits = self.model(**kwargs).logits
-        return logits[:, -(batch.input_ids.shape[1] - start):].float().to(self.device)
+    def shared_prefix(self, batch: TokenBatch) -> int:
+        """Tokens P that every row of ``batch`` starts with (few-shot demonstrations, a system prompt) and
+        that :meth:`run` computes once: 0 when sharing is off, the batch has one row, or P < ``min_shared``.
+        P stays below every row's query, so each row keeps at least its last prompt token."""
+        if not self.share_prefix or len(batch) < 2:
+            return 0
+        same = ((batch.input_ids == batch.input_ids[:1]) & (batch.attention_mask == 1)).all(0)
+        different = (~same).nonzero()
+        length = int(different[0]) if len(different) else same.numel()
+        length = min(length, int(batch.query.min()))
+        return length if length >= self.min_shared else 0
+
+    def _prefix_cache(self, batch: TokenBatch, length: int) -> Any:
+        """The KV cache of the first ``length`` tokens, computed on one row and repeated for every row.
+        Layers whose block was skipped (gate 0) get zeros: never read, they keep the cache lengths that
+        masks and positions are computed from equal across layers."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=batch.input_ids[:1, :length], attention_mask=batch.attention_mask[:1, :length],
+                   use_cache=True, **self._cache_arg(cache), **self._keep_logits(1))
+        filled = [layer for layer in cache.layers if layer.get_seq_length() > 0]
+        for layer in cache.layers:
+            if layer.get_seq_length() == 0:
+                layer.update(*(torch.zeros(self._kv_shape(filled, length), dtype=self.model.dtype,
+                                           device=self.device) for _ in range(2)))
+        cache.batch_repeat_interleave(len(batch))
+        return cache
+
+    def _kv_shape(self, filled: list, length: int) -> tuple[int, int, int, int]:
+        """(1, KV heads, length, head dim) of a cache layer, from a filled layer or else the config."""
+        if filled:
+            _, heads, _, dim = filled[0].keys.shape
+            return 1, heads, length, dim
+        cfg = text_config(self.model)
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 1, heads, length, dim
+
+    def _cache_arg(self, cache: Any) -> dict[str, Any]:
+        """A KV cache as this model's forward takes it (``cache`` in newer transformers, else past_key_values)."""
+        return {"cache": cache} if self._takes_cache else {"past_key_values": cache}
+
+    def _keep_logits(self, n: int) -> dict[str, int]:
+        return {"logits_to_keep": n} if self._keeps_logits else {}
+
+    def _logits(self, batch: TokenBatch, start: int, shared: int = 0, cache: Any = None) -> Tensor:
+        """Logits for positions ``start:`` -> (B, T - start, V), float32; with a ``cache`` of the first
+        ``shared`` tokens only the rest of each row is run."""
+        width = batch.input_ids.shape[1]
+        kwargs: dict[str, Any] = dict(input_ids=batch.input_ids[:, shared:], attention_mask=batch.attention_mask,
+                                      use_cache=cache is not None)
+        if cache is not None:
+            kwargs.update(self._cache_arg(cache))
+        logits = self.model(**kwargs, **self._keep_logits(width - start)).logits
+        return logits[:, -(width - start):].float().to(self.device)
 
     @torch.no_grad()
     def run(self, batch: TokenBatch, gates: Gates | None = None, capture: bool = False) -> LMRunOutput:
         """Summed log-likelihood of the target tokens (B,; 0 without continuations) with block gates; states
-        (L + 1, B, D) at the query (the last prompt token) if ``capture``."""
+        (L + 1, B, D) at the query (the last prompt token) if ``capture``. A prompt prefix that all rows
+        share is run once (:meth:`shared_prefix`): the same numbers up to float rounding, much less compute
+        for few-shot prompts; blocks see it as a first call (prefix) and a second (the rest)."""
         batch = batch.to(self.device)
         start = int(batch.query.min())
-        with gated(self.blocks, gates, capture=capture, positions=batch.query) as cap:
-            logits = self._logits(batch, start)  # (B, T - start, V)
+        shared = self.shared_prefix(batch)
+        with gated(self.blocks, gates):
+            cache = self._prefix_cache(batch, shared) if shared else None
+            with gated(self.blocks, None, capture=capture, positions=batch.query - shared) as cap:
+                logits = self._logits(batch, start, shared, cache)  # (B, T - start, V)
         rows = torch.arange(len(batch), device=self.device)
         query_logprobs = logits[rows, batch.query - start].log_softmax(-1)
         token_logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tapioca.models.base import BlockModel, RunOutput, concat_outputs
-from tapioca.models.gates import Gates, check_gates, injected_input, recorded_inputs
+from tapioca.models.gates import Gates, Recorded, check_gates, injected_input, recorded_inputs
 
 
 class ResumedRuns:
@@ -30,7 +30,7 @@ class ResumedRuns:
     def __init__(self, model: BlockModel, batch: Any, chunk: int) -> None:
         self.model, self.batch = model, batch
         self.chunks = [batch.slice(i, i + chunk) for i in range(0, len(batch), chunk)]
-        self._inputs: list[list[torch.Tensor]] = []  # per chunk: every block's input, ungated model
+        self._inputs: list[list[Recorded]] = []  # per chunk: every block's input, ungated model
         self._full: RunOutput | None = None
         self.passes = 0  # forward passes over the batch made (the recorded one included)
 
