@@ -324,6 +324,20 @@ def test_a_shared_prompt_prefix_is_run_once_with_the_same_results(lm: HFModel, g
         assert torch.allclose(getattr(got, name), getattr(want, name), atol=1e-4, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("gates", [{}, {0: 0.0, 2: 0.5}])
+def test_generation_with_a_shared_prompt_prefix_equals_plain_generation(lm: HFModel, gates) -> None:
+    prompts = [SHARED + p for p in PROMPTS]
+    texts, confidence = lm.generate_with_confidence(prompts, gates, max_new_tokens=6, batch_size=3)
+    plain_texts, plain_confidence = unshared(lm).generate_with_confidence(prompts, gates, max_new_tokens=6,
+                                                                         batch_size=3)
+    assert texts == plain_texts == [greedy_uncached(lm, p, gates, 6) for p in prompts]
+    assert torch.allclose(confidence, plain_confidence, rtol=1e-4)
+    assert lm.n_blocks == 4
+    rows = lm._encode(prompts, special=True)
+    sliding = lm.model.config.model_type in ("qwen2", "gemma3_text")  # window 4: no sharing, padding would fill it
+    assert (lm._generation_inputs(rows, 6)[2] is None) == sliding
+
+
 def test_resuming_from_recorded_inputs_works_with_a_shared_prefix(llama: HFModel) -> None:
     from tapioca.models.gates import injected_input, recorded_inputs
 

@@ -274,6 +274,26 @@ class LMRunOutput(RunOutput):
     query_logprobs: Tensor | None = None
 
 
+def _sliding_window(cfg: Any) -> int | None:
+    """The attention window of a model with sliding-window layers, else None."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    if types is None and not getattr(cfg, "use_sliding_window", True):
+        return None
+    return int(window)
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest token prefix that every row starts with."""
+    length = min(len(r) for r in rows)
+    for k in range(length):
+        if any(r[k] != rows[0][k] for r in rows[1:]):
+            return k
+    return length
+
+
 def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
     """Pad token lists -> ids (B, T), attention mask (B, T)."""
     width = max(len(r) for r in rows)
@@ -530,9 +550,10 @@ class HFModel:
         confidence: list[float] = []
         with self._gated_for_cache(gates):
             for i in range(0, len(contexts), batch_size):
-                ids, mask = _pad(contexts[i:i + batch_size], self.pad_id, left=True)
-                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=config, output_scores=True, return_dict_in_generate=True)
+                ids, mask, cache = self._generation_inputs(contexts[i:i + batch_size], max_new_tokens)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                          output_scores=True, return_dict_in_generate=True,
+                                          **(self._cache_arg(cache) if cache is not None else {}))
                 new = out.sequences[:, ids.shape[1]:]  # (b, S)
                 logprobs = torch.stack(out.scores, 1).float().log_softmax(-1)  # (b, S, V)
                 chosen = logprobs.gather(-1, new[..., None]).squeeze(-1).double().cpu()  # (b, S)
@@ -541,6 +562,28 @@ class HFModel:
                     span = self._answer_span(row, eos, stop)
                     confidence.append(float(row_logprobs[:span].sum().exp()))
         return texts, torch.tensor(confidence, dtype=torch.float64)
+
+    def _generation_inputs(self, rows: list[list[int]], max_new_tokens: int) -> tuple[Tensor, Tensor, Any]:
+        """ids (B, T), attention mask (B, T) and a KV cache (or None) for generating from token ``rows``: the
+        prefix every row shares (see :meth:`shared_prefix`) is run once into the cache, and the rows' rest is
+        left-padded after it (positions follow the mask, so the padding in between is invisible)."""
+        shared = 0
+        window = _sliding_window(text_config(self.model))
+        fits_window = window is None or max(len(r) for r in rows) + max_new_tokens <= window
+        if self.share_prefix and len(rows) > 1 and fits_window:  # else padding in between would take window slots
+            shared = min(_common_prefix(rows), min(len(r) for r in rows) - 1)
+        if shared < self.min_shared:
+            ids, mask = _pad(rows, self.pad_id, left=True)
+            return ids.to(self.device), mask.to(self.device), None
+        rest, rest_mask = _pad([r[shared:] for r in rows], self.pad_id, left=True)
+        prefix = torch.tensor(rows[0][:shared], dtype=torch.long)
+        ids = torch.cat([prefix.expand(len(rows), -1), rest], 1).to(self.device)
+        mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long), rest_mask], 1).to(self.device)
+        prefix_batch = TokenBatch(ids[:1, :shared], mask[:1, :shared], torch.tensor([shared - 1]),
+                                  torch.zeros(1, shared, dtype=torch.bool))
+        cache = self._prefix_cache(prefix_batch, shared)
+        cache.batch_repeat_interleave(len(rows))
+        return ids, mask, cache
 
     def _answer_span(self, ids: list[int], eos: list[int | None], stop: str) -> int:
         """Number of leading generated tokens before the first EOS or the first token that contains ``stop``."""
