@@ -420,7 +420,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-drop", type=int, default=None, help="bound the rounds (both sides)")
     p.add_argument("--epsilon", type=float, default=0.08)
     p.add_argument("--metric", default="nmse", choices=["nmse", "tol_acc"])
-    p.add_argument("--batch", type=int, default=1024, help="tapioca's chunk size (naive: 1)")
+    p.add_argument("--batch", type=int, default=128, help="tapioca's chunk size, as pruning.batch_size (naive: 1)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default=str(ZOO / "testbed-L8-D64-seed0"), help="testbed model folder")
     p.add_argument("--cases", nargs="+", choices=["testbed", "lm"], default=["testbed", "lm"],

@@ -104,7 +104,7 @@ class PruningConfig:
     choose: Literal["best", "bsba", "final"] = "best"  # which TALE configuration is the pruned model
     n_remove: int = _range(1, ge=1)  # blocks removed by one-shot baselines
     n_select: int = _range(512, ge=8)  # selection prompts (disjoint from the held-out split)
-    batch_size: int = _range(1024, ge=1)
+    batch_size: int = _range(128, ge=1)  # prompts per forward pass (CPU: 128 ran 1.45x faster than 1024, same numbers)
     prefix_cache: bool = True  # TALE rounds reuse the residual stream below each candidate (same numbers)
     racing_delta: float | None = _range(None, gt=0, le=0.5)  # TALE racing error bound (None: off, exact TALE)
     racing_min: int = _range(64, ge=2)  # TALE racing: examples in the first stage (then doubled)
@@ -137,7 +137,7 @@ class EvaluationConfig:
     n_heldout: int = _range(2048, ge=8)
     n_bootstrap: int = _range(10_000, ge=100)
     confidence: float = _range(0.95, gt=0, le=0.999)
-    batch_size: int = _range(1024, ge=1)
+    batch_size: int = _range(128, ge=1)  # prompts per forward pass (held-out, profiles, interventions)
 
 
 @dataclass(frozen=True)
@@ -182,8 +182,8 @@ class RunConfig:
     device: str = "cpu"
     out: str = "runs/default"
     threads: int | None = _range(None, ge=1)  # torch CPU threads (None: torch's default)
-    # testbed seeds run at once in threads sharing the CPU threads (None: one per seed up to the CPU threads on
-    # a CPU device, else 1; 1: one after another, with per-step progress bars)
+    # testbed seeds run at once in threads sharing the CPU threads (None: one per seed, up to twice the CPU
+    # threads, on a CPU device, else 1; 1: one after another, with per-step progress bars)
     seed_workers: int | None = _range(None, ge=1)
 
 

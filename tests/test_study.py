@@ -85,7 +85,7 @@ def test_a_killed_study_resumes_to_the_same_results(finished, tmp_path, monkeypa
 
 def test_seeds_in_parallel_threads_give_the_serial_results(finished, tmp_path):
     cfg, out, results = finished
-    assert study.seed_workers(cfg) == min(2, study.torch.get_num_threads())  # auto: one per seed, up to the threads
+    assert study.seed_workers(cfg) == min(2, 2 * study.torch.get_num_threads())  # auto: one per seed, up to 2x threads
     serial = study.run_study(load_config(None, [*TINY, "run.seed_workers=1"]), tmp_path / "serial", progress=False,
                              log=quiet)
     parallel = study.run_study(load_config(None, [*TINY, "run.seed_workers=2"]), tmp_path / "parallel",
