@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -314,3 +315,12 @@ def test_config_dataclasses_are_frozen() -> None:
 
 def test_shipped_default_yaml_is_the_built_in_default():
     assert load_config("configs/default.yaml") == Config()
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    if cfg.lm is not None:  # the task section is checked where the task is built
+        from tapioca.tasks.text import TextTaskConfig
+
+        assert set(cfg.lm.task) <= set(TextTaskConfig.__dataclass_fields__)
