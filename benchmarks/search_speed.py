@@ -187,15 +187,17 @@ class Row:
 
 
 def measure(model: str, side: str, n_examples: int, cost: CostModel, prefix: bool, run: Callable[[], PruneResult],
-            record_passes: int = 1) -> Row:
-    """Run one search, timing it and sampling its peak RSS."""
+            record_passes: int = 1, flop_examples: float | None = None) -> Row:
+    """Run one search, timing it and sampling its peak RSS. ``flop_examples``: examples' worth of tokens each
+    forward computes (fewer than ``n_examples`` when a shared prompt prefix is run once per chunk)."""
     with PeakRSS() as rss:
         start, cpu = time.perf_counter(), time.process_time()
         result = run()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     configs = int(result.info["configurations_evaluated"])
     return Row(model, side, n_examples, configs, len(result.rounds), seconds, cpu, configs * n_examples * cost.seq_len,
-               search_flops(result, cost, n_examples, prefix, record_passes), rss.peak, rss.peak - rss.start, result)
+               search_flops(result, cost, n_examples if flop_examples is None else flop_examples, prefix, record_passes),
+               rss.peak, rss.peak - rss.start, result)
 
 
 def format_table(rows: Sequence[Row], peak: Peak) -> str:
@@ -244,6 +246,15 @@ class Case:
     score_predictions: PredictionScorer
     cost: CostModel
     make_scorer: Callable[[int], Scorer] | None = None  # chunk -> scorer; default: run_in_chunks + score_predictions
+    shared_tokens: int = 0  # prompt tokens every example starts with, which a batched LM run computes once
+
+    def flop_examples(self, chunk: int) -> float:
+        """Examples' worth of tokens a run over the batch in chunks of ``chunk`` computes: all of them, less the
+        shared prefix of every example but one per chunk (chunk 1, the naive side, shares nothing)."""
+        n = len(self.batch)
+        if chunk <= 1 or not self.shared_tokens:
+            return float(n)
+        return n - (n - math.ceil(n / chunk)) * self.shared_tokens / self.cost.seq_len
 
     def scorer(self, chunk: int) -> Scorer:
         """Gates -> per-example scores (B,), running ``chunk`` examples at a time."""
@@ -299,7 +310,9 @@ def smollm_case(n: int, cache_dir: str | None = None, name: str = "SmolLM2-135M-
     seq_len = round(float(batch.attention_mask.sum(1).double().mean()))
     scored = float(batch.target_mask.sum(1).double().mean()) + 1  # logits_to_keep: answer positions only
     head = round(cfg.vocab_size * cfg.hidden_size * scored / seq_len)
-    return lm_case(f"{name}-arith", model, batch, answer_loglik, cfg.hidden_size, seq_len, head)
+    case = lm_case(f"{name}-arith", model, batch, answer_loglik, cfg.hidden_size, seq_len, head)
+    case.shared_tokens = model.shared_prefix(batch)  # the few-shot demonstrations, run once per batched chunk
+    return case
 
 
 def answer_loglik(predictions: torch.Tensor, batch: Any) -> torch.Tensor:
@@ -321,10 +334,12 @@ def compare(case: Case, epsilon: float, max_drop: int | None, chunk: int, worker
     ctx = SearchContext(model=case.model, batch=case.batch, scorer=case.scorer(chunk),
                         score_predictions=case.score_predictions, epsilon=epsilon, max_drop=max_drop, chunk=chunk,
                         progress=False)
-    rows.append(measure(case.name, "tapioca", n, case.cost, True, lambda: tale_search(ctx)))
+    batched = case.flop_examples(chunk)
+    rows.append(measure(case.name, "tapioca", n, case.cost, True, lambda: tale_search(ctx), flop_examples=batched))
     if ablation:
         plain = dataclasses.replace(ctx, prefix_cache=False)
-        rows.append(measure(case.name, "batched only", n, case.cost, False, lambda: tale_search(plain)))
+        rows.append(measure(case.name, "batched only", n, case.cost, False, lambda: tale_search(plain),
+                            flop_examples=batched))
     if workers:
         try:
             rows.append(ray_row(case, ctx, workers))
@@ -425,7 +440,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=str(ZOO / "testbed-L8-D64-seed0"), help="testbed model folder")
     p.add_argument("--cases", nargs="+", choices=["testbed", "lm"], default=["testbed", "lm"],
                    help="testbed: the zoo model on polynomial regression; lm: SmolLM2-135M on arithmetic")
-    p.add_argument("--lm-n", type=int, default=4, help="selection examples for the LM case (both sides)")
+    p.add_argument("--lm-n", type=int, default=16, help="selection examples for the LM case (both sides)")
     p.add_argument("--lm-max-drop", type=int, default=1, help="rounds for the LM case (both sides)")
     p.add_argument("--lm-cache-dir", help="tapioca model cache holding the converted LM (default: $TAPIOCA_CACHE)")
     p.add_argument("--workers", type=int, default=0, help="also time tale on this many local Ray workers")
@@ -462,15 +477,18 @@ def run_comparison(args: argparse.Namespace, peak: Peak) -> None:
     verdicts = []
     for make, max_drop in (cases[name] for name in args.cases):
         try:
-            rows = compare(make(), args.epsilon, max_drop, args.batch, args.workers, args.ablation)
+            case = make()
+            rows = compare(case, args.epsilon, max_drop, args.batch, args.workers, args.ablation)
         except Skip as why:
             print(f"skipped: {why}", flush=True)
             continue
+        print(f"# {case.name}: N={len(case.batch)}, T={case.cost.seq_len} tokens per example, "
+              f"{case.shared_tokens} of them a prompt prefix every example shares", flush=True)
         print(format_table(rows, peak), flush=True)
         print(f"speed-up over naive: {gains(rows)}")
         print(f"max |score difference| naive vs tapioca: {max_score_difference(rows[0].result, rows[1].result):.2e}")
         if args.racing is not None:
-            print(racing_line(make(), rows[1], args.racing, args.racing_min, args.batch), flush=True)
+            print(racing_line(case, rows[1], args.racing, args.racing_min, args.batch), flush=True)
         verdicts.append(verdict(rows))
     print("\n".join(verdicts))
 

@@ -149,3 +149,14 @@ def test_racing_line_on_the_planted_case(planted_case):
     assert line.startswith("racing delta=0.05 min=4:") and "same_selection=true" in line
     raced, exact = map(int, line.split("candidate-example pairs ")[1].split(",")[0].split(" vs "))
     assert exact == 8 * 16 and raced < exact  # one round: 8 candidates on 16 examples; racing scores fewer
+
+
+def test_flop_examples_count_a_shared_prefix_once_per_chunk(tiny_case):
+    import dataclasses
+
+    n, t = len(tiny_case.batch), tiny_case.cost.seq_len
+    assert tiny_case.flop_examples(4) == n  # nothing shared
+    shared = dataclasses.replace(tiny_case, shared_tokens=t // 2)
+    assert shared.flop_examples(1) == n  # batch 1 shares nothing
+    chunks = -(-n // 4)
+    assert shared.flop_examples(4) == pytest.approx(n - (n - chunks) * (t // 2) / t)
