@@ -69,6 +69,20 @@ def load_text_task(cfg: LMConfig) -> TextTask:
         raise ConfigError(f"lm.task.{err}") from None
 
 
+def check_data(cfg: Config, task: TextTask) -> None:
+    """Fail before any model work if some distribution, role and seed has fewer examples than the study takes
+    (selection, held-out, and the geometry's reference prompts: twice ``n_profile`` on ID, for the noise floor);
+    the task's error names the split, the role and what to change."""
+    lmc = cfg.lm
+    assert lmc is not None
+    for dist in task.distributions:
+        needs = {"select": lmc.n_select, "heldout": lmc.n_heldout,
+                 "reference": 2 * lmc.n_profile if dist == "id" else lmc.n_profile}
+        for role, n in needs.items():
+            for seed in cfg.evaluation.seeds:
+                task.data(dist, role, seed, n)
+
+
 @dataclass
 class LMSeedOutputs:
     """What one sampling seed contributes."""
@@ -132,6 +146,7 @@ def run_lm_study(cfg: Config, out: Path, progress: bool = True, log: Log = print
         study = LMStudy(cfg, load_lm(cfg.lm, cfg.run.device), load_text_task(cfg.lm), out, progress)
     log(f"{cfg.lm.model}: {study.lm.n_blocks} blocks; task {study.task.cfg.source} ({study.task.kind}), "
         f"distributions {study.task.distributions}")
+    check_data(cfg, study.task)
     per_seed = {seed: _run_seed(study, seed, timer, log) for seed in cfg.evaluation.seeds}
     with timer("statistics"):
         results = _results(study, per_seed)

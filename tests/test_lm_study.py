@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tapioca.config import load_config
-from tapioca.errors import CheckpointError, ConfigError
+from tapioca.errors import CheckpointError, ConfigError, DataError
 from tapioca.io import read_json
 from tapioca.lm_study import intervention_metric, load_text_task, resolve_lm_path
 from tapioca.report import write_report
@@ -103,6 +103,15 @@ def test_lm_config_errors_are_specific(tmp_path: Path) -> None:
     cfg = load_config(None, ["lm.model=x", "lm.task={source: jsonl, bogus: 1}"])
     with pytest.raises(ConfigError, match="lm.task"):
         load_text_task(cfg.lm)
+
+
+def test_too_few_examples_fail_before_any_model_work(tmp_path: Path) -> None:
+    model_dir, data = planted_study_files(tmp_path)
+    overrides = [o for o in lm_overrides(model_dir, data, tmp_path / "run") if not o.startswith("lm.n_profile")]
+    cfg = load_config(None, [*overrides, "lm.n_profile=40"])  # the ID reference role has fewer than 80
+    with pytest.raises(DataError, match="role 'reference'"):
+        run_study(cfg, progress=False, log=lambda m: None)
+    assert not (tmp_path / "run" / "pruning").exists()
 
 
 def test_generation_accuracy_sweeps_score_the_gold_answer_loglik() -> None:
