@@ -341,6 +341,29 @@ def binned_reliability(pred: np.ndarray, target: np.ndarray, n_bins: int = N_REL
     return (np.array([target[idx == b].mean() for b in used]), np.array([pred[idx == b].mean() for b in used]))
 
 
+def _panel_grid(n: int, height: float) -> tuple[Figure, np.ndarray]:
+    """A figure with ``n`` small panels, at most 4 per row; returns it and its axes, flattened."""
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    fig = _figure(3.0 * ncols, height * nrows)
+    return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
+
+
+def _panel_style(ax: Any, title: str) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+
+
+def _finish_grid(fig: Figure, axes: np.ndarray, used: int, xlabel: str, ylabel: str) -> Figure:
+    """Hide the panels after the first ``used`` and label the shared axes."""
+    for ax in axes[used:]:
+        ax.set_visible(False)
+    fig.supxlabel(xlabel, fontsize=9)
+    fig.supylabel(ylabel, fontsize=9)
+    return fig
+
+
 def plot_reliability(results: dict, ev: Evaluation | None) -> Figure | None:
     """Binned mean prediction vs binned target per distribution (full model, seeds pooled), with y = x.
     Regression runs only: an LM run's calibration is :func:`plot_calibration`."""
@@ -349,10 +372,7 @@ def plot_reliability(results: dict, ev: Evaluation | None) -> Figure | None:
     dists = [d for d in results["full"] if d in ev.predictions] or ev.distributions
     if not dists:
         return None
-    ncols = min(4, len(dists))
-    nrows = math.ceil(len(dists) / ncols)
-    fig = _figure(3.0 * ncols, 2.8 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig, axes = _panel_grid(len(dists), 2.8)
     for ax, dist in zip(axes, dists):
         pred = np.asarray(ev.predictions[dist], dtype=float)
         target = np.asarray(ev.targets[dist], dtype=float)
@@ -371,14 +391,8 @@ def plot_reliability(results: dict, ev: Evaluation | None) -> Figure | None:
         lo, hi = float(min(tx.min(), py.min())), float(max(tx.max(), py.max()))
         ax.plot([lo, hi], [lo, hi], color="grey", ls=":", label="y = x")
         ax.plot(tx, py, marker="o", ms=3, label=f"slope {slope:.3g}")
-        ax.set_title(dist, fontsize=9)
-        ax.legend(fontsize=7)
-        ax.tick_params(labelsize=7)
-    for ax in axes[len(dists):]:
-        ax.set_visible(False)
-    fig.supxlabel("binned true y (15 quantile bins)", fontsize=9)
-    fig.supylabel("mean prediction ŷ", fontsize=9)
-    return fig
+        _panel_style(ax, dist)
+    return _finish_grid(fig, axes, len(dists), "binned true y (15 quantile bins)", "mean prediction ŷ")
 
 
 def attribution_matrix(results: dict) -> tuple[list[str], np.ndarray] | None:
@@ -423,10 +437,7 @@ def plot_calibration(results: dict, protocol: str = "target") -> Figure | None:
     if not isinstance(table, dict) or not table:
         return None
     dists = list(table)
-    ncols = min(4, len(dists))
-    nrows = math.ceil(len(dists) / ncols)
-    fig = _figure(3.0 * ncols, 2.9 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig, axes = _panel_grid(len(dists), 2.9)
     for ax, dist in zip(axes, dists):
         ax.plot([0, 1], [0, 1], color="grey", ls=":", label="y = x")
         for model in ("full", "pruned"):
@@ -434,16 +445,10 @@ def plot_calibration(results: dict, protocol: str = "target") -> Figure | None:
             conf, acc = np.asarray(curve["confidence"], float), np.asarray(curve["accuracy"], float)
             ok = np.isfinite(conf) & np.isfinite(acc)
             ax.plot(conf[ok], acc[ok], marker="o", ms=3, label=f"{model} (ECE {ece:.3f})")
-        ax.set_title(dist, fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
-        ax.tick_params(labelsize=7)
-    for ax in axes[len(dists):]:
-        ax.set_visible(False)
-    fig.supxlabel("mean confidence (bin)", fontsize=9)
-    fig.supylabel("accuracy (bin)", fontsize=9)
-    return fig
+        _panel_style(ax, dist)
+    return _finish_grid(fig, axes, len(dists), "mean confidence (bin)", "accuracy (bin)")
 
 
 def make_plots(results: dict, profiles: dict[int, dict], ev: Evaluation | None) -> dict[str, Figure]:
