@@ -9,13 +9,12 @@ output is the full model's), computed in the same chunks, hence bit-identical.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
-import torch
+from typing import Sequence
 
 from tapioca.evaluation import Evaluation, check_split_size, single_evaluation
 from tapioca.models.base import BlockModel
-from tapioca.models.gates import Recorded, injected_input, recorded_inputs, removal_gates
+from tapioca.models.gates import removal_gates
+from tapioca.models.resumed import ResumedRuns
 from tapioca.tasks.polyreg import PolyRegTask
 
 
@@ -29,11 +28,14 @@ class HeldoutRuns:
         check_split_size(n, "evaluation.n_heldout")
         self.model, self.task, self.seed, self.n, self.chunk = model, task, seed, n, chunk
         self.memo: dict[tuple[str, tuple[int, ...]], Evaluation] = {}
-        self.runs = 0  # forward passes over a distribution's held-out prompts (full or resumed) made
         self._dist: str | None = None
-        self._batch: Any = None
-        self._full_predictions = torch.empty(0)  # (n,), the full model on the current distribution
-        self._inputs: list[list[Recorded]] = []  # per chunk: the input of every block, full model
+        self._current: ResumedRuns | None = None  # the current distribution's runs (full model recorded)
+        self._earlier_passes = 0
+
+    @property
+    def runs(self) -> int:
+        """Forward passes over a distribution's held-out prompts (full or resumed) made so far."""
+        return self._earlier_passes + (self._current.passes if self._current is not None else 0)
 
     def __call__(self, removed: Sequence[int], dists: Sequence[str]) -> Evaluation:
         return Evaluation.concat([self.one(removed, d) for d in dists])
@@ -41,36 +43,17 @@ class HeldoutRuns:
     def one(self, removed: Sequence[int], dist: str) -> Evaluation:
         key = (dist, tuple(sorted(removed)))
         if key not in self.memo:
-            self._load(dist)
-            preds = self._predictions(list(key[1])) if key[1] else self._full_predictions
-            self.memo[key] = single_evaluation(dist, self.seed, self.task.metrics(preds, self._batch), preds,
-                                               self._batch.query_y)
+            runs = self._load(dist)
+            preds = runs(removal_gates(key[1])).predictions.cpu()
+            self.memo[key] = single_evaluation(dist, self.seed, self.task.metrics(preds, runs.batch), preds,
+                                               runs.batch.query_y)
         return self.memo[key]
 
-    def _load(self, dist: str) -> None:
-        """Make ``dist`` current: its prompts, the full model's predictions and every block's input."""
-        if dist == self._dist:
-            return
-        self._dist, self._inputs = None, []  # nothing stale survives a failure below
-        self._batch = self.task.data(dist, "heldout", self.seed, self.n)
-        preds = []
-        for sub in self._chunks():
-            with recorded_inputs(self.model.blocks) as inputs:
-                preds.append(self.model.run(sub).predictions.cpu())
-            self._inputs.append(list(inputs))
-        self._full_predictions, self._dist = torch.cat(preds), dist
-        self.runs += 1
-
-    def _chunks(self) -> list[Any]:
-        return [self._batch.slice(i, i + self.chunk) for i in range(0, len(self._batch), self.chunk)]
-
-    def _predictions(self, removed: list[int]) -> torch.Tensor:
-        """Query predictions (n,) with ``removed`` skipped, resumed at the lowest removed block."""
-        start = min(removed)
-        gates = {**removal_gates(removed), **{j: 0.0 for j in range(start)}}
-        preds = []
-        for sub, inputs in zip(self._chunks(), self._inputs):
-            with injected_input(self.model.blocks, start, inputs[start]):
-                preds.append(self.model.run(sub, gates).predictions.cpu())
-        self.runs += 1
-        return torch.cat(preds)
+    def _load(self, dist: str) -> ResumedRuns:
+        """The runs of ``dist``'s held-out prompts (only the most recent distribution is kept)."""
+        if dist != self._dist:
+            self._earlier_passes = self.runs
+            self._dist, self._current = None, None  # nothing stale survives a failure below
+            self._current = ResumedRuns(self.model, self.task.data(dist, "heldout", self.seed, self.n), self.chunk)
+            self._dist = dist
+        return self._current
