@@ -90,6 +90,10 @@ class ChoiceBatch:
     def token_mode(self) -> bool:
         return self.choice_ids is not None
 
+    def spans(self, chunk: int) -> list[tuple[int, int]]:
+        """Row ranges that bound padding (:meth:`TokenBatch.spans`)."""
+        return self.tokens.spans(chunk)
+
     def slice(self, i: int, j: int) -> "ChoiceBatch":
         """Rows ``i:j`` (trimmed to their longest); the per-example fields are shared."""
         ids = self.choice_ids[i:j] if self.choice_ids is not None else None

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from tapioca.errors import ConfigError
 from tapioca.geometry import distortion, profile, query_states
 from tapioca.io import read_json, write_json
-from tapioca.models.base import BlockModel, run_in_chunks
+from tapioca.models.base import BlockModel, chunks, run_in_chunks
 from tapioca.models.gates import Gates, injected_input, recorded_inputs, removal_gates
 from tapioca.racing import RacingRounds
 
@@ -138,8 +138,7 @@ class PrefixRounds:
     def __call__(self, removed: list[int], candidates: list[int]) -> dict[int, float]:
         preds: dict[int, list[torch.Tensor]] = {b: [] for b in candidates}
         base = removal_gates(removed)
-        for start in range(0, len(self.batch), self.chunk):
-            sub = self.batch.slice(start, start + self.chunk)
+        for sub in chunks(self.batch, self.chunk):
             with recorded_inputs(self.model.blocks) as inputs:
                 self.model.run(sub, base)
             for b in candidates:

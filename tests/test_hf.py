@@ -11,7 +11,7 @@ import transformers
 from torch import nn
 
 from tapioca.errors import CheckpointError, ConfigError, DataError
-from tapioca.models.base import run_in_chunks
+from tapioca.models.base import chunk_spans, run_in_chunks
 from tapioca.models.gates import gated, removal_gates
 from tapioca.models.hf import (
     ChatTemplateError, ContextTooLongError, HFModel, UnsupportedModelError, blocks_removed, find_blocks,
@@ -277,6 +277,35 @@ def test_run_in_chunks_matches_one_batch(llama: HFModel) -> None:
     chunks = run_in_chunks(llama, batch, {1: 0.5}, True, 2)
     assert torch.allclose(whole.predictions, chunks.predictions, atol=1e-5)
     assert torch.allclose(whole.states, chunks.states, atol=1e-5)
+
+
+def test_spans_bound_padding_and_keep_equal_rows_together(llama: HFModel) -> None:
+    ragged = llama.tokenize(["a" * n for n in (40, 30, 9, 8, 8, 7, 6, 5)])
+    spans = ragged.spans(2)
+    lengths = ragged.attention_mask.sum(1).tolist()
+    budget = 2 * math.ceil(sum(lengths) / len(lengths))
+    assert spans[0][0] == 0 and spans[-1][1] == len(ragged)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(j - i == 1 or (j - i) * max(lengths[i:j]) <= budget for i, j in spans)
+    assert spans[0] == (0, 1) and spans[-1][1] - spans[-1][0] > 2  # long rows alone, short rows packed
+    equal = llama.tokenize(["abc"] * 7)
+    assert equal.spans(3) == [(0, 3), (3, 6), (6, 7)] and chunk_spans(equal, 3) == equal.spans(3)
+    run = run_in_chunks(llama, ragged, {1: 0.5}, True, 2)
+    whole = llama.run(ragged, {1: 0.5}, capture=True)
+    assert torch.allclose(run.states, whole.states, atol=1e-5)
+
+
+def test_prompt_only_batches_compute_logits_at_the_query_only(lm: HFModel) -> None:
+    calls = []
+    handle = lm.model.get_output_embeddings().register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    try:
+        prompt_only = lm.run(lm.tokenize(PROMPTS), {1: 0.5})
+    finally:
+        handle.remove()
+    with_targets = lm.run(lm.tokenize(PROMPTS, CONTINUATIONS), {1: 0.5})
+    assert calls[-1][:2] == (len(PROMPTS), 1)
+    assert torch.allclose(prompt_only.query_logprobs, with_targets.query_logprobs, atol=1e-4)
+    assert (prompt_only.predictions == 0).all() and (prompt_only.token_logprobs == 0).all()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -39,9 +39,25 @@ class BlockModel(Protocol):
         ...
 
 
+def chunk_spans(batch: Any, chunk: int) -> list[tuple[int, int]]:
+    """Row ranges ``(i, j)`` that cover ``batch`` in order: the batch's own ``spans(chunk)`` when it has one
+    (token batches bound their padding that way), else ``chunk`` rows each."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    spans = getattr(batch, "spans", None)
+    if spans is not None:
+        return spans(chunk)
+    return [(i, min(i + chunk, len(batch))) for i in range(0, len(batch), chunk)]
+
+
+def chunks(batch: Any, chunk: int) -> list[Any]:
+    """``batch`` cut into the slices of :func:`chunk_spans`."""
+    return [batch.slice(i, j) for i, j in chunk_spans(batch, chunk)]
+
+
 def run_in_chunks(model: BlockModel, batch: Any, gates: Gates | None, capture: bool, chunk: int) -> RunOutput:
-    """:meth:`BlockModel.run` over ``batch`` in chunks of ``chunk`` examples, concatenated."""
-    return concat_outputs([model.run(batch.slice(i, i + chunk), gates, capture) for i in range(0, len(batch), chunk)])
+    """:meth:`BlockModel.run` over ``batch`` in the chunks of :func:`chunk_spans`, concatenated."""
+    return concat_outputs([model.run(sub, gates, capture) for sub in chunks(batch, chunk)])
 
 
 def concat_outputs(outputs: list[RunOutput]) -> RunOutput:

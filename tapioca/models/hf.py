@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -56,6 +57,24 @@ class TokenBatch:
         """Examples ``i:j`` (trimmed to their longest)."""
         return self.take(torch.arange(len(self))[i:j])
 
+    def spans(self, chunk: int) -> list[tuple[int, int]]:
+        """Row ranges ``(i, j)``, in order, for passes of at most ``chunk`` rows' worth of tokens: each range's
+        padded size (rows x its longest row) stays within ``chunk`` x the batch's mean length (one row at
+        least). Equal-length rows go ``chunk`` at a time; long rows go fewer at a time, so a batch sorted by
+        length (as :func:`tapioca.lm.choice_batch` makes) wastes little compute on padding."""
+        lengths = self.attention_mask.sum(1).tolist()
+        if not lengths:
+            return []
+        budget = chunk * math.ceil(sum(lengths) / len(lengths))
+        spans, start, longest = [], 0, 0
+        for i, n in enumerate(lengths):
+            if i > start and (i - start + 1) * max(longest, n) > budget:
+                spans.append((start, i))
+                start, longest = i, 0
+            longest = max(longest, n)
+        spans.append((start, len(lengths)))
+        return spans
+
     def to(self, device: str | torch.device) -> "TokenBatch":
         return TokenBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
@@ -99,6 +118,23 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[Tensor
         ids[b, span] = torch.tensor(row, dtype=torch.long)
         mask[b, span] = 1
     return ids, mask
+
+
+@contextmanager
+def _query_rows_only(head: nn.Module, query: Tensor, width: int) -> Iterator[None]:
+    """While active, the output ``head`` computes logits only at each row's ``query`` (B,): its input
+    (B, K, D) holds the last K of ``width`` positions and is cut to (B, 1, D)."""
+
+    def pick(module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return (hidden[rows, (query - (width - hidden.shape[1])).to(hidden.device)][:, None], *args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------- adapter
@@ -264,7 +300,7 @@ class HFModel:
         if cache is not None:
             kwargs.update(self._cache_arg(cache))
         logits = self.model(**kwargs, **self._keep_logits(width - start)).logits
-        return logits[:, -(width - start):].float().to(self.device)
+        return logits[:, -min(width - start, logits.shape[1]):].float().to(self.device)
 
     @torch.no_grad()
     def run(self, batch: TokenBatch, gates: Gates | None = None, capture: bool = False) -> LMRunOutput:
@@ -275,14 +311,18 @@ class HFModel:
         batch = batch.to(self.device)
         start = int(batch.query.min())
         shared = self.shared_prefix(batch)
+        query_only = not bool(batch.target_mask.any())  # nothing to score: logits at the query alone
+        head = self.model.get_output_embeddings() if query_only else None
+        width = batch.input_ids.shape[1]
         with gated(self.blocks, gates):
             cache = self._prefix_cache(batch.input_ids[:1, :shared], len(batch)) if shared else None
-            with gated(self.blocks, None, capture=capture, positions=batch.query - shared) as cap:
-                logits = self._logits(batch, start, shared, cache)  # (B, T - start, V)
+            with gated(self.blocks, None, capture=capture, positions=batch.query - shared) as cap, \
+                    _query_rows_only(head, batch.query, width) if head is not None else nullcontext():
+                logits = self._logits(batch, start, shared, cache)  # (B, T - start, V), or (B, 1, V) query_only
         rows = torch.arange(len(batch), device=self.device)
-        query_logprobs = logits[rows, batch.query - start].log_softmax(-1)
+        query_logprobs = (logits[:, 0] if head is not None else logits[rows, batch.query - start]).log_softmax(-1)
         token_logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
-        if logits.shape[1] > 1:
+        if head is None and logits.shape[1] > 1:
             predictors = logits[:, :-1]  # position t predicts token t + 1
             nxt = batch.input_ids[:, start + 1:]
             picked = predictors.gather(-1, nxt[..., None]).squeeze(-1) - predictors.logsumexp(-1)

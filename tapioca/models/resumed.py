@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tapioca.models.base import BlockModel, RunOutput, concat_outputs
+from tapioca.models.base import BlockModel, RunOutput, chunks, concat_outputs
 from tapioca.models.gates import Gates, Recorded, check_gates, injected_input, recorded_inputs
 
 
@@ -29,7 +29,7 @@ class ResumedRuns:
 
     def __init__(self, model: BlockModel, batch: Any, chunk: int) -> None:
         self.model, self.batch = model, batch
-        self.chunks = [batch.slice(i, i + chunk) for i in range(0, len(batch), chunk)]
+        self.chunks = chunks(batch, chunk)
         self._inputs: list[list[Recorded]] = []  # per chunk: every block's input, ungated model
         self._full: RunOutput | None = None
         self.passes = 0  # forward passes over the batch made (the recorded one included)
