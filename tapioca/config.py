@@ -169,7 +169,7 @@ class LMConfig:
     n_select: int = _range(32, ge=8)
     n_heldout: int = _range(64, ge=8)
     n_profile: int = _range(48, ge=4)  # prompts per geometry profile and per intervention
-    batch_size: int = _range(16, ge=1)
+    batch_size: int = _range(16, ge=1)  # rows per pass at the mean prompt length (a token budget: TokenBatch.spans)
     length_normalize: bool = False
     max_new_tokens: int = _range(12, ge=1)
 
