@@ -20,6 +20,8 @@ from tapioca.tasks.references import REFERENCES
 
 # metric name -> True if higher is better
 METRICS = {"nmse": False, "tol_acc": True}
+# LM metric name -> True if higher is better (the ones a comparison reports; confidence has no good side)
+LM_METRICS = {"acc": True, "prob_correct": True, "brier": False, "score": True}
 MIN_SPLIT = 8  # fewest examples a selection or held-out split may have
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tapioca import stats
-from tapioca.evaluation import Evaluation, check_split_size, compare
+from tapioca.evaluation import LM_METRICS, Evaluation, check_split_size, compare
 from tapioca.lm import ChoiceModel, choice_batch, choice_metrics, choice_table, task_choices
 from tapioca.models.base import run_in_chunks
 from tapioca.models.gates import Gates
@@ -30,9 +30,6 @@ from tapioca.models.hf import HFModel
 from tapioca.tasks.text import TextExample, TextTask, score_short_answer
 
 __all__ = ["LM_METRICS", "calibration", "calibration_change", "compare_lm", "evaluate_lm"]
-
-# metric name -> True if higher is better (the ones a comparison reports; confidence has no good side)
-LM_METRICS = {"acc": True, "prob_correct": True, "brier": False, "score": True}
 
 
 def evaluate_lm(

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from tapioca import stats
-from tapioca.evaluation import METRICS, Evaluation
+from tapioca.evaluation import LM_METRICS, METRICS, Evaluation
 
 METRIC_LABELS = {"nmse": "NMSE", "tol_acc": "tolerance accuracy"}
 METHOD_ORDER = ("tale", "block_influence", "angular", "last_k", "random", "distortion", "magnitude", "wanda")
@@ -64,7 +64,7 @@ def _main_metric(results: dict) -> str:
 
 
 def _lower_is_better(metric: str) -> bool:
-    return not METRICS.get(metric, False)
+    return not {**METRICS, **LM_METRICS}.get(metric, False)
 
 
 def _err(d: dict) -> tuple[float, float]:

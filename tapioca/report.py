@@ -29,6 +29,10 @@ __all__ = ["write_report", "build_report", "load_results"]
 
 REQUIRED_KEYS = ("quality", "full", "protocols")
 TESTBED_ONLY_SECTIONS = ("model", "task", "train")  # config sections an LM study does not use
+TESTBED_ONLY_KEYS = ("pruning.search", "pruning.protocol", "pruning.target", "pruning.metric", "pruning.n_remove",
+                     "pruning.n_select", "pruning.batch_size", "pruning.racing_delta", "pruning.racing_min",
+                     "evaluation.n_heldout", "evaluation.batch_size", "geometry.n_prompts", "run.seed",
+                     "run.seed_workers")  # ... and keys (the lm section has its own sizes)
 CLAIMS = {
     "C1": "task-aware pruning gives no ID benefit",
     "C2": "task-aware pruning improves OOD",
@@ -135,7 +139,9 @@ def section_header(results: dict, config: Any, environment: Any, timings: Any) -
             if not isinstance(values, dict):
                 rows.append([section, _config_value(values)])
                 continue
-            shown = {k: v for k, v in values.items() if not (section == "run" and k == "out")}
+            lm = results.get("kind") == "lm"
+            shown = {k: v for k, v in values.items() if not (section == "run" and k == "out")
+                     and not (lm and f"{section}.{k}" in TESTBED_ONLY_KEYS)}
             for key, value in shown.items():
                 rows.append([f"{section}.{key}", _config_value(value)])
         blocks.append(("table", ["setting", "value"], rows))
@@ -216,6 +222,8 @@ def section_protocols(results: dict) -> list[Block]:
     for protocol, data in results["protocols"].items():
         delta = data.get("delta") or {}
         for metric in _metrics(results):
+            if not any(isinstance(row.get(metric), dict) for row in delta.values()):
+                continue  # a metric without comparisons (confidence: no good side; see Calibration)
             better = "lower" if _lower_is_better(metric) else "higher"
             blocks.append(("h", 3, f"Protocol `{protocol}` — {METRIC_LABELS.get(metric, metric)}"))
             blocks.append(("p", f"Δ = pruned − full ({better} is better); paired seed-stratified bootstrap "
@@ -315,6 +323,14 @@ def section_interventions(results: dict) -> list[Block]:
         vals = [[v.get(k) for v in by_seed.values() if isinstance(v, dict) and v.get(k) is not None] for k in keys]
         rows.append([shift, *[_num(float(np.mean(v))) if v else "—" for v in vals]])
     blocks: list[Block] = [("h", 2, "Interventions")]
+    if results.get("kind") == "lm":
+        blocks.append(("p", "Residual scaling of the removed blocks (α from 1 to 0) against control blocks is "
+                            "plotted below. Norm matching is not run on text (prompts differ in length). The table "
+                            "gives the OOD score of the sweep at α = 1 (full) and α = 0 (TALE's blocks removed) on "
+                            "the intervention prompts, mean over seeds."))
+        if rows:
+            blocks.append(("table", ["shift", "OOD full", "OOD pruned"], [[r[0], r[1], r[3]] for r in rows]))
+        return blocks
     blocks.append(("p", "Residual scaling of the removed blocks (α from 1 to 0) against control blocks is "
                         "plotted below. Norm matching without pruning (scores are mean −NMSE, higher is "
                         "better; mean over seeds): OOD states rescaled to ID norms, and the control that pushes "

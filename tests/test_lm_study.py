@@ -91,6 +91,12 @@ def test_lm_study_report_builds_from_the_run_dir(planted_run) -> None:
     markdown = (folder / "report.md").read_text()
     assert "## Calibration" in markdown and "ECE" in markdown and (folder / "calibration.png").is_file()
     assert not (folder / "reliability.png").exists()  # the regression reliability plot is for the testbed
+    acc_table = markdown.split("### Protocol `target` — acc\n")[1].split("###")[0]
+    assert "(higher is better)" in acc_table
+    assert "— confidence" not in markdown  # no comparison for confidence: it has no better side
+    config_table = markdown.split("## Configuration")[1].split("## Environment")[0]
+    assert "lm.n_select" in config_table and "pruning.n_select" not in config_table
+    assert "−NMSE" not in markdown.split("## Interventions")[1]
 
 
 def test_lm_config_errors_are_specific(tmp_path: Path) -> None:
