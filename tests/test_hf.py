@@ -295,7 +295,7 @@ def test_spans_bound_padding_and_keep_equal_rows_together(llama: HFModel) -> Non
     assert torch.allclose(run.states, whole.states, atol=1e-5)
 
 
-def test_prompt_only_batches_compute_logits_at_the_query_only(lm: HFModel) -> None:
+def test_the_head_runs_only_at_the_query_and_the_target_predictors(lm: HFModel) -> None:
     calls = []
     handle = lm.model.get_output_embeddings().register_forward_hook(lambda m, a, out: calls.append(out.shape))
     try:
@@ -304,6 +304,13 @@ def test_prompt_only_batches_compute_logits_at_the_query_only(lm: HFModel) -> No
         handle.remove()
     with_targets = lm.run(lm.tokenize(PROMPTS, CONTINUATIONS), {1: 0.5})
     assert calls[-1][:2] == (len(PROMPTS), 1)
+    handle = lm.model.get_output_embeddings().register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    try:
+        lm.run(lm.tokenize(PROMPTS, CONTINUATIONS))
+    finally:
+        handle.remove()
+    longest = max(len(lm.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in CONTINUATIONS)
+    assert calls[-1][:2] == (len(PROMPTS), longest + 1)  # not every position after the shortest prompt
     assert torch.allclose(prompt_only.query_logprobs, with_targets.query_logprobs, atol=1e-4)
     assert (prompt_only.predictions == 0).all() and (prompt_only.token_logprobs == 0).all()
 

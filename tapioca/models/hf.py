@@ -121,20 +121,30 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[Tensor
 
 
 @contextmanager
-def _query_rows_only(head: nn.Module, query: Tensor, width: int) -> Iterator[None]:
-    """While active, the output ``head`` computes logits only at each row's ``query`` (B,): its input
-    (B, K, D) holds the last K of ``width`` positions and is cut to (B, 1, D)."""
+def _head_at(head: nn.Module, positions: Tensor, width: int) -> Iterator[None]:
+    """While active, the output ``head`` computes logits only at ``positions`` (B, S) of each row: its input
+    (B, K, D) holds the last K of ``width`` positions and is cut to (B, S, D)."""
 
     def pick(module: nn.Module, args: tuple) -> tuple:
         hidden = args[0]
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return (hidden[rows, (query - (width - hidden.shape[1])).to(hidden.device)][:, None], *args[1:])
+        index = (positions - (width - hidden.shape[1])).to(hidden.device)
+        return (hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])), *args[1:])
 
     handle = head.register_forward_pre_hook(pick)
     try:
         yield
     finally:
         handle.remove()
+
+
+def _scored_positions(batch: TokenBatch) -> Tensor:
+    """Positions (B, S) whose logits a run needs: each row's query and the S - 1 after it, S covering the
+    row with the most target tokens (clamped to the last column)."""
+    width = batch.input_ids.shape[1]
+    columns = torch.arange(width, device=batch.query.device)
+    last = torch.where(batch.target_mask, columns, -1).amax(1)  # last target token, -1 if none
+    span = int((last - batch.query).clamp(min=0).max()) + 1
+    return (batch.query[:, None] + torch.arange(span, device=batch.query.device)).clamp(max=width - 1)
 
 
 # ---------------------------------------------------------------- adapter
@@ -311,22 +321,24 @@ class HFModel:
         batch = batch.to(self.device)
         start = int(batch.query.min())
         shared = self.shared_prefix(batch)
-        query_only = not bool(batch.target_mask.any())  # nothing to score: logits at the query alone
-        head = self.model.get_output_embeddings() if query_only else None
         width = batch.input_ids.shape[1]
+        positions = _scored_positions(batch)  # (B, S): the query and the target tokens' predictors
+        head = self.model.get_output_embeddings()
         with gated(self.blocks, gates):
             cache = self._prefix_cache(batch.input_ids[:1, :shared], len(batch)) if shared else None
             with gated(self.blocks, None, capture=capture, positions=batch.query - shared) as cap, \
-                    _query_rows_only(head, batch.query, width) if head is not None else nullcontext():
-                logits = self._logits(batch, start, shared, cache)  # (B, T - start, V), or (B, 1, V) query_only
-        rows = torch.arange(len(batch), device=self.device)
-        query_logprobs = (logits[:, 0] if head is not None else logits[rows, batch.query - start]).log_softmax(-1)
+                    _head_at(head, positions, width) if head is not None else nullcontext():
+                logits = self._logits(batch, start, shared, cache)  # (B, S, V); (B, T - start, V) without a head
+        if head is None:
+            logits = logits.gather(1, (positions - start)[..., None].expand(-1, -1, logits.shape[-1]))
+        query_logprobs = logits[:, 0].log_softmax(-1)
         token_logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
-        if head is None and logits.shape[1] > 1:
-            predictors = logits[:, :-1]  # position t predicts token t + 1
-            nxt = batch.input_ids[:, start + 1:]
-            picked = predictors.gather(-1, nxt[..., None]).squeeze(-1) - predictors.logsumexp(-1)
-            token_logprobs[:, start + 1:] = torch.where(batch.target_mask[:, start + 1:], picked, 0.0)
+        if logits.shape[1] > 1:
+            predicted = positions[:, 1:]  # (B, S - 1): the token each predictor position scores
+            nxt = batch.input_ids.gather(1, predicted)
+            picked = logits[:, :-1].gather(-1, nxt[..., None]).squeeze(-1) - logits[:, :-1].logsumexp(-1)
+            scored = batch.target_mask.gather(1, predicted) & (predicted > positions[:, :-1])
+            token_logprobs.scatter_add_(1, predicted, torch.where(scored, picked, 0.0))  # clamped repeats add 0
         if cap is not None:  # under a device_map each block's states are on that block's device
             cap.states = [None if h is None else h.to(self.device) for h in cap.states]
         states = cap.stacked() if cap is not None else None
