@@ -63,8 +63,11 @@ def _main_metric(results: dict) -> str:
     return metric if metric in metrics else (metrics[0] if metrics else "nmse")
 
 
+HIGHER_IS_BETTER = {**METRICS, **LM_METRICS}  # every metric a comparison reports, testbed and LM
+
+
 def _lower_is_better(metric: str) -> bool:
-    return not {**METRICS, **LM_METRICS}.get(metric, False)
+    return not HIGHER_IS_BETTER.get(metric, False)
 
 
 def _err(d: dict) -> tuple[float, float]:

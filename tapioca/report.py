@@ -28,11 +28,11 @@ from tapioca.plots import (METHOD_ORDER, METRIC_LABELS, _ci, _dig, _lower_is_bet
 __all__ = ["write_report", "build_report", "load_results"]
 
 REQUIRED_KEYS = ("quality", "full", "protocols")
-TESTBED_ONLY_SECTIONS = ("model", "task", "train")  # config sections an LM study does not use
+TESTBED_ONLY_SECTIONS = ("model", "task", "train")  # config sections an LM study does not use, and keys
 TESTBED_ONLY_KEYS = ("pruning.search", "pruning.protocol", "pruning.target", "pruning.metric", "pruning.n_remove",
                      "pruning.n_select", "pruning.batch_size", "pruning.racing_delta", "pruning.racing_min",
                      "evaluation.n_heldout", "evaluation.batch_size", "geometry.n_prompts", "run.seed",
-                     "run.seed_workers")  # ... and keys (the lm section has its own sizes)
+                     "run.seed_workers")  # (the lm section has its own sizes)
 CLAIMS = {
     "C1": "task-aware pruning gives no ID benefit",
     "C2": "task-aware pruning improves OOD",
@@ -133,17 +133,17 @@ def section_header(results: dict, config: Any, environment: Any, timings: Any) -
     blocks.append(("h", 2, "Configuration"))
     if isinstance(config, dict):
         rows = []
+        lm = results.get("kind") == "lm"
         for section, values in config.items():
-            if results.get("kind") == "lm" and section in TESTBED_ONLY_SECTIONS:
+            if lm and section in TESTBED_ONLY_SECTIONS:
                 continue
             if not isinstance(values, dict):
                 rows.append([section, _config_value(values)])
                 continue
-            lm = results.get("kind") == "lm"
-            shown = {k: v for k, v in values.items() if not (section == "run" and k == "out")
-                     and not (lm and f"{section}.{k}" in TESTBED_ONLY_KEYS)}
-            for key, value in shown.items():
-                rows.append([f"{section}.{key}", _config_value(value)])
+            for key, value in values.items():
+                name = f"{section}.{key}"
+                if name != "run.out" and not (lm and name in TESTBED_ONLY_KEYS):
+                    rows.append([name, _config_value(value)])
         blocks.append(("table", ["setting", "value"], rows))
     else:
         blocks.append(("p", "config.yaml is missing or unreadable."))
@@ -310,33 +310,32 @@ def section_calibration(results: dict) -> list[Block]:
 
 
 def section_interventions(results: dict) -> list[Block]:
-    """Norm-matching summary (seed means) when ``interventions`` is present."""
+    """Norm-matching summary (seed means) when ``interventions`` is present; LM runs have no norm matching,
+    so their table holds the sweep's ends (α = 1 and α = 0) only."""
     interventions = results.get("interventions")
     if not isinstance(interventions, dict) or not interventions:
         return []
-    keys = ("ood_full", "ood_matched", "ood_pruned", "id_full", "id_pushed")
+    lm = results.get("kind") == "lm"
+    columns = {"ood_full": "OOD full", "ood_matched": "OOD norm-matched", "ood_pruned": "OOD pruned",
+               "id_full": "ID full", "id_pushed": "ID pushed"}
+    if lm:
+        columns = {k: columns[k] for k in ("ood_full", "ood_pruned")}
     rows = []
     for shift, data in interventions.items():
         by_seed = _dig(data, "norm_matching")
         if not isinstance(by_seed, dict) or not by_seed:
             continue
-        vals = [[v.get(k) for v in by_seed.values() if isinstance(v, dict) and v.get(k) is not None] for k in keys]
+        vals = [[v.get(k) for v in by_seed.values() if isinstance(v, dict) and v.get(k) is not None] for k in columns]
         rows.append([shift, *[_num(float(np.mean(v))) if v else "—" for v in vals]])
-    blocks: list[Block] = [("h", 2, "Interventions")]
-    if results.get("kind") == "lm":
-        blocks.append(("p", "Residual scaling of the removed blocks (α from 1 to 0) against control blocks is "
-                            "plotted below. Norm matching is not run on text (prompts differ in length). The table "
-                            "gives the OOD score of the sweep at α = 1 (full) and α = 0 (TALE's blocks removed) on "
-                            "the intervention prompts, mean over seeds."))
-        if rows:
-            blocks.append(("table", ["shift", "OOD full", "OOD pruned"], [[r[0], r[1], r[3]] for r in rows]))
-        return blocks
-    blocks.append(("p", "Residual scaling of the removed blocks (α from 1 to 0) against control blocks is "
-                        "plotted below. Norm matching without pruning (scores are mean −NMSE, higher is "
-                        "better; mean over seeds): OOD states rescaled to ID norms, and the control that pushes "
-                        "ID states to OOD norms."))
+    text = "Residual scaling of the removed blocks (α from 1 to 0) against control blocks is plotted below. "
+    text += ("Norm matching is not run on text (prompts differ in length). The table gives the OOD score of the "
+             "sweep at α = 1 (full) and α = 0 (TALE's blocks removed) on the intervention prompts, mean over seeds."
+             if lm else
+             "Norm matching without pruning (scores are mean −NMSE, higher is better; mean over seeds): OOD states "
+             "rescaled to ID norms, and the control that pushes ID states to OOD norms.")
+    blocks: list[Block] = [("h", 2, "Interventions"), ("p", text)]
     if rows:
-        blocks.append(("table", ["shift", "OOD full", "OOD norm-matched", "OOD pruned", "ID full", "ID pushed"], rows))
+        blocks.append(("table", ["shift", *columns.values()], rows))
     return blocks
 
 

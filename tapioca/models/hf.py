@@ -120,15 +120,19 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[Tensor
     return ids, mask
 
 
+def _at_positions(x: Tensor, positions: Tensor, width: int) -> Tensor:
+    """x (B, K, F) holds the last K of ``width`` positions of each row -> its rows at ``positions`` (B, S, F)."""
+    index = (positions - (width - x.shape[1])).to(x.device)
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
 @contextmanager
 def _head_at(head: nn.Module, positions: Tensor, width: int) -> Iterator[None]:
-    """While active, the output ``head`` computes logits only at ``positions`` (B, S) of each row: its input
-    (B, K, D) holds the last K of ``width`` positions and is cut to (B, S, D)."""
+    """While active, the output ``head`` computes logits only at ``positions`` (B, S) of each row (its input
+    is cut to (B, S, D) by :func:`_at_positions`)."""
 
     def pick(module: nn.Module, args: tuple) -> tuple:
-        hidden = args[0]
-        index = (positions - (width - hidden.shape[1])).to(hidden.device)
-        return (hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])), *args[1:])
+        return (_at_positions(args[0], positions, width), *args[1:])
 
     handle = head.register_forward_pre_hook(pick)
     try:
@@ -302,15 +306,15 @@ class HFModel:
         return {"logits_to_keep": n} if self._keeps_logits else {}
 
     def _logits(self, batch: TokenBatch, start: int, shared: int = 0, cache: Any = None) -> Tensor:
-        """Logits for positions ``start:`` -> (B, T - start, V), float32; with a ``cache`` of the first
+        """Logits (B, K, V) float32 of the last K positions, K = T - start (all of the rest when the model
+        cannot keep fewer), or whatever a hook on the head cut them to; with a ``cache`` of the first
         ``shared`` tokens only the rest of each row is run."""
         width = batch.input_ids.shape[1]
         kwargs: dict[str, Any] = dict(input_ids=batch.input_ids[:, shared:], attention_mask=batch.attention_mask,
                                       use_cache=cache is not None)
         if cache is not None:
             kwargs.update(self._cache_arg(cache))
-        logits = self.model(**kwargs, **self._keep_logits(width - start)).logits
-        return logits[:, -min(width - start, logits.shape[1]):].float().to(self.device)
+        return self.model(**kwargs, **self._keep_logits(width - start)).logits.float().to(self.device)
 
     @torch.no_grad()
     def run(self, batch: TokenBatch, gates: Gates | None = None, capture: bool = False) -> LMRunOutput:
@@ -329,8 +333,8 @@ class HFModel:
             with gated(self.blocks, None, capture=capture, positions=batch.query - shared) as cap, \
                     _head_at(head, positions, width) if head is not None else nullcontext():
                 logits = self._logits(batch, start, shared, cache)  # (B, S, V); (B, T - start, V) without a head
-        if head is None:
-            logits = logits.gather(1, (positions - start)[..., None].expand(-1, -1, logits.shape[-1]))
+        if head is None:  # the model ran its head at every kept position: pick the scored ones
+            logits = _at_positions(logits, positions, width)
         query_logprobs = logits[:, 0].log_softmax(-1)
         token_logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
         if logits.shape[1] > 1:
