@@ -91,14 +91,17 @@ def executed_forwards(result: PruneResult, prefix: bool, record_passes: int = 1)
     """The blocks each forward of a search actually computed, reconstructed from ``result.rounds``.
 
     Naive (or ``prefix=False``): the baseline, then every candidate configuration from scratch. Prefix reuse:
-    per round ``record_passes`` passes under the current gates, then candidate b runs only blocks after b.
+    the full passes ``result.info["base_runs"]`` lists (else the baseline and ``record_passes`` passes per
+    round under the current gates), then candidate b runs only blocks after b.
     """
     n = result.n_blocks
-    yield list(range(n))  # baseline
+    base_runs = result.info.get("base_runs") if prefix else None
+    for removed in base_runs if base_runs is not None else [[]]:
+        yield [j for j in range(n) if j not in removed]
     for rnd in result.rounds:
         removed = set(rnd["removed_before"])
         kept = [j for j in range(n) if j not in removed]
-        if prefix:
+        if prefix and base_runs is None:
             for _ in range(record_passes):
                 yield kept
         for b in map(int, rnd["candidates"]):

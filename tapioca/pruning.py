@@ -7,6 +7,7 @@ per-example selection scores (higher is better) — and returns a :class:`PruneR
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,13 @@ from tapioca.errors import ConfigError
 from tapioca.geometry import distortion, profile, query_states
 from tapioca.io import read_json, write_json
 from tapioca.models.base import BlockModel, chunks, run_in_chunks
-from tapioca.models.gates import Gates, injected_input, recorded_inputs, removal_gates
+from tapioca.models.gates import Gates, Recorded, injected_input, recorded_inputs, removal_gates
 from tapioca.racing import RacingRounds
 
 Scorer = Callable[[Gates], torch.Tensor]  # gates -> per-example selection scores (B,)
 PredictionScorer = Callable[[torch.Tensor, Any], torch.Tensor]  # (predictions, batch) -> scores (B,)
 RoundEvaluator = Callable[[list[int], list[int]], dict[int, float]]  # (removed, candidates) -> mean score each
+KEEP_BYTES = 2 * 2**30  # PrefixRounds: memory for kept block inputs (a round's base, its leader, one candidate)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class SearchContext:
     candidate_evaluator: RoundEvaluator | None = None  # TALE: scores a round's candidates (e.g. on Ray workers)
     racing_delta: float | None = None  # TALE: race candidates with this error bound (None: exact TALE)
     racing_min: int = 64  # TALE racing: examples in the first stage
+    keep_bytes: int = KEEP_BYTES  # TALE prefix reuse: memory for kept block inputs (PrefixRounds)
 
 
 @dataclass
@@ -102,7 +105,9 @@ class ScoreCache:
     def __call__(self, removed: frozenset[int]) -> float:
         key = _key(removed)
         if key not in self.scores:
-            self._store({key: float(self.scorer(removal_gates(removed)).double().mean())})
+            base = getattr(self.prefix, "base", None)  # a recorded pass that the next round can start from
+            value = base(sorted(removed)) if base is not None else self.scorer(removal_gates(removed)).double().mean()
+            self._store({key: float(value)})
         return self.scores[key]
 
     def round(self, removed: list[int], candidates: list[int]) -> dict[int, float]:
@@ -128,24 +133,105 @@ class ScoreCache:
 
 
 class PrefixRounds:
-    """A TALE round evaluated with prefix reuse: one pass under the current gates records every block's
-    input, then candidate b resumes from its cached input with blocks 0..b skipped (they are identical for
-    all configurations that differ from the current one only at b). Same numbers, about half the compute."""
+    """TALE rounds evaluated with prefix reuse: a pass under the current gates records every block's input,
+    then candidate b resumes from its cached input with blocks 0..b skipped (they are identical for all
+    configurations that differ from the current one only at b). Same numbers, about half the compute.
 
-    def __init__(self, model: BlockModel, batch: Any, score_predictions: PredictionScorer, chunk: int) -> None:
-        self.model, self.batch, self.score_predictions, self.chunk = model, batch, score_predictions, chunk
+    When three copies of the whole selection batch's block inputs fit in ``keep_bytes`` (judged from the first
+    chunk), candidates run one after another over all chunks and each one's block inputs are recorded too:
+    the round's best candidate is the next round's base, so rounds after the first run no base pass, and the
+    first round's base is the baseline's pass (:meth:`base`). Otherwise every chunk is recorded and all
+    candidates run on it before the next chunk (memory: one chunk's inputs). ``base_runs``: the
+    configurations whose full pass was run, in order (for cost accounting).
+    """
+
+    def __init__(self, model: BlockModel, batch: Any, score_predictions: PredictionScorer, chunk: int,
+                 keep_bytes: int = KEEP_BYTES) -> None:
+        self.model, self.batch, self.score_predictions = model, batch, score_predictions
+        self.chunks = chunks(batch, chunk)
+        self.keep_bytes = keep_bytes
+        self.base_runs: list[list[int]] = []
+        self._fits: bool | None = None  # do kept inputs fit in keep_bytes? decided on the first recorded chunk
+        self._kept: tuple[str, list[list[Recorded]]] | None = None  # configuration, its inputs (chunk, block)
+        self._leader: tuple[str, int, list[list[Recorded]]] | None = None  # best candidate: key, block, inputs
 
     def __call__(self, removed: list[int], candidates: list[int]) -> dict[int, float]:
+        kept = self._base_inputs(removed)
+        if kept is None:
+            return self._chunk_major(removed, candidates)
+        return self._candidate_major(removed, candidates, kept)
+
+    def base(self, removed: list[int]) -> float:
+        """Mean score of the configuration ``removed``, from a recorded pass whose block inputs are kept as
+        the next round's base when they fit."""
+        self.base_runs.append(sorted(removed))
+        gates = removal_gates(removed)
+        preds, inputs = [], []
+        for sub in self.chunks:
+            with recorded_inputs(self.model.blocks) as got:
+                preds.append(self.model.run(sub, gates).predictions)
+            if self._fits is None:
+                self._fits = 3 * _nbytes(got) * len(self.chunks) <= self.keep_bytes
+            if self._fits:
+                inputs.append(got)
+        if self._fits:
+            self._kept = (_key(removed), inputs)
+        return self._mean(preds)
+
+    def _base_inputs(self, removed: list[int]) -> list[list[Recorded]] | None:
+        """Every chunk's block inputs under ``removed`` (kept, the last round's leader, or a new pass); None
+        when they do not fit."""
+        key = _key(removed)
+        if self._kept is not None and self._kept[0] == key:
+            return self._kept[1]
+        if self._kept is not None and self._leader is not None and self._leader[0] == key:
+            _, b, inputs = self._leader  # below b the old base's inputs, from b + 1 on the leader's own
+            self._kept = (key, [old[: b + 1] + new[b + 1:] for old, new in zip(self._kept[1], inputs)])
+            return self._kept[1]
+        if self._fits is False:
+            return None
+        self.base(removed)
+        return self._kept[1] if self._fits else None
+
+    def _candidate_major(self, removed: list[int], candidates: list[int], kept: list[list[Recorded]]) -> dict[int, float]:
+        """Each candidate over all chunks, resumed from ``kept``; the best one's block inputs are kept."""
+        base = removal_gates(removed)
+        scores: dict[int, float] = {}
+        best, self._leader = -math.inf, None
+        for b in candidates:
+            gates = {**base, **{j: 0.0 for j in range(b + 1)}}
+            preds, inputs = [], []
+            for sub, below in zip(self.chunks, kept):
+                with recorded_inputs(self.model.blocks) as got, injected_input(self.model.blocks, b, below[b]):
+                    preds.append(self.model.run(sub, gates).predictions)
+                inputs.append(got)
+            scores[b] = self._mean(preds)
+            if self._leader is None or scores[b] > best:  # ties: the earlier (lower) block stays
+                best, self._leader = scores[b], (_key([*removed, b]), b, inputs)
+        return scores
+
+    def _chunk_major(self, removed: list[int], candidates: list[int]) -> dict[int, float]:
+        """Chunk by chunk: a recorded base pass, then every candidate resumed from it."""
         preds: dict[int, list[torch.Tensor]] = {b: [] for b in candidates}
         base = removal_gates(removed)
-        for sub in chunks(self.batch, self.chunk):
+        self.base_runs.append(sorted(removed))
+        for sub in self.chunks:
             with recorded_inputs(self.model.blocks) as inputs:
                 self.model.run(sub, base)
             for b in candidates:
                 gates = {**base, **{j: 0.0 for j in range(b + 1)}}
                 with injected_input(self.model.blocks, b, inputs[b]):
                     preds[b].append(self.model.run(sub, gates).predictions)
-        return {b: float(self.score_predictions(torch.cat(p), self.batch).double().mean()) for b, p in preds.items()}
+        return {b: self._mean(p) for b, p in preds.items()}
+
+    def _mean(self, preds: list[torch.Tensor]) -> float:
+        return float(self.score_predictions(torch.cat(preds), self.batch).double().mean())
+
+
+def _nbytes(inputs: list[Recorded]) -> int:
+    """Bytes held by one chunk's recorded block inputs (a tensor shared by several blocks counted once)."""
+    tensors = {id(t): t for rec in inputs for t in rec}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def tale_search(ctx: SearchContext) -> PruneResult:
@@ -162,7 +248,7 @@ def tale_search(ctx: SearchContext) -> PruneResult:
     if prefix is None and ctx.racing_delta is not None and ctx.score_predictions is not None:
         prefix = RacingRounds(ctx.model, ctx.batch, ctx.score_predictions, ctx.chunk, ctx.racing_delta, ctx.racing_min)
     elif prefix is None and ctx.prefix_cache and ctx.score_predictions is not None:
-        prefix = PrefixRounds(ctx.model, ctx.batch, ctx.score_predictions, ctx.chunk)
+        prefix = PrefixRounds(ctx.model, ctx.batch, ctx.score_predictions, ctx.chunk, ctx.keep_bytes)
     score = ScoreCache(ctx.scorer, ctx.cache_path, prefix)
     baseline = score(frozenset())
     floor = baseline - ctx.epsilon
@@ -194,6 +280,7 @@ def tale_search(ctx: SearchContext) -> PruneResult:
                                                          "choose": ctx.choose,
                                                        "configurations_evaluated": score.evaluated,
                                                        "prefix_cache": prefix is not None,
+                                                       "base_runs": getattr(prefix, "base_runs", None),
                                                        "racing_delta": ctx.racing_delta},
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,8 @@ from torch import nn
 import tapioca
 from tapioca.config import load_config
 from tapioca.errors import ConfigError
+from tapioca.evaluation import selection_scorer
+from tapioca.io import read_json, write_json
 from tapioca.models.icl import ICLModel
 from tapioca.pruning import SEARCHES, PruneResult, SearchContext, get_search, tale_search
 from tapioca.tasks.polyreg import PolyRegTask
@@ -242,6 +246,36 @@ def test_prefix_reuse_gives_the_same_scores_and_selection_as_naive(trained, targ
         assert a["candidates"].keys() == b["candidates"].keys()
         assert a["candidates"] == b["candidates"]  # bit-identical: the reused prefix is the same computation
     assert len(fast.rounds) >= 2
+
+
+def selection_context(trained, target: str, n: int = 96, chunk: int = 32, **kwargs) -> SearchContext:
+    cfg, model, task = trained
+    batch = task.data(target, "select", 0, n)
+    return SearchContext(model=model, batch=batch, scorer=selection_scorer(model, task, batch, "nmse", chunk),
+                         score_predictions=functools.partial(task.score, metric="nmse"), epsilon=0.5, chunk=chunk,
+                         progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("target", ["id", "degree_4"])
+def test_kept_rounds_match_chunk_by_chunk_rounds_without_repeating_base_passes(trained, target):
+    kept = tale_search(selection_context(trained, target))  # 3 chunks; their block inputs fit easily
+    chunked = tale_search(selection_context(trained, target, keep_bytes=0))  # one chunk at a time
+    assert kept.path == chunked.path and kept.removed == chunked.removed and len(kept.rounds) >= 2
+    for a, b in zip(kept.rounds, chunked.rounds):
+        assert a["candidates"] == b["candidates"]  # bit-identical: the winner's own pass is the next base
+    assert kept.baseline_score == chunked.baseline_score
+    assert kept.info["base_runs"] == [[]]  # the baseline's pass only; every later base is a kept winner
+    assert chunked.info["base_runs"] == [[], *(sorted(r["removed_before"]) for r in chunked.rounds)]
+
+
+def test_kept_rounds_resume_from_a_partial_score_cache(trained, tmp_path):
+    path = tmp_path / "scores.json"
+    full = tale_search(selection_context(trained, "id", cache_path=path))
+    first_round = {"", *(str(b) for b in range(4))}  # baseline and round 1: its winner's inputs were never kept
+    write_json(path, {k: v for k, v in read_json(path).items() if k in first_round})
+    again = tale_search(selection_context(trained, "id", cache_path=path))
+    assert again.path == full.path and again.rounds == full.rounds
+    assert again.info["base_runs"] == [full.path[:1]]  # round 2 needs a base pass of its own
 
 
 class NormAmplifier(nn.Module):
