@@ -337,10 +337,15 @@ SHARED = "shared demos: 1 2 3. "  # longer than the sliding windows (4) of qwen2
 
 
 def unshared(lm: HFModel):
-    """The same adapter with prompt-prefix sharing off."""
+    """The same adapter with prompt-prefix sharing and row packing off: one right-padded pass."""
     plain = HFModel(lm.model, lm.tokenizer)
-    plain.share_prefix = False
+    plain.share_prefix, plain.pack_tokens = False, 0
     return plain
+
+
+def assert_same_run(got, want) -> None:
+    for name in ("predictions", "states", "token_logprobs", "query_logprobs"):
+        assert torch.allclose(getattr(got, name), getattr(want, name), atol=1e-4, rtol=1e-4), name
 
 
 @pytest.mark.parametrize("gates", [{}, {0: 0.0}, {1: 0.5, 3: 0.0}, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}])
@@ -356,8 +361,29 @@ def test_a_shared_prompt_prefix_is_run_once_with_the_same_results(lm: HFModel, g
         counter.remove()
     want = unshared(lm).run(batch, gates, capture=True)
     assert calls[0] == 2  # the prefix once, then every row's rest (a skipped block is called, and passes through)
-    for name in ("predictions", "states", "token_logprobs", "query_logprobs"):
-        assert torch.allclose(getattr(got, name), getattr(want, name), atol=1e-4, rtol=1e-4), name
+    assert_same_run(got, want)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("gates", [{}, {1: 0.5, 3: 0.0}])
+def test_packed_rows_give_the_padded_results_in_one_or_several_packs(lm: HFModel, shared, gates) -> None:
+    prompts = [SHARED * shared + p for p in PROMPTS + ["x", "why not?"]]
+    batch = lm.tokenize(prompts, CONTINUATIONS + [" y", " ok"])
+    want = unshared(lm).run(batch, gates, capture=True)
+    sliding = lm.model.config.model_type in ("qwen2", "gemma3_text")  # their masks are not packed
+    assert lm.packs(batch) == (not sliding) and not lm.packs(batch.slice(0, 1)) and not unshared(lm).packs(batch)
+    rest = int((batch.attention_mask.sum(1) - lm.shared_prefix(batch)).max())
+    for budget in (512, rest):  # every row in one pass; a row or two per pass
+        lm.pack_tokens = budget
+        calls = []
+        counter = lm.blocks[2].register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+        try:
+            got = lm.run(batch, gates, capture=True)
+        finally:
+            counter.remove()
+        assert_same_run(got, want)
+        if not sliding:
+            assert set(calls) == {1} and (len(calls) > 2 + shared) == (budget == rest)  # packs are single rows
 
 
 @pytest.mark.parametrize("gates", [{}, {0: 0.0, 2: 0.5}])
@@ -380,7 +406,8 @@ def test_resuming_from_recorded_inputs_works_with_a_shared_prefix(llama: HFModel
     batch = llama.tokenize([SHARED + p for p in PROMPTS], CONTINUATIONS)
     with recorded_inputs(llama.blocks) as inputs:
         llama.run(batch, {0: 0.5})
-    assert [t.shape[0] for t in inputs[2]] == [1, 3]  # the prefix call, then every row's rest
+    rest = int((batch.attention_mask.sum(1) - llama.shared_prefix(batch)).sum())
+    assert [tuple(t.shape[:2]) for t in inputs[2]] == [(1, llama.shared_prefix(batch)), (1, rest)]  # prefix; rows packed
     with injected_input(llama.blocks, 2, inputs[2]):
         resumed = llama.run(batch, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.5}).predictions
     assert torch.allclose(resumed, unshared(llama).run(batch, {0: 0.5, 2: 0.0, 3: 0.5}).predictions, atol=1e-4)

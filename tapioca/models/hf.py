@@ -21,12 +21,13 @@ from torch import Tensor, nn
 
 from tapioca.errors import DataError
 from tapioca.models.base import RunOutput
-from tapioca.models.gates import Gates, check_gates, gated
+from tapioca.models.gates import Capture, Gates, check_gates, gated
 from tapioca.models.hf_structure import (  # noqa: F401  (re-exported: tapioca.models.hf is the public module)
     DTYPES, ChatTemplateError, ContextTooLongError, LoadSource, UnsupportedModelError, _block_owner,
     _check_renumbering, blocks_removed, dtype_name, find_blocks, load_causal_lm, remove_blocks, resolve_dtype,
     text_config,
 )
+from tapioca.models.packing import MASK_FORMS, pack_rows, pack_spans
 
 # ---------------------------------------------------------------- batches
 
@@ -121,8 +122,10 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[Tensor
 
 
 def _at_positions(x: Tensor, positions: Tensor, width: int) -> Tensor:
-    """x (B, K, F) holds the last K of ``width`` positions of each row -> its rows at ``positions`` (B, S, F)."""
+    """x (B, K, F) holds the last K of ``width`` positions of each row -> its rows at ``positions`` (B, S, F)
+    (x (1, K, F), a packed sequence, serves every row)."""
     index = (positions - (width - x.shape[1])).to(x.device)
+    x = x.expand(index.shape[0], -1, -1) if x.shape[0] == 1 else x
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
@@ -141,14 +144,25 @@ def _head_at(head: nn.Module, positions: Tensor, width: int) -> Iterator[None]:
         handle.remove()
 
 
+@contextmanager
+def _restored(cache: Any) -> Iterator[None]:
+    """A KV cache's layers as they were on entry once the block exits (a prefix cache serves several packs)."""
+    saved = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else []
+    try:
+        yield
+    finally:
+        for layer, (keys, values) in zip(cache.layers if cache is not None else [], saved):
+            layer.keys, layer.values = keys, values
+
+
 def _scored_positions(batch: TokenBatch) -> Tensor:
     """Positions (B, S) whose logits a run needs: each row's query and the S - 1 after it, S covering the
-    row with the most target tokens (clamped to the last column)."""
-    width = batch.input_ids.shape[1]
-    columns = torch.arange(width, device=batch.query.device)
+    row with the most target tokens (clamped to each row's last real token)."""
+    columns = torch.arange(batch.input_ids.shape[1], device=batch.query.device)
     last = torch.where(batch.target_mask, columns, -1).amax(1)  # last target token, -1 if none
     span = int((last - batch.query).clamp(min=0).max()) + 1
-    return (batch.query[:, None] + torch.arange(span, device=batch.query.device)).clamp(max=width - 1)
+    end = batch.attention_mask.sum(1, keepdim=True) - 1  # (B, 1): rows are right-padded
+    return torch.minimum(batch.query[:, None] + torch.arange(span, device=batch.query.device), end)
 
 
 # ---------------------------------------------------------------- adapter
@@ -177,6 +191,7 @@ class HFModel:
         self._takes_cache = "cache" in forward_parameters
         self.share_prefix = True  # run a prompt prefix shared by every row of a batch once (see shared_prefix)
         self.min_shared = 8  # fewest shared tokens worth a separate pass
+        self.pack_tokens = 512  # run rows end to end without padding, this many tokens a pass (0: padded rows)
         self.source: LoadSource | None = None  # set by :meth:`load`: how to load this model again
 
     @classmethod
@@ -320,21 +335,17 @@ class HFModel:
     def run(self, batch: TokenBatch, gates: Gates | None = None, capture: bool = False) -> LMRunOutput:
         """Summed log-likelihood of the target tokens (B,; 0 without continuations) with block gates; states
         (L + 1, B, D) at the query (the last prompt token) if ``capture``. A prompt prefix that all rows
-        share is run once (:meth:`shared_prefix`): the same numbers up to float rounding, much less compute
-        for few-shot prompts; blocks see it as a first call (prefix) and a second (the rest)."""
+        share is run once (:meth:`shared_prefix`), and rows are packed end to end without padding
+        (:mod:`tapioca.models.packing`, when :meth:`packs` allows): the same numbers up to float rounding, much
+        less compute. Blocks see the prefix as a first call, then the rest (one call per pack)."""
         batch = batch.to(self.device)
-        start = int(batch.query.min())
         shared = self.shared_prefix(batch)
-        width = batch.input_ids.shape[1]
         positions = _scored_positions(batch)  # (B, S): the query and the target tokens' predictors
-        head = self.model.get_output_embeddings()
+        packed = self.packs(batch)
         with gated(self.blocks, gates):
-            cache = self._prefix_cache(batch.input_ids[:1, :shared], len(batch)) if shared else None
-            with gated(self.blocks, None, capture=capture, positions=batch.query - shared) as cap, \
-                    _head_at(head, positions, width) if head is not None else nullcontext():
-                logits = self._logits(batch, start, shared, cache)  # (B, S, V); (B, T - start, V) without a head
-        if head is None:  # the model ran its head at every kept position: pick the scored ones
-            logits = _at_positions(logits, positions, width)
+            cache = self._prefix_cache(batch.input_ids[:1, :shared], 1 if packed else len(batch)) if shared else None
+            pass_ = self._packed_pass if packed else self._padded_pass
+            logits, states = pass_(batch, shared, positions, cache, capture)  # (B, S, V), (L + 1, B, D) or None
         query_logprobs = logits[:, 0].log_softmax(-1)
         token_logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
         if logits.shape[1] > 1:
@@ -343,10 +354,52 @@ class HFModel:
             picked = logits[:, :-1].gather(-1, nxt[..., None]).squeeze(-1) - logits[:, :-1].logsumexp(-1)
             scored = batch.target_mask.gather(1, predicted) & (predicted > positions[:, :-1])
             token_logprobs.scatter_add_(1, predicted, torch.where(scored, picked, 0.0))  # clamped repeats add 0
-        if cap is not None:  # under a device_map each block's states are on that block's device
-            cap.states = [None if h is None else h.to(self.device) for h in cap.states]
-        states = cap.stacked() if cap is not None else None
         return LMRunOutput(token_logprobs.sum(1), states, token_logprobs, query_logprobs)
+
+    def packs(self, batch: TokenBatch) -> bool:
+        """Does :meth:`run` pack ``batch``'s rows? Needs ``pack_tokens`` > 0, two rows or more, an output head,
+        an attention implementation with a known mask form, and no sliding-window layers."""
+        return (self.pack_tokens > 0 and len(batch) > 1 and self.model.get_output_embeddings() is not None
+                and getattr(self.model.config, "_attn_implementation", None) in MASK_FORMS
+                and _sliding_window(text_config(self.model)) is None)
+
+    def _padded_pass(self, batch: TokenBatch, shared: int, positions: Tensor, cache: Any,
+                     capture: bool) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, S, V) at ``positions`` and query states from one right-padded pass over the rows."""
+        width = batch.input_ids.shape[1]
+        head = self.model.get_output_embeddings()
+        with gated(self.blocks, None, capture=capture, positions=batch.query - shared) as cap, \
+                _head_at(head, positions, width) if head is not None else nullcontext():
+            logits = self._logits(batch, int(batch.query.min()), shared, cache)  # (B, T - start, V) without a head
+        if head is None:  # the model ran its head at every kept position: pick the scored ones
+            logits = _at_positions(logits, positions, width)
+        return logits, self._stacked(cap)
+
+    def _packed_pass(self, batch: TokenBatch, shared: int, positions: Tensor, cache: Any,
+                     capture: bool) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, S, V) at ``positions`` and query states from packed passes of ``pack_tokens`` tokens."""
+        lengths = batch.attention_mask.sum(1)
+        head = self.model.get_output_embeddings()
+        implementation = self.model.config._attn_implementation
+        logits, states = [], []
+        for i, j in pack_spans((lengths - shared).tolist(), self.pack_tokens):
+            pack = pack_rows(batch.input_ids[i:j], lengths[i:j], shared)
+            kwargs: dict[str, Any] = dict(input_ids=pack.ids, position_ids=pack.position_ids, use_cache=cache is not None,
+                                          attention_mask=pack.attention_mask(implementation, self.model.dtype))
+            query = pack.index(batch.query[i:j, None], shared)[:, 0]
+            with _restored(cache), gated(self.blocks, None, capture=capture, positions=query) as cap, \
+                    _head_at(head, pack.index(positions[i:j], shared), pack.ids.shape[1]):
+                out = self.model(**kwargs, **(self._cache_arg(cache) if cache is not None else {}), **self._keep_logits(0))
+            logits.append(out.logits.float().to(self.device))
+            states.append(self._stacked(cap))
+        return torch.cat(logits), torch.cat(states, 1) if capture else None  # type: ignore[arg-type]
+
+    def _stacked(self, cap: Capture | None) -> Tensor | None:
+        """Captured states (L + 1, b, D) on the input device (under a device_map each block's are on its own)."""
+        if cap is None:
+            return None
+        cap.states = [None if h is None else h.to(self.device) for h in cap.states]
+        return cap.stacked()
 
     def loglik(
         self, prompts: Sequence[str], continuations: Sequence[str], gates: Gates | None = None, batch_size: int = 16,
