@@ -39,6 +39,7 @@ from tapioca.config import ModelConfig, TaskConfig  # noqa: E402
 from tapioca.evaluation import selection_scorer  # noqa: E402
 from tapioca.models.base import BlockModel, run_in_chunks  # noqa: E402
 from tapioca.models.icl import ICLModel, load_model  # noqa: E402
+from tapioca.perf import keep_freed_memory  # noqa: E402
 from tapioca.pruning import PredictionScorer, PruneResult, Scorer, SearchContext, tale_search  # noqa: E402
 from tapioca.tasks.polyreg import PolyRegTask  # noqa: E402
 
@@ -440,6 +441,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--metric", default="nmse", choices=["nmse", "tol_acc"])
     p.add_argument("--batch", type=int, default=128, help="tapioca's chunk size, as pruning.batch_size (naive: 1)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="tapioca.perf.keep_freed_memory() for the whole process, both sides (default: on)")
     p.add_argument("--model", default=str(ZOO / "testbed-L8-D64-seed0"), help="testbed model folder")
     p.add_argument("--cases", nargs="+", choices=["testbed", "lm"], default=["testbed", "lm"],
                    help="testbed: the zoo model on polynomial regression; lm: SmolLM2-135M on arithmetic")
@@ -499,8 +502,9 @@ def run_comparison(args: argparse.Namespace, peak: Peak) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     peak = matmul_peak(args.threads)
-    print(header(args.threads, peak), flush=True)
+    print(f"{header(args.threads, peak)}\n# malloc keeps freed memory (tapioca.perf): {str(kept).lower()}", flush=True)
     run_sweeps(args, peak) if args.sweep else run_comparison(args, peak)
 
 

@@ -160,3 +160,13 @@ def test_flop_examples_count_a_shared_prefix_once_per_chunk(tiny_case):
     assert shared.flop_examples(1) == n  # batch 1 shares nothing
     chunks = -(-n // 4)
     assert shared.flop_examples(4) == pytest.approx(n - (n - chunks) * (t // 2) / t)
+
+
+def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    from tapioca.perf import keep_freed_memory
+
+    monkeypatch.setenv("TAPIOCA_MALLOC", "system")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("TAPIOCA_MALLOC")
+    import platform
+    assert keep_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
