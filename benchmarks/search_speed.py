@@ -89,20 +89,23 @@ def model_cost(model: BlockModel, d_model: int, seq_len: int, other_params: int 
 
 
 def executed_forwards(result: PruneResult, prefix: bool, record_passes: int = 1) -> Iterator[list[int]]:
-    """The blocks each forward of a search actually computed, reconstructed from ``result.rounds``.
+    """The blocks each forward of a search actually computed.
 
     Naive (or ``prefix=False``): the baseline, then every candidate configuration from scratch. Prefix reuse:
-    the full passes ``result.info["base_runs"]`` lists (else the baseline and ``record_passes`` passes per
-    round under the current gates), then candidate b runs only blocks after b.
+    the passes ``result.info["passes"]`` lists (removed blocks, first block computed); without that list, the
+    baseline, ``record_passes`` passes per round under the current gates, and candidate b from block b + 1.
     """
     n = result.n_blocks
-    base_runs = result.info.get("base_runs") if prefix else None
-    for removed in base_runs if base_runs is not None else [[]]:
-        yield [j for j in range(n) if j not in removed]
+    passes = result.info.get("passes") if prefix else None
+    if passes is not None:
+        for removed, first in passes:
+            yield [j for j in range(first, n) if j not in removed]
+        return
+    yield list(range(n))  # baseline
     for rnd in result.rounds:
         removed = set(rnd["removed_before"])
         kept = [j for j in range(n) if j not in removed]
-        if prefix and base_runs is None:
+        if prefix:
             for _ in range(record_passes):
                 yield kept
         for b in map(int, rnd["candidates"]):

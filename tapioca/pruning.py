@@ -133,16 +133,20 @@ class ScoreCache:
 
 
 class PrefixRounds:
-    """TALE rounds evaluated with prefix reuse: a pass under the current gates records every block's input,
-    then candidate b resumes from its cached input with blocks 0..b skipped (they are identical for all
-    configurations that differ from the current one only at b). Same numbers, about half the compute.
+    """TALE rounds evaluated with prefix reuse. The input to block j depends only on which blocks below j
+    are removed, so a configuration can resume at block j from any recorded pass that agrees with it below j.
 
-    When three copies of the whole selection batch's block inputs fit in ``keep_bytes`` (judged from the first
-    chunk), candidates run one after another over all chunks and each one's block inputs are recorded too:
-    the round's best candidate is the next round's base, so rounds after the first run no base pass, and the
-    first round's base is the baseline's pass (:meth:`base`). Otherwise every chunk is recorded and all
-    candidates run on it before the next chunk (memory: one chunk's inputs). ``base_runs``: the
-    configurations whose full pass was run, in order (for cost accounting).
+    * A pass under the current gates records every block's input; candidate b resumes from its cached input
+      at b with blocks 0..b skipped. Same numbers, about half the compute.
+    * When the selection batch's block inputs fit in ``keep_bytes`` (judged from the first chunk), candidates
+      run one after another over all chunks and their own block inputs are recorded too. The round's winner
+      c is the next round's base (no more base passes; the baseline's pass is the first round's), and while
+      a round's candidates' inputs fit (about 1 + L/2 passes' worth), candidate b < c of the next round
+      resumes at block c from its own last pass, which agrees with it below c: it runs only blocks above c.
+    * Otherwise every chunk is recorded and all candidates run on it before the next chunk (memory: one
+      chunk's inputs).
+
+    ``passes``: every pass run, in order, as (removed blocks, first block computed), for cost accounting.
     """
 
     def __init__(self, model: BlockModel, batch: Any, score_predictions: PredictionScorer, chunk: int,
@@ -150,71 +154,91 @@ class PrefixRounds:
         self.model, self.batch, self.score_predictions = model, batch, score_predictions
         self.chunks = chunks(batch, chunk)
         self.keep_bytes = keep_bytes
-        self.base_runs: list[list[int]] = []
-        self._fits: bool | None = None  # do kept inputs fit in keep_bytes? decided on the first recorded chunk
-        self._kept: tuple[str, list[list[Recorded]]] | None = None  # configuration, its inputs (chunk, block)
-        self._leader: tuple[str, int, list[list[Recorded]]] | None = None  # best candidate: key, block, inputs
+        self.passes: list[tuple[list[int], int]] = []
+        self._keep: str | None = None  # "all" candidates' inputs, the "best" one's, or "none"; set on first pass
+        self._base: tuple[str, list[list[Recorded]]] | None = None  # configuration, its inputs (chunk, block)
+        self._own: dict[int, list[list[Recorded]]] = {}  # last round: candidate -> inputs of removed + [b]
+        self._own_removed: set[int] = set()  # that round's removed blocks
+
+    @property
+    def base_runs(self) -> list[list[int]]:
+        """The configurations whose full pass was run, in order."""
+        return [removed for removed, first in self.passes if first == 0]
 
     def __call__(self, removed: list[int], candidates: list[int]) -> dict[int, float]:
-        kept = self._base_inputs(removed)
-        if kept is None:
+        base = self._base_inputs(removed)
+        if base is None:
             return self._chunk_major(removed, candidates)
-        return self._candidate_major(removed, candidates, kept)
+        return self._candidate_major(removed, candidates, base)
 
     def base(self, removed: list[int]) -> float:
         """Mean score of the configuration ``removed``, from a recorded pass whose block inputs are kept as
         the next round's base when they fit."""
-        self.base_runs.append(sorted(removed))
+        self.passes.append((sorted(removed), 0))
         gates = removal_gates(removed)
         preds, inputs = [], []
         for sub in self.chunks:
             with recorded_inputs(self.model.blocks) as got:
                 preds.append(self.model.run(sub, gates).predictions)
-            if self._fits is None:
-                self._fits = 3 * _nbytes(got) * len(self.chunks) <= self.keep_bytes
-            if self._fits:
+            if self._keep is None:
+                self._keep = self._tier(_nbytes(got) * len(self.chunks))
+            if self._keep != "none":
                 inputs.append(got)
-        if self._fits:
-            self._kept = (_key(removed), inputs)
+        if self._keep != "none":
+            self._base = (_key(removed), inputs)
         return self._mean(preds)
 
+    def _tier(self, pass_bytes: int) -> str:
+        """What to keep, from one pass's block inputs: a round's candidates take about L/2 passes' worth."""
+        if pass_bytes * (2 + self.model.n_blocks / 2) <= self.keep_bytes:
+            return "all"
+        return "best" if 3 * pass_bytes <= self.keep_bytes else "none"
+
+    def _last_removed(self, removed: list[int]) -> int | None:
+        """The block c when ``removed`` is the last round's removed blocks plus c (its winner), else None."""
+        extra = set(removed) - self._own_removed
+        return extra.pop() if self._own_removed <= set(removed) and len(extra) == 1 else None
+
     def _base_inputs(self, removed: list[int]) -> list[list[Recorded]] | None:
-        """Every chunk's block inputs under ``removed`` (kept, the last round's leader, or a new pass); None
-        when they do not fit."""
-        key = _key(removed)
-        if self._kept is not None and self._kept[0] == key:
-            return self._kept[1]
-        if self._kept is not None and self._leader is not None and self._leader[0] == key:
-            _, b, inputs = self._leader  # below b the old base's inputs, from b + 1 on the leader's own
-            self._kept = (key, [old[: b + 1] + new[b + 1:] for old, new in zip(self._kept[1], inputs)])
-            return self._kept[1]
-        if self._fits is False:
+        """Every chunk's block inputs under ``removed``: kept, the last round's winner's, or a new recorded
+        pass; None when they do not fit."""
+        if self._base is not None and self._base[0] == _key(removed):
+            return self._base[1]
+        c = self._last_removed(removed)
+        if c is not None and c in self._own:
+            self._base = (_key(removed), self._own[c])
+            return self._base[1]
+        if self._keep == "none":
             return None
         self.base(removed)
-        return self._kept[1] if self._fits else None
+        return self._base[1] if self._keep != "none" else None  # type: ignore[index]
 
-    def _candidate_major(self, removed: list[int], candidates: list[int], kept: list[list[Recorded]]) -> dict[int, float]:
-        """Each candidate over all chunks, resumed from ``kept``; the best one's block inputs are kept."""
-        base = removal_gates(removed)
+    def _candidate_major(self, removed: list[int], candidates: list[int], base: list[list[Recorded]]) -> dict[int, float]:
+        """Each candidate over all chunks, resumed from the deepest recorded input that agrees with it."""
+        c = self._last_removed(removed)
+        earlier = self._own if c is not None else {}
+        own: dict[int, list[list[Recorded]]] = {}
         scores: dict[int, float] = {}
-        best, self._leader = -math.inf, None
         for b in candidates:
-            gates = {**base, **{j: 0.0 for j in range(b + 1)}}
-            preds, inputs = [], []
-            for sub, below in zip(self.chunks, kept):
-                with recorded_inputs(self.model.blocks) as got, injected_input(self.model.blocks, b, below[b]):
+            start, below = (c, earlier.pop(b)) if c is not None and b < c and b in earlier else (b, base)
+            gates = {**removal_gates(removed), b: 0.0, **{j: 0.0 for j in range(start + 1)}}
+            preds, recorded = [], []
+            for sub, inputs in zip(self.chunks, below):
+                with recorded_inputs(self.model.blocks) as got, injected_input(self.model.blocks, start, inputs[start]):
                     preds.append(self.model.run(sub, gates).predictions)
-                inputs.append(got)
+                recorded.append(inputs[: start + 1] + got[start + 1:])
             scores[b] = self._mean(preds)
-            if self._leader is None or scores[b] > best:  # ties: the earlier (lower) block stays
-                best, self._leader = scores[b], (_key([*removed, b]), b, inputs)
+            self.passes.append((sorted({*removed, b}), start + 1))
+            if self._keep == "all" or not own or scores[b] > scores[next(iter(own))]:  # ties: the lower block
+                own = {**own, b: recorded} if self._keep == "all" else {b: recorded}
+        self._own, self._own_removed = own, set(removed)
         return scores
 
     def _chunk_major(self, removed: list[int], candidates: list[int]) -> dict[int, float]:
         """Chunk by chunk: a recorded base pass, then every candidate resumed from it."""
         preds: dict[int, list[torch.Tensor]] = {b: [] for b in candidates}
         base = removal_gates(removed)
-        self.base_runs.append(sorted(removed))
+        self.passes += [(sorted(removed), 0), *((sorted({*removed, b}), b + 1) for b in candidates)]
         for sub in self.chunks:
             with recorded_inputs(self.model.blocks) as inputs:
                 self.model.run(sub, base)
@@ -226,7 +250,6 @@ class PrefixRounds:
 
     def _mean(self, preds: list[torch.Tensor]) -> float:
         return float(self.score_predictions(torch.cat(preds), self.batch).double().mean())
-
 
 def _nbytes(inputs: list[Recorded]) -> int:
     """Bytes held by one chunk's recorded block inputs (a tensor shared by several blocks counted once)."""
@@ -280,7 +303,7 @@ def tale_search(ctx: SearchContext) -> PruneResult:
                                                          "choose": ctx.choose,
                                                        "configurations_evaluated": score.evaluated,
                                                        "prefix_cache": prefix is not None,
-                                                       "base_runs": getattr(prefix, "base_runs", None),
+                                                       "passes": getattr(prefix, "passes", None),
                                                        "racing_delta": ctx.racing_delta},
     )
 
