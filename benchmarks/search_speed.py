@@ -61,11 +61,15 @@ class CostModel:
     d_model: int
     seq_len: int
     other_params: int = 0  # matmul weights outside the blocks, applied to every token (read-in/out, LM head)
+    last_kv_params: int | None = None  # set when the last block computes the last position only: its K, V weights
 
     def block_flops(self, block: int) -> float:
-        """One block on one sequence: 2·params·T for the matmuls plus 4·T²·D for QKᵀ and AV (unmasked)."""
-        t = self.seq_len
-        return 2.0 * self.block_params[block] * t + 4.0 * t * t * self.d_model
+        """One block on one sequence: 2·params·T for the matmuls plus 4·T²·D for QKᵀ and AV (unmasked); a
+        last block that computes the last position alone: keys and values for T tokens, the rest for one."""
+        t, params = self.seq_len, self.block_params[block]
+        if self.last_kv_params is not None and block == len(self.block_params) - 1:
+            return 2.0 * self.last_kv_params * t + 2.0 * (params - self.last_kv_params) + 4.0 * t * self.d_model
+        return 2.0 * params * t + 4.0 * t * t * self.d_model
 
     def forward_flops(self, blocks: Sequence[int]) -> float:
         """One example through ``blocks`` (the others skipped) plus the parts outside the blocks."""
@@ -279,7 +283,8 @@ def testbed_case(name: str, model: ICLModel, n: int, metric: str = "nmse", seed:
     """A testbed model on ``n`` ID selection prompts, scored by tapioca's ``selection_scorer``."""
     task = PolyRegTask(TaskConfig())
     batch = task.data("id", "select", seed, n)
-    cost = model_cost(model, model.cfg.n_embd, 2 * batch.xs.shape[1] - 1)
+    width = model.cfg.n_embd
+    cost = dataclasses.replace(model_cost(model, width, 2 * batch.xs.shape[1] - 1), last_kv_params=2 * width * width)
     return Case(name, model, batch, functools.partial(task.score, metric=metric), cost,
                 make_scorer=lambda chunk: selection_scorer(model, task, batch, metric, chunk))
 
@@ -449,7 +454,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=str(ZOO / "testbed-L8-D64-seed0"), help="testbed model folder")
     p.add_argument("--cases", nargs="+", choices=["testbed", "lm"], default=["testbed", "lm"],
                    help="testbed: the zoo model on polynomial regression; lm: SmolLM2-135M on arithmetic")
-    p.add_argument("--lm-n", type=int, default=16, help="selection examples for the LM case (both sides)")
+    p.add_argument("--lm-n", type=int, default=32, help="selection examples for the LM case (both sides)")
     p.add_argument("--lm-max-drop", type=int, default=1, help="rounds for the LM case (both sides)")
     p.add_argument("--lm-cache-dir", help="tapioca model cache holding the converted LM (default: $TAPIOCA_CACHE)")
     p.add_argument("--workers", type=int, default=0, help="also time tale on this many local Ray workers")

@@ -220,10 +220,18 @@ def magnitude_prune(model: nn.Module, n_params: int,
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model.run(batch)`` at every position (a model whose run may skip positions, ``query_only``, is told
+    not to for the call: calibration needs every token's activations)."""
     run = getattr(model, "run", None)
     if run is None:
         raise TypeError(f"{type(model).__name__} has no `run` method; pass forward=(model, batch) -> output")
-    return run(batch)
+    if not getattr(model, "query_only", False):
+        return run(batch)
+    model.query_only = False
+    try:
+        return run(batch)
+    finally:
+        model.query_only = True
 
 
 def _slice(batch: Any, start: int, stop: int) -> Any:

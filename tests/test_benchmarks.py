@@ -3,6 +3,7 @@ measurements and table work on a tiny case. Nothing here asserts on time."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -106,6 +107,8 @@ def test_cost_model_counts_matmuls_and_attention(tiny_model):
     cost = bench.CostModel(block_params=(10, 20), d_model=4, seq_len=3, other_params=5)
     assert cost.block_flops(0) == 2 * 10 * 3 + 4 * 3 * 3 * 4
     assert cost.forward_flops([1]) == cost.block_flops(1) + 2 * 5 * 3
+    query_only = dataclasses.replace(cost, last_kv_params=4)  # the last block: K, V for 3 tokens, the rest for 1
+    assert query_only.block_flops(1) == 2 * 4 * 3 + 2 * 16 + 4 * 3 * 4 and query_only.block_flops(0) == cost.block_flops(0)
     icl = bench.model_cost(tiny_model, 16, 81)
     assert icl.block_params == (12 * 16 * 16,) * 3  # qkv, out, two MLP matrices
     assert icl.other_params == 2 * 16 + 16  # read-in (2 -> D) and read-out (D -> 1)

@@ -63,7 +63,25 @@ def test_icl_alpha_one_is_bit_identical(tiny_model: ICLModel, icl_batch) -> None
         full = tiny_model(icl_batch.xs, icl_batch.ys)
         with gated(tiny_model.blocks, {0: 1.0, 2: 1.0}):
             assert torch.equal(tiny_model(icl_batch.xs, icl_batch.ys), full)
-    assert torch.equal(full[:, -1], base)
+    assert torch.allclose(full[:, -1], base, atol=1e-6, rtol=0)  # run: the last block computes the query alone
+
+
+@pytest.mark.parametrize("gates", [{}, {2: 0.0}, {2: 0.5}, {0: 0.0, 2: 1.5}, {1: 0.0}])
+def test_icl_run_computes_the_last_block_at_the_query_only_with_the_same_results(tiny_model: ICLModel, icl_batch,
+                                                                                  gates) -> None:
+    last = tiny_model.blocks[-1]
+    rows = []
+    hook = last.mlp.register_forward_hook(lambda m, a, out: rows.append(out.shape[1]))
+    try:
+        got = tiny_model.run(icl_batch, gates, capture=True)
+    finally:
+        hook.remove()
+    with torch.no_grad(), gated(tiny_model.blocks, gates, capture=True) as cap:  # every position, as in training
+        want = tiny_model(icl_batch.xs, icl_batch.ys)[:, -1]
+    assert torch.allclose(got.predictions, want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(got.states, cap.stacked(), atol=1e-5, rtol=1e-5)
+    assert rows == ([] if gates.get(2) == 0.0 else [1])  # the MLP ran on the query alone (or not at all)
+    assert_clean(tiny_model.blocks)
 
 
 @pytest.mark.parametrize("removed", [[0], [1], [2], [0, 2]])

@@ -279,3 +279,15 @@ def test_wanda_ties_go_by_column_index():
         lin.weight.fill_(0.5)
     result = wanda_prune(Stack(lin), torch.ones(3, 2, 4), 4)  # every score equal
     assert zero_pattern(result.model, 0) == [[1, 1, 0, 0], [1, 1, 0, 0]]
+
+
+def test_wanda_calibrates_the_testbed_on_every_position(tiny_model, tiny_cfg):
+    batch = PolyRegTask(tiny_cfg.task).data("id", "heldout", 0, 4)
+    rows = []
+    hook = tiny_model.blocks[-1].mlp.c_fc.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[1]))
+    try:
+        input_norms(tiny_model, batch, chunk=4)
+    finally:
+        hook.remove()
+    assert rows == [2 * batch.xs.shape[1] - 1]  # every token, not the query alone as in run()
+    assert tiny_model.query_only

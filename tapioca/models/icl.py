@@ -6,10 +6,12 @@ A prompt of n pairs becomes 2n - 1 tokens x_1, y_1, ..., x_{n-1}, y_{n-1}, x_n; 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -54,6 +56,7 @@ class ICLModel(nn.Module):
         self.read_in = nn.Linear(2, cfg.n_embd)
         self.backbone = GPT2Model(gpt2)
         self.read_out = nn.Linear(cfg.n_embd, 1)
+        self.query_only = True  # run: the last block computes the query position alone
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -80,9 +83,12 @@ class ICLModel(nn.Module):
 
     @torch.no_grad()
     def run(self, batch: PolyBatch, gates: Gates | None = None, capture: bool = False) -> RunOutput:
-        """Query predictions (B,) with block gates; states (L + 1, B, D) at the query token if ``capture``."""
+        """Query predictions (B,) with block gates; states (L + 1, B, D) at the query token if ``capture``.
+        Only the query's output is used, so the last block computes it alone (:func:`last_position_only`)
+        unless ``query_only`` is off (calibrations that need every position's activations turn it off)."""
         batch = batch.to(self.device)
-        with gated(self.blocks, gates, capture=capture) as cap:
+        last = last_position_only(self.blocks[-1]) if self.query_only else contextlib.nullcontext()
+        with last, gated(self.blocks, gates, capture=capture) as cap:
             preds = self(batch.xs, batch.ys)[:, -1]
         return RunOutput(preds, cap.stacked() if cap is not None else None)
 
@@ -96,6 +102,40 @@ class ICLModel(nn.Module):
         clone.load_state_dict(self.state_dict(), strict=False)
         clone.backbone.h = nn.ModuleList([self.blocks[i] for i in keep])
         return clone.to(self.device).eval()
+
+
+def _last_position_forward(block: nn.Module, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """A GPT-2 block (eval, no cache, no padding) on hidden (B, T, D) that computes the last position's output
+    only: keys and values for every position, query, attention, projection and MLP for the last one. The
+    other positions come out unchanged (their outputs are never read)."""
+    attn, width = block.attn, hidden.shape[-1]
+    x = block.ln_1(hidden)
+    weight, bias = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: x @ weight + bias, weight (D, 3D) = [q | k | v]
+    query = torch.addmm(bias[:width], x[:, -1], weight[:, :width])[:, None]  # (B, 1, D)
+    keys, values = (x @ weight[:, width:] + bias[width:]).split(width, dim=2)  # (B, T, D) each
+    heads = lambda t: t.view(t.shape[0], t.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731
+    out = torch.nn.functional.scaled_dot_product_attention(heads(query), heads(keys), heads(values), scale=attn.scaling)
+    last = hidden[:, -1:] + attn.c_proj(out.transpose(1, 2).reshape(hidden.shape[0], 1, width))
+    last = last + block.mlp(block.ln_2(last))
+    return torch.cat([hidden[:, :-1], last], dim=1)
+
+
+@contextlib.contextmanager
+def last_position_only(block: nn.Module) -> Iterator[None]:
+    """While active, the GPT-2 ``block`` computes its last position only (see :func:`_last_position_forward`);
+    gates and hooks entered inside see it as the block's forward. Blocks with options this does not
+    reproduce (cross-attention, reordered or layer-scaled attention, training mode) are left as they are."""
+    attn = getattr(block, "attn", None)
+    plain = (attn is not None and not block.training and not hasattr(block, "crossattention")
+             and not attn.reorder_and_upcast_attn and not attn.scale_attn_by_inverse_layer_idx)
+    if not plain or "forward" in block.__dict__:
+        yield
+        return
+    block.forward = functools.partial(_last_position_forward, block)
+    try:
+        yield
+    finally:
+        del block.forward
 
 
 def save_model(model: ICLModel, folder: str | Path, info: dict[str, Any] | None = None) -> None:
