@@ -454,8 +454,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=str(ZOO / "testbed-L8-D64-seed0"), help="testbed model folder")
     p.add_argument("--cases", nargs="+", choices=["testbed", "lm"], default=["testbed", "lm"],
                    help="testbed: the zoo model on polynomial regression; lm: SmolLM2-135M on arithmetic")
-    p.add_argument("--lm-n", type=int, default=32, help="selection examples for the LM case (both sides)")
-    p.add_argument("--lm-max-drop", type=int, default=1, help="rounds for the LM case (both sides)")
+    p.add_argument("--lm-n", type=int, default=16, help="selection examples for the LM case (both sides)")
+    p.add_argument("--lm-max-drop", type=int, default=2, help="rounds for the LM case (both sides)")
     p.add_argument("--lm-cache-dir", help="tapioca model cache holding the converted LM (default: $TAPIOCA_CACHE)")
     p.add_argument("--workers", type=int, default=0, help="also time tale on this many local Ray workers")
     p.add_argument("--racing", type=float, metavar="DELTA",

@@ -26,7 +26,7 @@ from tapioca.racing import RacingRounds
 Scorer = Callable[[Gates], torch.Tensor]  # gates -> per-example selection scores (B,)
 PredictionScorer = Callable[[torch.Tensor, Any], torch.Tensor]  # (predictions, batch) -> scores (B,)
 RoundEvaluator = Callable[[list[int], list[int]], dict[int, float]]  # (removed, candidates) -> mean score each
-KEEP_BYTES = 2 * 2**30  # PrefixRounds: memory for kept block inputs (a round's base, its leader, one candidate)
+KEEP_BYTES = 2 * 2**30  # PrefixRounds: memory for the block inputs it keeps between candidates and rounds
 
 
 @dataclass
@@ -229,8 +229,10 @@ class PrefixRounds:
                 recorded.append(inputs[: start + 1] + got[start + 1:])
             scores[b] = self._mean(preds)
             self.passes.append((sorted({*removed, b}), start + 1))
-            if self._keep == "all" or not own or scores[b] > scores[next(iter(own))]:  # ties: the lower block
-                own = {**own, b: recorded} if self._keep == "all" else {b: recorded}
+            if self._keep == "all":
+                own[b] = recorded
+            elif not own or scores[b] > scores[next(iter(own))]:  # the best so far; ties: the lower block
+                own = {b: recorded}
         self._own, self._own_removed = own, set(removed)
         return scores
 
@@ -250,6 +252,7 @@ class PrefixRounds:
 
     def _mean(self, preds: list[torch.Tensor]) -> float:
         return float(self.score_predictions(torch.cat(preds), self.batch).double().mean())
+
 
 def _nbytes(inputs: list[Recorded]) -> int:
     """Bytes held by one chunk's recorded block inputs (a tensor shared by several blocks counted once)."""
