@@ -448,7 +448,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epsilon", type=float, default=0.08)
     p.add_argument("--metric", default="nmse", choices=["nmse", "tol_acc"])
     p.add_argument("--batch", type=int, default=128, help="tapioca's chunk size, as pruning.batch_size (naive: 1)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch CPU threads for both sides (default: torch's own, the machine's cores)")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="tapioca.perf.keep_freed_memory() for the whole process, both sides (default: on)")
     p.add_argument("--model", default=str(ZOO / "testbed-L8-D64-seed0"), help="testbed model folder")
