@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from tapioca.evaluation import HIGHER_IS_BETTER
+
 SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
 ID_MARGIN_RELATIVE = 0.01  # C1: a held-out ID change within ±1% of the full model's NMSE counts as "no change"
 ID_MARGIN_POINTS = 0.01  # C1 on accuracy-type metrics: within ±1 point (REFERENCE §1)
 CONFIDENCE_TOLERANCE = 0.05  # C7 (LMs): mean top-choice confidence may fall by at most this much
-HIGHER_IS_BETTER = {"nmse": False, "tol_acc": True, "acc": True, "prob_correct": True, "brier": False}
 DISTORTION_FACTOR = 3.0  # C3: D(OOD vs ID) must be at least 3x the ID-vs-ID noise floor
 MONOTONE_RHO = -0.8  # C5: Spearman rho(D, score) over the alpha sweep at most this (D down <-> score up)
 SLOPE_TOLERANCE = 0.05  # C7: a pruned model's shrinkage slope may fall by at most this much

@@ -22,6 +22,7 @@ from tapioca.tasks.references import REFERENCES
 METRICS = {"nmse": False, "tol_acc": True}
 # LM metric name -> True if higher is better (the ones a comparison reports; confidence has no good side)
 LM_METRICS = {"acc": True, "prob_correct": True, "brier": False, "score": True}
+HIGHER_IS_BETTER = {**METRICS, **LM_METRICS}  # every metric a comparison reports, testbed and LM
 MIN_SPLIT = 8  # fewest examples a selection or held-out split may have
 
 

@@ -20,7 +20,8 @@ from tapioca.errors import ConfigError
 from tapioca.geometry import distortion, profile, query_states
 from tapioca.io import read_json, write_json
 from tapioca.models.base import BlockModel, chunks, run_in_chunks
-from tapioca.models.gates import Gates, Recorded, injected_input, recorded_inputs, removal_gates
+from tapioca.models.gates import (Gates, Recorded, injected_input, recorded_inputs, removal_gates,
+                                  skipped_through)
 from tapioca.racing import RacingRounds
 
 Scorer = Callable[[Gates], torch.Tensor]  # gates -> per-example selection scores (B,)
@@ -160,16 +161,12 @@ class PrefixRounds:
         self._own: dict[int, list[list[Recorded]]] = {}  # last round: candidate -> inputs of removed + [b]
         self._own_removed: set[int] = set()  # that round's removed blocks
 
-    @property
-    def base_runs(self) -> list[list[int]]:
-        """The configurations whose full pass was run, in order."""
-        return [removed for removed, first in self.passes if first == 0]
-
     def __call__(self, removed: list[int], candidates: list[int]) -> dict[int, float]:
-        base = self._base_inputs(removed)
+        c = self._last_removed(removed)
+        base = self._base_inputs(removed, c)
         if base is None:
             return self._chunk_major(removed, candidates)
-        return self._candidate_major(removed, candidates, base)
+        return self._candidate_major(removed, candidates, base, c)
 
     def base(self, removed: list[int]) -> float:
         """Mean score of the configuration ``removed``, from a recorded pass whose block inputs are kept as
@@ -199,12 +196,11 @@ class PrefixRounds:
         extra = set(removed) - self._own_removed
         return extra.pop() if self._own_removed <= set(removed) and len(extra) == 1 else None
 
-    def _base_inputs(self, removed: list[int]) -> list[list[Recorded]] | None:
-        """Every chunk's block inputs under ``removed``: kept, the last round's winner's, or a new recorded
-        pass; None when they do not fit."""
+    def _base_inputs(self, removed: list[int], c: int | None) -> list[list[Recorded]] | None:
+        """Every chunk's block inputs under ``removed``: kept, those of the last round's winner ``c``, or a new
+        recorded pass; None when they do not fit."""
         if self._base is not None and self._base[0] == _key(removed):
             return self._base[1]
-        c = self._last_removed(removed)
         if c is not None and c in self._own:
             self._base = (_key(removed), self._own[c])
             return self._base[1]
@@ -213,15 +209,16 @@ class PrefixRounds:
         self.base(removed)
         return self._base[1] if self._keep != "none" else None  # type: ignore[index]
 
-    def _candidate_major(self, removed: list[int], candidates: list[int], base: list[list[Recorded]]) -> dict[int, float]:
-        """Each candidate over all chunks, resumed from the deepest recorded input that agrees with it."""
-        c = self._last_removed(removed)
+    def _candidate_major(self, removed: list[int], candidates: list[int], base: list[list[Recorded]],
+                         c: int | None) -> dict[int, float]:
+        """Each candidate over all chunks, resumed from the deepest recorded input that agrees with it (its own
+        pass of the last round, whose winner was ``c``, when b < c)."""
         earlier = self._own if c is not None else {}
         own: dict[int, list[list[Recorded]]] = {}
         scores: dict[int, float] = {}
         for b in candidates:
             start, below = (c, earlier.pop(b)) if c is not None and b < c and b in earlier else (b, base)
-            gates = {**removal_gates(removed), b: 0.0, **{j: 0.0 for j in range(start + 1)}}
+            gates = skipped_through(removal_gates(removed), start)  # start >= b: b is skipped too
             preds, recorded = [], []
             for sub, inputs in zip(self.chunks, below):
                 with recorded_inputs(self.model.blocks) as got, injected_input(self.model.blocks, start, inputs[start]):
@@ -245,9 +242,8 @@ class PrefixRounds:
             with recorded_inputs(self.model.blocks) as inputs:
                 self.model.run(sub, base)
             for b in candidates:
-                gates = {**base, **{j: 0.0 for j in range(b + 1)}}
                 with injected_input(self.model.blocks, b, inputs[b]):
-                    preds[b].append(self.model.run(sub, gates).predictions)
+                    preds[b].append(self.model.run(sub, skipped_through(base, b)).predictions)
         return {b: self._mean(p) for b, p in preds.items()}
 
     def _mean(self, preds: list[torch.Tensor]) -> float:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from tapioca.models.base import BlockModel
-from tapioca.models.gates import injected_input, recorded_inputs, removal_gates
+from tapioca.models.gates import injected_input, recorded_inputs, removal_gates, skipped_through
 
 PredictionScorer = Any  # (predictions, batch) -> per-example scores (B,); see tapioca.pruning
 
@@ -85,7 +85,7 @@ class RacingRounds:
         with recorded_inputs(self.model.blocks) as inputs:
             self.model.run(sub, base)
         for b in alive:
-            gates = {**base, **{j: 0.0 for j in range(b + 1)}}
             with injected_input(self.model.blocks, b, inputs[b]):
-                scores[b].append(self.score_predictions(self.model.run(sub, gates).predictions, sub).detach().cpu())
+                out = self.model.run(sub, skipped_through(base, b))
+            scores[b].append(self.score_predictions(out.predictions, sub).detach().cpu())
         self.example_runs += len(sub) * len(alive)

@@ -146,12 +146,16 @@ def _head_at(head: nn.Module, positions: Tensor, width: int) -> Iterator[None]:
 
 @contextmanager
 def _restored(cache: Any) -> Iterator[None]:
-    """A KV cache's layers as they were on entry once the block exits (a prefix cache serves several packs)."""
-    saved = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else []
+    """A KV cache's layers as they were on entry once the block exits (a prefix cache serves several packs);
+    no cache, nothing to do."""
+    if cache is None:
+        yield
+        return
+    saved = [(layer.keys, layer.values) for layer in cache.layers]
     try:
         yield
     finally:
-        for layer, (keys, values) in zip(cache.layers if cache is not None else [], saved):
+        for layer, (keys, values) in zip(cache.layers, saved):
             layer.keys, layer.values = keys, values
 
 
