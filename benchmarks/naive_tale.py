@@ -3,7 +3,7 @@
 No batching, no prefix reuse, no score cache. It shares tapioca's per-example scorer (the same
 ``selection_scorer`` run with chunk 1) and tapioca's acceptance rule (best candidate, ties to the lowest index,
 accepted while >= baseline - epsilon, at most ``max_drop`` removals), and returns the same
-:class:`~tapioca.pruning.PruneResult`, so its selection can be compared with ``tale_search`` one to one.
+:class:`~tapioca.pruning.searches.PruneResult`, so its selection can be compared with ``tale_search`` one to one.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tapioca.models.gates import removal_gates
-from tapioca.pruning import PruneResult, Scorer, _tale_outputs
+from tapioca.pruning.searches import PruneResult, Scorer, _tale_outputs
 
 
 def mean_score(scorer: Scorer, removed: list[int]) -> float:

@@ -4,7 +4,7 @@
     python benchmarks/search_speed.py --n 256 --max-drop 2 # smaller; both sides get the same n and rounds
     python benchmarks/search_speed.py --sweep L            # cost vs blocks (untrained, width 64), fitted exponent
     python benchmarks/search_speed.py --sweep N            # cost vs examples; --sweep both for the two
-    python benchmarks/search_speed.py --workers 2          # add a row for Ray workers (tapioca.parallel)
+    python benchmarks/search_speed.py --workers 2          # add a row for Ray workers (tapioca.pruning.parallel)
 
 Prints a table (configurations evaluated, wall time, tokens/s, peak RSS, achieved FLOP/s as a fraction of a
 measured float32 matmul peak) and one line per model: ``model=<name> speedup_vs_naive=<x> identical_selection=<b>``.
@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive_tale import naive_tale  # noqa: E402
 
 from tapioca.config import ModelConfig, TaskConfig  # noqa: E402
-from tapioca.evaluation import selection_scorer  # noqa: E402
+from tapioca.analysis.evaluation import selection_scorer  # noqa: E402
 from tapioca.models.base import BlockModel, run_in_chunks  # noqa: E402
 from tapioca.models.icl import ICLModel, load_model  # noqa: E402
 from tapioca.perf import keep_freed_memory  # noqa: E402
-from tapioca.pruning import PredictionScorer, PruneResult, Scorer, SearchContext, tale_search  # noqa: E402
+from tapioca.pruning.searches import PredictionScorer, PruneResult, Scorer, SearchContext, tale_search  # noqa: E402
 from tapioca.tasks.polyreg import PolyRegTask  # noqa: E402
 
 ZOO = Path(__file__).resolve().parent.parent / "tapioca" / "zoo"
@@ -364,7 +364,7 @@ def racing_line(case: Case, exact: Row, delta: float, min_examples: int, chunk: 
     """tale_search with racing against the exact search (``exact``, the tapioca row): wall time, the
     (candidate, example) pairs scored, and whether the selection is the same. Racing is not TALE (it may
     differ, with probability bounded by delta per round), so it is reported apart from the verdict."""
-    from tapioca.racing import RacingRounds
+    from tapioca.pruning.racing import RacingRounds
 
     racer = RacingRounds(case.model, case.batch, case.score_predictions, chunk, delta, min_examples)
     ctx = SearchContext(model=case.model, batch=case.batch, scorer=case.scorer(chunk),
@@ -382,7 +382,7 @@ def racing_line(case: Case, exact: Row, delta: float, min_examples: int, chunk: 
 
 def ray_row(case: Case, ctx: SearchContext, workers: int) -> Row:
     """tale_search with candidates on ``workers`` local Ray workers (start-up included in the time)."""
-    from tapioca.parallel import ICLReplica, parallel_tale
+    from tapioca.pruning.parallel import ICLReplica, parallel_tale
 
     if not isinstance(case.model, ICLModel):
         raise Skip("the Ray row needs a model factory; only testbed models have one here")

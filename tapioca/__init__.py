@@ -12,14 +12,18 @@ Notebook use::
 
 __version__ = "0.1.0"
 
+from tapioca import _moved
+
+_moved.install()
+
 from tapioca.api import load, load_task, prune
 from tapioca.config import Config, load_config, replace
 from tapioca.errors import CheckpointError, ConfigError, DataError, TapiocaError
-from tapioca.evaluation import Evaluation, compare, evaluate
+from tapioca.analysis.evaluation import Evaluation, compare, evaluate
 from tapioca.models.gates import gated, removal_gates
-from tapioca.pruning import SEARCHES, PruneResult
-from tapioca.study import run_study
-from tapioca.training import train
+from tapioca.pruning.searches import SEARCHES, PruneResult
+from tapioca.study.steps import run_study
+from tapioca.models.training import train
 
 __all__ = [
     "CheckpointError", "Config", "ConfigError", "DataError", "Evaluation", "PruneResult", "SEARCHES",

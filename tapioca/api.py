@@ -9,11 +9,11 @@ import torch
 
 from tapioca.config import Config, PruningConfig, from_dict, to_dict
 from tapioca.errors import ConfigError
-from tapioca.evaluation import check_split_size, selection_scorer
+from tapioca.analysis.evaluation import check_split_size, selection_scorer
 from tapioca.models.base import BlockModel
 from tapioca.models.icl import ICLModel, load_model
-from tapioca.parallel import ICLReplica, parallel_tale, require_ray
-from tapioca.pruning import NEEDS_ID_REFERENCE, PruneResult, SearchContext, check_budget, get_search
+from tapioca.pruning.parallel import ICLReplica, parallel_tale, require_ray
+from tapioca.pruning.searches import NEEDS_ID_REFERENCE, PruneResult, SearchContext, check_budget, get_search
 from tapioca.tasks.polyreg import PolyRegTask
 
 PROTOCOLS = ("target", "from-id")
@@ -108,5 +108,5 @@ def _parallel_tale(ctx: SearchContext, model: BlockModel, cfg: PruningConfig) ->
     require_ray("pruning.workers", cfg.workers)
     if not isinstance(model, ICLModel):
         raise ConfigError(f"pruning.workers: Ray workers rebuild testbed models (ICLModel), not "
-                          f"{type(model).__name__}; use tapioca.parallel.parallel_tale with a factory")
+                          f"{type(model).__name__}; use tapioca.pruning.parallel.parallel_tale with a factory")
     return parallel_tale(ctx, ICLReplica.of(model), workers=cfg.workers, address=cfg.ray_address)

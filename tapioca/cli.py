@@ -14,15 +14,15 @@ import torch
 from tapioca.api import load_task, prune, resolve_device
 from tapioca.config import Config, load_config, to_dict
 from tapioca.errors import CheckpointError, ConfigError, TapiocaError
-from tapioca.evaluation import compare, evaluate
+from tapioca.analysis.evaluation import compare, evaluate
 from tapioca.io import environment, read_json, write_json, write_yaml
 from tapioca.models.gates import removal_gates
 from tapioca.models.icl import ICLModel, load_model
 from tapioca.models.install import add_models_command, main_models
 from tapioca.perf import keep_freed_memory
-from tapioca.pruning import PruneResult
-from tapioca.report import write_report
-from tapioca.training import train
+from tapioca.pruning.searches import PruneResult
+from tapioca.report.report import write_report
+from tapioca.models.training import train
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -148,8 +148,8 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config, say: Callable[[str], Non
 
 
 def cmd_study(args: argparse.Namespace, cfg: Config, say: Callable[[str], None]) -> None:
-    from tapioca.study import run_study
-    from tapioca.summary import format_summary
+    from tapioca.study.steps import run_study
+    from tapioca.report.summary import format_summary
 
     results = run_study(cfg, cfg.run.out, progress=not args.quiet, log=say)
     say(format_summary(results))

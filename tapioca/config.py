@@ -151,7 +151,7 @@ class GeometryConfig:
 
 @dataclass(frozen=True)
 class LMConfig:
-    """A study on a real causal LM and a text task (``tapioca.lm_study``) instead of the testbed.
+    """A study on a real causal LM and a text task (``tapioca.study.lm_steps``) instead of the testbed.
 
     ``model``: a name from ``tapioca models list`` (installed with ``tapioca models install``), a local Hugging
     Face folder or a ``.gguf`` file. ``task``: :class:`tapioca.tasks.text.TextTaskConfig` fields. ``metric``:
@@ -199,7 +199,7 @@ class Config:
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     run: RunConfig = field(default_factory=RunConfig)
     # Multi-scale study: scale name -> section overrides merged into this config, e.g.
-    # {"L4": {"model": {"n_layer": 4}}}. Empty: one scale (this config). See tapioca/scales.py.
+    # {"L4": {"model": {"n_layer": 4}}}. Empty: one scale (this config). See tapioca/study/scales.py.
     scales: dict[str, Any] = field(default_factory=dict)
     lm: LMConfig | None = None  # set: the study runs on a causal LM and a text task (see LMConfig)
 

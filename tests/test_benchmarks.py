@@ -18,7 +18,7 @@ from naive_tale import naive_tale  # noqa: E402
 
 from tapioca.models.gates import first_tensor  # noqa: E402
 from tapioca.models.icl import load_model  # noqa: E402
-from tapioca.pruning import SearchContext, tale_search  # noqa: E402
+from tapioca.pruning.searches import SearchContext, tale_search  # noqa: E402
 
 
 class OffsetBlock(nn.Module):

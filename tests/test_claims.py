@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from tapioca.claims import (REFUTED, SUPPORTED, INCONCLUSIVE, c1_no_id_benefit, c2_ood_improves, c3_ood_distorts,
+from tapioca.report.claims import (REFUTED, SUPPORTED, INCONCLUSIVE, c1_no_id_benefit, c2_ood_improves, c3_ood_distorts,
                             c4_realigns, c5_causal, c7_not_tamer, c8_distortion_predicts, c9_needs_layer_removal,
                             spearman_with_p, verdicts)
 

@@ -8,7 +8,7 @@ import torch
 
 from tapioca.config import load_config
 from tapioca.errors import DataError
-from tapioca.evaluation import Evaluation, compare, evaluate
+from tapioca.analysis.evaluation import Evaluation, compare, evaluate
 from tapioca.models.icl import ICLModel
 from tapioca.tasks.polyreg import PolyRegTask
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tapioca.geometry import Profile, distortion, mean_pairwise_distance, profile, query_states
+from tapioca.analysis.geometry import Profile, distortion, mean_pairwise_distance, profile, query_states
 
 
 def brute_force_pairwise(states: torch.Tensor) -> list[float]:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tapioca.api import load_task
-from tapioca.evaluation import evaluate
-from tapioca.heldout import HeldoutRuns
+from tapioca.analysis.evaluation import evaluate
+from tapioca.analysis.heldout import HeldoutRuns
 from tapioca.models.gates import removal_gates
 
 

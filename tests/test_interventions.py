@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tapioca.geometry import distortion, profile, query_states
-from tapioca.interventions import norm_matched, position_norms, residual_scaling_sweep
+from tapioca.analysis.geometry import distortion, profile, query_states
+from tapioca.analysis.interventions import norm_matched, position_norms, residual_scaling_sweep
 from tapioca.tasks.polyreg import PolyRegTask
 
 

@@ -1,4 +1,4 @@
-"""Tests for tapioca.lm and tapioca.lm_evaluation on a tiny random Llama and in-memory text tasks."""
+"""Tests for tapioca.tasks.choices and tapioca.analysis.calibration on a tiny random Llama and in-memory text tasks."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 import torch
 import transformers
 
-from tapioca import stats
+from tapioca.analysis import stats
 from tapioca.errors import ConfigError
-from tapioca.lm import ChoiceModel, choice_batch, choice_table, lm_selection, prune_lm, task_choices
-from tapioca.lm_evaluation import calibration, calibration_change, compare_lm, evaluate_lm, _top_choice_table
+from tapioca.tasks.choices import ChoiceModel, choice_batch, choice_table, lm_selection, prune_lm, task_choices
+from tapioca.analysis.calibration import calibration, calibration_change, compare_lm, evaluate_lm, _top_choice_table
 from tapioca.models.base import run_in_chunks
 from tapioca.models.hf import HFModel
-from tapioca.pruning import SEARCHES
+from tapioca.pruning.searches import SEARCHES
 from tapioca.tasks.text import TextExample, TextTask, TextTaskConfig, score_multiple_choice
 from tapioca.tasks.text_sources import TableSource
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tapioca.lm import ChoiceModel, choice_batch, choice_table, prune_lm, task_choices
-from tapioca.lm_evaluation import evaluate_lm
+from tapioca.tasks.choices import ChoiceModel, choice_batch, choice_table, prune_lm, task_choices
+from tapioca.analysis.calibration import evaluate_lm
 from tapioca.models.base import run_in_chunks
 from tapioca.models.hf import HFModel
 from tapioca.tasks.text import TextTask

@@ -10,9 +10,9 @@ import pytest
 from tapioca.config import load_config
 from tapioca.errors import CheckpointError, ConfigError, DataError
 from tapioca.io import read_json
-from tapioca.lm_study import intervention_metric, load_text_task, resolve_lm_path
-from tapioca.report import write_report
-from tapioca.study import run_study
+from tapioca.study.lm_steps import intervention_metric, load_text_task, resolve_lm_path
+from tapioca.report.report import write_report
+from tapioca.study.steps import run_study
 
 from test_lm import PLANTED, mc_task, plant, relabel, tiny_lm
 
@@ -126,7 +126,7 @@ def test_generation_accuracy_sweeps_score_the_gold_answer_loglik() -> None:
 
 
 def test_two_lms_as_scales_decide_c6_and_report(planted_run, tmp_path: Path) -> None:
-    from tapioca.scales_report import build_scales_report
+    from tapioca.report.scales_report import build_scales_report
 
     run, _, overrides = planted_run
     model_dir = next(o for o in overrides if o.startswith("lm.model=")).split("=", 1)[1]

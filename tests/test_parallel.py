@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tapioca.config import ModelConfig, TaskConfig
-from tapioca.evaluation import selection_scorer
+from tapioca.analysis.evaluation import selection_scorer
 from tapioca.models.icl import ICLModel
-from tapioca.parallel import CandidateWorker, ICLReplica, split_candidates
-from tapioca.pruning import SearchContext, tale_search
+from tapioca.pruning.parallel import CandidateWorker, ICLReplica, split_candidates
+from tapioca.pruning.searches import SearchContext, tale_search
 from tapioca.tasks.polyreg import PolyRegTask
 
 
@@ -45,7 +45,7 @@ def test_in_process_worker_matches_the_serial_search(prefix):
 
 def test_two_ray_workers_give_identical_selection_to_serial():
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'tapioca[test]' or pip install ray)")
-    from tapioca.parallel import parallel_tale
+    from tapioca.pruning.parallel import parallel_tale
 
     ctx = tiny_context(prefix=True)
     serial = tale_search(ctx)

@@ -11,10 +11,10 @@ from torch import nn
 import tapioca
 from tapioca.config import load_config
 from tapioca.errors import ConfigError
-from tapioca.evaluation import selection_scorer
+from tapioca.analysis.evaluation import selection_scorer
 from tapioca.io import read_json, write_json
 from tapioca.models.icl import ICLModel
-from tapioca.pruning import SEARCHES, PruneResult, SearchContext, get_search, tale_search
+from tapioca.pruning.searches import SEARCHES, PruneResult, SearchContext, get_search, tale_search
 from tapioca.tasks.polyreg import PolyRegTask
 
 TINY = ["model.n_layer=4", "model.n_embd=16", "model.n_head=2", "train.steps=150", "train.warmup_steps=10",
@@ -303,7 +303,7 @@ class NormAmplifier(nn.Module):
 
 def test_distortion_search_finds_a_planted_distorting_block_without_labels(trained, monkeypatch):
     cfg, model, task = trained
-    from tapioca.geometry import query_states
+    from tapioca.analysis.geometry import query_states
 
     id_norm = float(query_states(model, task.data("id", "select", 0, 64))[2].norm(dim=-1).mean())
     planted = ICLModel(cfg.model)
@@ -311,8 +311,8 @@ def test_distortion_search_finds_a_planted_distorting_block_without_labels(train
     planted.backbone.h[1] = NormAmplifier(planted.backbone.h[1], id_norm)
     planted.eval()
     monkeypatch.setattr(task, "score", lambda *a, **k: pytest.fail("labels were used"), raising=False)
-    monkeypatch.setattr("tapioca.pruning._one_shot", lambda ctx, name, removed, scores: (removed, scores))
-    removed, attribution = tapioca.pruning.distortion_search(SearchContext(
+    monkeypatch.setattr("tapioca.pruning.searches._one_shot", lambda ctx, name, removed, scores: (removed, scores))
+    removed, attribution = tapioca.pruning.searches.distortion_search(SearchContext(
         model=planted, batch=task.data("x_scale_3", "select", 0, 128), scorer=None, progress=False,
         reference_batch=task.data("id", "select", 0, 128)))
     assert removed == [1]

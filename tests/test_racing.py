@@ -9,7 +9,7 @@ import tapioca
 from tapioca.config import load_config
 from tapioca.errors import ConfigError
 from tapioca.models.icl import ICLModel
-from tapioca.racing import eliminated, stage_ends
+from tapioca.pruning.racing import eliminated, stage_ends
 
 from test_pruning import NoisyBlock, trained  # noqa: F401  (module-scoped fixture)
 

@@ -12,8 +12,8 @@ import pytest
 
 from tapioca.config import GeometryConfig, load_config
 from tapioca.errors import CheckpointError
-from tapioca.report import render_markdown, section_claims, write_report
-from tapioca.study import run_study
+from tapioca.report.report import render_markdown, section_claims, write_report
+from tapioca.study.steps import run_study
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DISTS = ("id", "x_scale_3", "degree_4")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tapioca.lm import lm_selection
+from tapioca.tasks.choices import lm_selection
 from tapioca.models.base import run_in_chunks
 from tapioca.models.resumed import ResumedRuns
 from tapioca.tasks.polyreg import PolyRegTask

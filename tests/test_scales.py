@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from tapioca.claims import INCONCLUSIVE, REFUTED, SUPPORTED, c6_scales
+from tapioca.report.claims import INCONCLUSIVE, REFUTED, SUPPORTED, c6_scales
 from tapioca.config import load_config, scale_config
 from tapioca.errors import ConfigError
-from tapioca.report import write_report
-from tapioca.study import run_study
-from tapioca.summary import format_summary
+from tapioca.report.report import write_report
+from tapioca.study.steps import run_study
+from tapioca.report.summary import format_summary
 
 from test_study import TINY, quiet
 

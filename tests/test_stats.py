@@ -1,4 +1,4 @@
-"""Tests for tapioca.stats with known answers."""
+"""Tests for tapioca.analysis.stats with known answers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from tapioca import stats
-from tapioca.stats import (
+from tapioca.analysis import stats
+from tapioca.analysis.stats import (
     DeltaCI,
     bootstrap_mean_ci,
     brier,

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-import tapioca.study as study
+import tapioca.study.steps as study
 from tapioca.config import load_config
 from tapioca.errors import CheckpointError
-from tapioca.heldout import HeldoutRuns
-from tapioca.summary import format_summary
+from tapioca.analysis.heldout import HeldoutRuns
+from tapioca.report.summary import format_summary
 
 TINY = ["model.n_layer=3", "model.n_embd=16", "train.steps=20", "train.warmup_steps=2", "pruning.n_select=32",
         "evaluation.n_heldout=32", "evaluation.n_bootstrap=200", "evaluation.seeds=[0,1]",

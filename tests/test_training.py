@@ -1,4 +1,4 @@
-"""Tests for tapioca.training and the checkpoint format of tapioca.models.icl: learning, files, exact resume,
+"""Tests for tapioca.models.training and the checkpoint format of tapioca.models.icl: learning, files, exact resume,
 clear errors for bad checkpoints, curriculum and learning-rate schedule."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import tapioca.training as training
+import tapioca.models.training as training
 from tapioca.config import Config, SamplerParams, TrainConfig, replace
 from tapioca.errors import CheckpointError, ConfigError
 from tapioca.io import read_json
 from tapioca.models.icl import ICLModel, load_model, read_meta, save_model
 from tapioca.tasks.polyreg import PolyRegTask
-from tapioca.training import curriculum, learning_rate, train
+from tapioca.models.training import curriculum, learning_rate, train
 
 CHECKPOINT_FILES = {"model.safetensors", "model.json", "train_state.json", "checkpoint-12"}
 

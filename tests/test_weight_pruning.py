@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from tapioca.models.base import RunOutput
 from tapioca.tasks.polyreg import PolyRegTask
-from tapioca.weight_pruning import (
+from tapioca.pruning.weights import (
     block_parameter_count,
     input_norms,
     magnitude_prune,

@@ -62,7 +62,7 @@ class TokenBatch:
         """Row ranges ``(i, j)``, in order, for passes of at most ``chunk`` rows' worth of tokens: each range's
         padded size (rows x its longest row) stays within ``chunk`` x the batch's mean length (one row at
         least). Equal-length rows go ``chunk`` at a time; long rows go fewer at a time, so a batch sorted by
-        length (as :func:`tapioca.lm.choice_batch` makes) wastes little compute on padding."""
+        length (as :func:`tapioca.tasks.choices.choice_batch` makes) wastes little compute on padding."""
         lengths = self.attention_mask.sum(1).tolist()
         if not lengths:
             return []

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
-from tapioca import stats
+from tapioca.analysis import stats
 from tapioca.errors import ConfigError, DataError
 from tapioca.tasks import text_sources as ts
 from tapioca.tasks.text_sources import LETTERS, Source, TextExample, check_answer, extract_number, stable_hash

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from tapioca.plots import _ci, _figure, _num, _p
+from tapioca.report.plots import _ci, _figure, _num, _p
 
 Block = tuple
 

@@ -13,14 +13,14 @@ from typing import Any
 
 from tapioca.api import prune
 from tapioca.config import Config
-from tapioca.evaluation import Evaluation, evaluate
-from tapioca.heldout import HeldoutRuns
-from tapioca.interventions import norm_matched, position_norms, residual_scaling_sweep
+from tapioca.analysis.evaluation import Evaluation, evaluate
+from tapioca.analysis.heldout import HeldoutRuns
+from tapioca.analysis.interventions import norm_matched, position_norms, residual_scaling_sweep
 from tapioca.models.base import run_in_chunks
 from tapioca.models.resumed import ResumedRuns
-from tapioca.pruning import PruneResult
+from tapioca.pruning.searches import PruneResult
 from tapioca.tasks.polyreg import PolyRegTask
-from tapioca.weight_pruning import block_parameter_count, magnitude_prune, n_prunable, wanda_prune
+from tapioca.pruning.weights import block_parameter_count, magnitude_prune, n_prunable, wanda_prune
 
 BASELINES = ("block_influence", "angular", "last_k", "random", "distortion")
 WEIGHT_METHODS = ("magnitude", "wanda")

@@ -1,7 +1,7 @@
 """TALE rounds on Ray workers: each worker holds a model replica and scores a share of a round's candidates.
 
 A round's candidates are independent, so they spread over ``workers`` actors; each runs the same code as the
-serial search (:class:`~tapioca.pruning.PrefixRounds`, or the chunked scorer), on the same data, in the same
+serial search (:class:`~tapioca.pruning.searches.PrefixRounds`, or the chunked scorer), on the same data, in the same
 chunks, so the selection is identical to the serial run. Local Ray by default; ``address=`` joins an existing
 cluster. On GPUs give every worker one device with ``num_gpus=1`` (see benchmarks/README.md).
 
@@ -9,7 +9,7 @@ cluster. On GPUs give every worker one device with ``num_gpus=1`` (see benchmark
     result = parallel_tale(ctx, factory, workers=2)       # ctx: a SearchContext, as for tale_search
 
 Hugging Face LMs: ``HFReplica.of(lm)`` (an :class:`~tapioca.models.hf.HFModel` from ``HFModel.load``) reloads
-the model from its folder on each worker; ``tapioca.lm.prune_lm(..., workers=N)`` wraps it as the search does.
+the model from its folder on each worker; ``tapioca.tasks.choices.prune_lm(..., workers=N)`` wraps it as the search does.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tapioca.models.base import BlockModel, run_in_chunks
 from tapioca.models.gates import removal_gates
 from tapioca.models.hf import HFModel, dtype_name
 from tapioca.models.icl import ICLModel
-from tapioca.pruning import PredictionScorer, PrefixRounds, PruneResult, SearchContext, tale_search
+from tapioca.pruning.searches import PredictionScorer, PrefixRounds, PruneResult, SearchContext, tale_search
 
 ModelFactory = Callable[[torch.device], BlockModel]  # device -> a model replica in eval mode (picklable)
 
@@ -170,7 +170,7 @@ class RayEvaluator:
 
 def parallel_tale(ctx: SearchContext, factory: ModelFactory, workers: int = 2, address: str | None = None,
                   **ray_options: Any) -> PruneResult:
-    """:func:`~tapioca.pruning.tale_search` with each round's candidates scored on Ray workers.
+    """:func:`~tapioca.pruning.searches.tale_search` with each round's candidates scored on Ray workers.
 
     ``ctx.score_predictions`` must be set (workers score predictions of the same ``ctx.batch``); ``factory``
     rebuilds ``ctx.model`` on a device. The baseline is scored on the driver, as in the serial search.

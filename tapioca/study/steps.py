@@ -18,21 +18,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tapioca import controls
-from tapioca.claims import verdicts
+from tapioca.study import controls
+from tapioca.report.claims import verdicts
 from tapioca.api import load_task, prune, resolve_device
 from tapioca.config import Config, read_yaml, to_dict
 from tapioca.errors import CheckpointError, TapiocaError
-from tapioca.evaluation import Evaluation, compare, evaluate_references
-from tapioca.heldout import HeldoutRuns
-from tapioca.geometry import Profile, distortion, profile, query_states
+from tapioca.analysis.evaluation import Evaluation, compare, evaluate_references
+from tapioca.analysis.heldout import HeldoutRuns
+from tapioca.analysis.geometry import Profile, distortion, profile, query_states
 from tapioca.io import environment, read_json, write_json, write_yaml
 from tapioca.models.gates import removal_gates
 from tapioca.models.icl import ICLModel, load_model
-from tapioca.pruning import PruneResult
-from tapioca.scales import run_scales
+from tapioca.pruning.searches import PruneResult
+from tapioca.study.scales import run_scales
 from tapioca.tasks.polyreg import PolyRegTask
-from tapioca.training import find_pretrained, is_trained, train
+from tapioca.models.training import find_pretrained, is_trained, train
 
 Log = Callable[[str], None]
 T = TypeVar("T")
@@ -194,12 +194,12 @@ class SeedOutputs:
 def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True, log: Log = print) -> dict:
     """Run the whole pipeline for ``cfg`` into ``out`` (default ``cfg.run.out``) and return results.json.
     A config with ``scales`` runs every scale's study and returns the multi-scale results instead; one with
-    an ``lm`` section runs the study on that causal LM and text task (:mod:`tapioca.lm_study`)."""
+    an ``lm`` section runs the study on that causal LM and text task (:mod:`tapioca.study.lm_steps`)."""
     out = Path(out if out is not None else cfg.run.out)
     if cfg.scales:
         return run_scales(cfg, out, progress, log)
     if cfg.lm is not None:
-        from tapioca.lm_study import run_lm_study  # imports the text and Hugging Face stack only when needed
+        from tapioca.study.lm_steps import run_lm_study  # imports the text and Hugging Face stack only when needed
 
         return run_lm_study(cfg, out, progress, log)
     prepare_run_dir(cfg, out)

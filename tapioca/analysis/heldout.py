@@ -1,7 +1,7 @@
 """Held-out evaluations of one model under many block-removal sets, exact and shared.
 
 A study evaluates the same model on the same held-out prompts with the full model, TALE's removals and
-every control's removals. :class:`HeldoutRuns` gives the numbers :func:`tapioca.evaluation.evaluate`
+every control's removals. :class:`HeldoutRuns` gives the numbers :func:`tapioca.analysis.evaluation.evaluate`
 would give, faster: an identical removal set is run once, and a run whose lowest removed block is ``b``
 resumes from the full model's residual stream at ``b`` (blocks ``0..b-1`` are untouched, so their
 output is the full model's), computed in the same chunks, hence bit-identical.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tapioca.evaluation import Evaluation, check_split_size, single_evaluation
+from tapioca.analysis.evaluation import Evaluation, check_split_size, single_evaluation
 from tapioca.models.base import BlockModel
 from tapioca.models.gates import removal_gates
 from tapioca.models.resumed import ResumedRuns

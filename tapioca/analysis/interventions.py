@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from tapioca.geometry import distortion, profile
+from tapioca.analysis.geometry import distortion, profile
 from tapioca.models.base import BlockModel
 from tapioca.models.resumed import ResumedRuns
 

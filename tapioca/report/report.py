@@ -18,11 +18,11 @@ import numpy as np
 import yaml
 
 from tapioca.errors import CheckpointError
-from tapioca.evaluation import Evaluation
+from tapioca.analysis.evaluation import Evaluation
 from tapioca.io import atomic_write_bytes
-from tapioca.scales import is_multi_scale
-from tapioca.scales_report import build_scales_report
-from tapioca.plots import (METHOD_ORDER, METRIC_LABELS, _ci, _dig, _lower_is_better, _main_metric, _metrics, _num,
+from tapioca.study.scales import is_multi_scale
+from tapioca.report.scales_report import build_scales_report
+from tapioca.report.plots import (METHOD_ORDER, METRIC_LABELS, _ci, _dig, _lower_is_better, _main_metric, _metrics, _num,
                            _outcome, _p, _png, _removed_text, _shifts, _spearman, distortion_drop, make_plots)
 
 __all__ = ["write_report", "build_report", "load_results"]

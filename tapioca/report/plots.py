@@ -12,8 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tapioca import stats
-from tapioca.evaluation import HIGHER_IS_BETTER, Evaluation
+from tapioca.analysis import stats
+from tapioca.analysis.evaluation import HIGHER_IS_BETTER, Evaluation
 
 METRIC_LABELS = {"nmse": "NMSE", "tol_acc": "tolerance accuracy"}
 METHOD_ORDER = ("tale", "block_influence", "angular", "last_k", "random", "distortion", "magnitude", "wanda")

@@ -6,18 +6,18 @@ Multiple choice is scored by log-likelihood. The (prompt, choice) pairs of a spl
 distribution, one forward pass per example instead of one per choice; otherwise a row is one (prompt, choice)
 pair. :class:`ChoiceModel` shows an :class:`~tapioca.models.hf.HFModel` through such batches as a
 ``BlockModel`` whose ``predictions`` are choice log-likelihoods, so TALE's prefix-reusing rounds
-(:class:`tapioca.pruning.PrefixRounds`) and the state-based baselines work unchanged::
+(:class:`tapioca.pruning.searches.PrefixRounds`) and the state-based baselines work unchanged::
 
     lm = HFModel.load(folder)
     task = TextTask(TextTaskConfig(source="mmlu"))
     result = prune_lm(lm, task, "tale", protocol="target", target="humanities", max_drop=2, n_select=64)
-    full, pruned = (evaluate_lm(lm, task, g, n=100) for g in (None, result.gates))   # tapioca.lm_evaluation
+    full, pruned = (evaluate_lm(lm, task, g, n=100) for g in (None, result.gates))   # tapioca.analysis.calibration
 
 Short answer is scored by greedy generation (``metric="acc"``, no prefix reuse) or, much faster and with
 prefix reuse, by the log-likelihood of the gold answer (``metric="loglik"``).
 
 ``prune_lm(..., workers=N)`` scores TALE candidates on N Ray workers (log-likelihood metrics): each worker
-loads the model again from its folder (:class:`~tapioca.parallel.HFReplica`) and wraps it in a
+loads the model again from its folder (:class:`~tapioca.pruning.parallel.HFReplica`) and wraps it in a
 :class:`ChoiceModel`, as the search does on the driver (:class:`ChoiceReplica`).
 """
 
@@ -35,12 +35,12 @@ from torch import Tensor, nn
 from tapioca.api import selection_distribution
 from tapioca.config import PruningConfig, from_dict
 from tapioca.errors import ConfigError
-from tapioca.evaluation import check_split_size
+from tapioca.analysis.evaluation import check_split_size
 from tapioca.models.base import BlockModel, RunOutput, run_in_chunks
 from tapioca.models.gates import Gates
 from tapioca.models.hf import HFModel, TokenBatch
-from tapioca.parallel import HFReplica, parallel_tale, require_ray
-from tapioca.pruning import (
+from tapioca.pruning.parallel import HFReplica, parallel_tale, require_ray
+from tapioca.pruning.searches import (
     NEEDS_ID_REFERENCE, PredictionScorer, PruneResult, Scorer, SearchContext, check_budget, get_search,
 )
 from tapioca.tasks.text import TextExample, TextTask, continuations, score_short_answer
@@ -351,18 +351,18 @@ def prune_lm(
     ray_options: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Search which blocks of ``model`` to remove, scored on ``n_select`` examples of the "select" role
-    (disjoint from the held-out role of :func:`~tapioca.lm_evaluation.evaluate_lm`), as
+    (disjoint from the held-out role of :func:`~tapioca.analysis.calibration.evaluate_lm`), as
     :func:`tapioca.api.prune` does for the testbed.
 
     protocol "target" selects on ``target``; "from-id" selects on "id". ``search`` is a key of
-    :data:`tapioca.pruning.SEARCHES`: TALE (greedy; with a log-likelihood metric its rounds reuse the residual
+    :data:`tapioca.pruning.searches.SEARCHES`: TALE (greedy; with a log-likelihood metric its rounds reuse the residual
     stream below each candidate) or a one-shot baseline removing ``n_remove`` blocks. ``batch_size`` is rows
     per forward pass (and prompts per generate call).
 
     ``workers`` >= 1 scores each TALE round's candidates on that many Ray workers (same selection as serial;
     needs ``pip install 'tapioca[parallel]'``, a model from ``HFModel.load`` and a log-likelihood metric).
     ``ray_address``: None starts local Ray, "auto" / "ray://host:port" joins a cluster. ``ray_options`` go to
-    :func:`~tapioca.parallel.parallel_tale` (e.g. ``{"num_gpus": 1}``: one GPU per worker).
+    :func:`~tapioca.pruning.parallel.parallel_tale` (e.g. ``{"num_gpus": 1}``: one GPU per worker).
     """
     run_search = get_search(search)
     _check_search_args(epsilon, max_drop, n_remove, choose)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from tapioca.claims import c6_scales, primary_metric
+from tapioca.report.claims import c6_scales, primary_metric
 from tapioca.config import Config, scale_config
 from tapioca.io import write_json
 
@@ -43,7 +43,7 @@ def scale_summary(cfg: Config, results: dict) -> dict:
 def run_scales(cfg: Config, out: Path, progress: bool = True, log: Log = print) -> dict:
     """Run the single-scale study of every scale of ``cfg`` (each into ``out/scales/<name>``), then write
     and return the multi-scale ``results.json``: ``{"scales": {name: summary}, "claims": {"C6": ...}}``."""
-    from tapioca.study import prepare_run_dir, run_study  # deferred: study imports this module
+    from tapioca.study.steps import prepare_run_dir, run_study  # deferred: study imports this module
 
     prepare_run_dir(cfg, out)
     summaries = {}

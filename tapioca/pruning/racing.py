@@ -11,7 +11,7 @@ K candidates and S stages (Bonferroni). **Error bound:** under the normal approx
 the probability that any elimination in a round removes a candidate whose mean over the whole selection set
 is at least the leader's is at most δ. Survivors are scored on every example, so their scores — and the
 choice among them — are exactly TALE's; eliminated candidates keep their partial mean for the record only.
-Each stage reuses the residual stream below each candidate (as :class:`~tapioca.pruning.PrefixRounds`).
+Each stage reuses the residual stream below each candidate (as :class:`~tapioca.pruning.searches.PrefixRounds`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from tapioca.models.base import BlockModel
 from tapioca.models.gates import injected_input, recorded_inputs, removal_gates, skipped_through
 
-PredictionScorer = Any  # (predictions, batch) -> per-example scores (B,); see tapioca.pruning
+PredictionScorer = Any  # (predictions, batch) -> per-example scores (B,); see tapioca.pruning.searches
 
 
 def stage_ends(n: int, min_examples: int) -> list[int]:

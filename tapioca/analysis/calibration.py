@@ -1,6 +1,6 @@
 """Held-out evaluation of (pruned) causal LMs on text tasks: accuracy, calibration and paired comparisons.
 
-:func:`evaluate_lm` returns a :class:`tapioca.evaluation.Evaluation` whose per-example metrics are
+:func:`evaluate_lm` returns a :class:`tapioca.analysis.evaluation.Evaluation` whose per-example metrics are
 (multiple choice) ``acc``, ``prob_correct``, ``confidence`` (top-choice probability) and ``brier``, or
 (short answer) ``acc``, ``score`` (the checker's partial credit), ``confidence`` (the model's probability
 of its own greedy answer line) and ``brier`` ((confidence - acc)^2, the binary Brier score of "the answer is
@@ -21,9 +21,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from tapioca import stats
-from tapioca.evaluation import LM_METRICS, Evaluation, check_split_size, compare
-from tapioca.lm import ChoiceModel, choice_batch, choice_metrics, choice_table, task_choices
+from tapioca.analysis import stats
+from tapioca.analysis.evaluation import LM_METRICS, Evaluation, check_split_size, compare
+from tapioca.tasks.choices import ChoiceModel, choice_batch, choice_metrics, choice_table, task_choices
 from tapioca.models.base import run_in_chunks
 from tapioca.models.gates import Gates
 from tapioca.models.hf import HFModel
@@ -163,7 +163,7 @@ def compare_lm(
     confidence: float = 0.95,
 ) -> dict[str, dict[str, dict]]:
     """Paired-bootstrap Δ = pruned − full per distribution and LM metric (:data:`LM_METRICS` present in both),
-    Holm-corrected across shifts; the same table as :func:`tapioca.evaluation.compare` gives the testbed."""
+    Holm-corrected across shifts; the same table as :func:`tapioca.analysis.evaluation.compare` gives the testbed."""
     dists = list(distributions) if distributions is not None else [d for d in full.values if d in pruned.values]
     metrics = {m: up for m, up in LM_METRICS.items()
                if all(m in full.values[d] and m in pruned.values[d] for d in dists)}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from tapioca.evaluation import HIGHER_IS_BETTER
+from tapioca.analysis.evaluation import HIGHER_IS_BETTER
 
 SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
 ID_MARGIN_RELATIVE = 0.01  # C1: a held-out ID change within ±1% of the full model's NMSE counts as "no change"

@@ -1,6 +1,6 @@
 """The study on a real causal LM and a text task: prune -> evaluate -> profile -> intervene -> verdicts.
 
-The same steps and the same results.json layout as the testbed study (:mod:`tapioca.study`), so the report
+The same steps and the same results.json layout as the testbed study (:mod:`tapioca.study.steps`), so the report
 and the C1–C9 rules read both. What differs: the model is fixed and ``evaluation.seeds`` are sampling seeds
 (which examples and demonstrations); held-out scores are accuracy (multiple choice by choice log-likelihood,
 short answer by greedy generation and the task's checker), with ECE and Brier (confidence: top-choice
@@ -18,22 +18,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tapioca.claims import verdicts
+from tapioca.report.claims import verdicts
 from tapioca.config import Config, LMConfig
 from tapioca.errors import CheckpointError, ConfigError
-from tapioca.evaluation import Evaluation
-from tapioca.geometry import profile
+from tapioca.analysis.evaluation import Evaluation
+from tapioca.analysis.geometry import profile
 from tapioca.io import write_json
-from tapioca.interventions import residual_scaling_sweep
-from tapioca.lm import lm_selection, prune_lm
-from tapioca.lm_evaluation import calibration_change, compare_lm, evaluate_lm
+from tapioca.analysis.interventions import residual_scaling_sweep
+from tapioca.tasks.choices import lm_selection, prune_lm
+from tapioca.analysis.calibration import calibration_change, compare_lm, evaluate_lm
 from tapioca.models.base import run_in_chunks
 from tapioca.models.gates import removal_gates
 from tapioca.models.hf import HFModel
 from tapioca.models.resumed import ResumedRuns
 from tapioca.models.install import MODELS, installed_path
-from tapioca.pruning import PruneResult
-from tapioca.study import (
+from tapioca.pruning.searches import PruneResult
+from tapioca.study.steps import (
     Log, Timer, cached_evaluation, cached_json, distortion_summary, intervention_table, prepare_run_dir,
 )
 from tapioca.tasks.text import TextTask, TextTaskConfig

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tapioca import stats
+from tapioca.analysis import stats
 from tapioca.errors import DataError
 from tapioca.models.base import BlockModel, run_in_chunks
 from tapioca.models.gates import Gates
-from tapioca.pruning import Scorer
+from tapioca.pruning.searches import Scorer
 from tapioca.tasks.polyreg import PolyRegTask
 from tapioca.tasks.references import REFERENCES
 

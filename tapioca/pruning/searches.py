@@ -17,12 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from tapioca.errors import ConfigError
-from tapioca.geometry import distortion, profile, query_states
+from tapioca.analysis.geometry import distortion, profile, query_states
 from tapioca.io import read_json, write_json
 from tapioca.models.base import BlockModel, chunks, run_in_chunks
 from tapioca.models.gates import (Gates, Recorded, injected_input, recorded_inputs, removal_gates,
                                   skipped_through)
-from tapioca.racing import RacingRounds
+from tapioca.pruning.racing import RacingRounds
 
 Scorer = Callable[[Gates], torch.Tensor]  # gates -> per-example selection scores (B,)
 PredictionScorer = Callable[[torch.Tensor, Any], torch.Tensor]  # (predictions, batch) -> scores (B,)
@@ -261,7 +261,7 @@ def tale_search(ctx: SearchContext) -> PruneResult:
 
     Each round scores every remaining block; the best candidate (ties -> lowest index) is accepted unless
     its score is below ``baseline - epsilon``. Stops at ``max_drop`` removals or when no block is left.
-    With ``racing_delta`` set, candidates that cannot win are dropped early (:mod:`tapioca.racing`); the
+    With ``racing_delta`` set, candidates that cannot win are dropped early (:mod:`tapioca.pruning.racing`); the
     winner is chosen among the candidates scored on every example.
     """
     n_blocks = ctx.model.n_blocks
