@@ -16,10 +16,10 @@ from tapioca import _moved
 
 _moved.install()
 
-from tapioca.api import load, load_task, prune
+from tapioca.api import evaluate, load, load_task, prune, workload
 from tapioca.config import Config, load_config, replace
 from tapioca.errors import CheckpointError, ConfigError, DataError, TapiocaError
-from tapioca.analysis.evaluation import Evaluation, compare, evaluate
+from tapioca.analysis.evaluation import Evaluation, compare
 from tapioca.models.gates import gated, removal_gates
 from tapioca.pruning.searches import SEARCHES, PruneResult
 from tapioca.study.steps import run_study

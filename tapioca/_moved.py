@@ -18,7 +18,7 @@ MOVED = {
     "tapioca.lm_evaluation": "tapioca.analysis.calibration", "tapioca.stats": "tapioca.analysis.stats",
     "tapioca.geometry": "tapioca.analysis.geometry", "tapioca.interventions": "tapioca.analysis.interventions",
     "tapioca.heldout": "tapioca.analysis.heldout", "tapioca.controls": "tapioca.study.controls",
-    "tapioca.lm_study": "tapioca.study.lm_steps", "tapioca.scales": "tapioca.study.scales",
+    "tapioca.lm_study": "tapioca.tasks.text_workload", "tapioca.scales": "tapioca.study.scales",
     "tapioca.training": "tapioca.models.training", "tapioca.claims": "tapioca.report.claims",
     "tapioca.plots": "tapioca.report.plots", "tapioca.summary": "tapioca.report.summary",
     "tapioca.scales_report": "tapioca.report.scales_report",

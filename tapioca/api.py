@@ -1,19 +1,27 @@
-"""The notebook-level API: plain functions over a config, a model and a task."""
+"""The notebook-level API: plain functions over a config, a model and a task (or a workload binding them).
+
+Every function takes a :class:`~tapioca.tasks.base.Workload`, or a model and its task: a testbed model with a
+:class:`~tapioca.tasks.polyreg.PolyRegTask`, or a :class:`~tapioca.models.hf.HFModel` with a
+:class:`~tapioca.tasks.text.TextTask`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from tapioca.analysis.evaluation import Evaluation, check_split_size
 from tapioca.config import Config, PruningConfig, from_dict, to_dict
 from tapioca.errors import ConfigError
-from tapioca.analysis.evaluation import check_split_size, selection_scorer
-from tapioca.models.base import BlockModel
+from tapioca.models.gates import Gates
 from tapioca.models.icl import ICLModel, load_model
-from tapioca.pruning.parallel import ICLReplica, parallel_tale, require_ray
 from tapioca.pruning.searches import NEEDS_ID_REFERENCE, PruneResult, SearchContext, check_budget, get_search
+from tapioca.tasks import base
+from tapioca.tasks.base import Workload
 from tapioca.tasks.polyreg import PolyRegTask
 
 PROTOCOLS = ("target", "from-id")
@@ -46,25 +54,35 @@ def load(path: str | Path, device: str = "cpu") -> ICLModel:
     return load_model(path, resolve_device(device))
 
 
-def selection_distribution(protocol: str, target: str, task: PolyRegTask) -> str:
+def workload(model: Any, task: Any = None, cfg: PruningConfig | None = None, **text_options: Any) -> Workload:
+    """``model`` if it is already a workload, else ``model`` bound to ``task``. A testbed workload takes its
+    selection sizes and metric from ``cfg``; a text workload takes ``text_options`` (``metric``, ``n_select``,
+    ``n_heldout``, ``n_profile``, ``batch_size``, ``length_normalize``, ``max_new_tokens``, ``name``)."""
+    if task is None:
+        if not hasattr(model, "selection"):
+            raise ConfigError(f"a {type(model).__name__} needs its task: pass a task, or a workload instead")
+        return model
+    if isinstance(task, PolyRegTask):
+        from tapioca.tasks.testbed import TestbedWorkload
+
+        return TestbedWorkload.from_pruning(cfg or PruningConfig(), model, task)
+    from tapioca.tasks.text_workload import TextWorkload  # imports the text and Hugging Face stack only when needed
+
+    return TextWorkload.for_model(model, task, **text_options)
+
+
+def selection_distribution(protocol: str, target: str, wl: Any) -> str:
     """The distribution a search selects on: ``target`` under protocol "target", "id" under "from-id"."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"pruning.protocol: unknown protocol {protocol!r}; allowed: {list(PROTOCOLS)}")
-    if target not in task.distributions:
-        raise ConfigError(f"pruning.target: unknown distribution {target!r}; allowed: {task.distributions}")
+    if target not in wl.distributions:
+        raise ConfigError(f"pruning.target: unknown distribution {target!r}; allowed: {wl.distributions}")
     return target if protocol == "target" else "id"
 
 
-def _id_reference(task: PolyRegTask, cfg: PruningConfig, dist: str, batch, seed: int):
-    """ID selection inputs for searches that compare against ID (drawn only when the search needs them)."""
-    if cfg.search not in NEEDS_ID_REFERENCE:
-        return None
-    return batch if dist == "id" else task.data("id", "select", seed, cfg.n_select)
-
-
 def prune(
-    model: BlockModel,
-    task: PolyRegTask,
+    model: Any,
+    task: Any = None,
     search: str = "tale",
     protocol: str = "target",
     target: str = "id",
@@ -73,40 +91,78 @@ def prune(
     seed: int = 0,
     progress: bool = True,
     cache_path: str | Path | None = None,
+    ray_options: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> PruneResult:
     """Search which blocks to remove, scored on the selection split of the protocol's distribution.
 
-    ``overrides`` replace fields of ``cfg`` (e.g. ``epsilon=0.05, max_drop=2``) with the usual checks.
-    The selection split (role "select") is disjoint from the held-out split used by :func:`evaluate`.
-    ``workers=N`` (N >= 1) scores TALE's candidate rounds on N Ray workers (``ray_address``: join a cluster),
-    with the same selection as serial; one-shot searches have no rounds and run in-process.
+    ``model``: a workload, or a model with its ``task`` (testbed or text). ``overrides`` replace fields of
+    ``cfg`` (e.g. ``epsilon=0.05, max_drop=2``) with the usual checks. The selection split (role "select") is
+    disjoint from the held-out split used by :func:`evaluate`. ``workers=N`` (N >= 1) scores TALE's candidate
+    rounds on N Ray workers (``ray_address``: join a cluster; ``ray_options`` go to
+    :func:`~tapioca.pruning.parallel.parallel_tale`, e.g. ``{"num_gpus": 1}``), with the same selection as serial;
+    one-shot searches have no rounds and run in-process.
     """
     cfg = from_dict(PruningConfig, {**to_dict(cfg or PruningConfig()), "search": search, "protocol": protocol,
                                     "target": target, **overrides}, "pruning")
+    wl = workload(model, task, cfg)
     run_search = get_search(cfg.search)
-    check_budget(model.n_blocks, cfg.max_drop, cfg.n_remove)
-    check_split_size(cfg.n_select, "pruning.n_select")
-    dist = selection_distribution(cfg.protocol, cfg.target, task)
-    batch = task.data(dist, "select", seed, cfg.n_select)
+    if cfg.workers and cfg.search != "tale":
+        raise ConfigError(f"pruning.workers: {cfg.workers} applies only to search 'tale' (its candidate rounds); "
+                          f"{cfg.search!r} runs in-process, use workers=0")
+    check_budget(wl.model.n_blocks, cfg.max_drop, cfg.n_remove)
+    check_split_size(wl.sizes.n_select, "pruning.n_select")
+    dist = selection_distribution(cfg.protocol, cfg.target, wl)
+    sel = wl.selection(dist, "select", seed, wl.sizes.n_select)
+    reference = None
+    if cfg.search in NEEDS_ID_REFERENCE:  # ID inputs, for searches that compare against ID
+        reference = sel.batch if dist == "id" else wl.selection("id", "select", seed, wl.sizes.n_select).batch
     ctx = SearchContext(
-        model=model, batch=batch, scorer=selection_scorer(model, task, batch, cfg.metric, cfg.batch_size),
-        score_predictions=lambda preds, b: task.score(preds, b, cfg.metric), prefix_cache=cfg.prefix_cache,
-        epsilon=cfg.epsilon, max_drop=cfg.max_drop, choose=cfg.choose, n_remove=cfg.n_remove, seed=seed, chunk=cfg.batch_size,
-        progress=progress, cache_path=Path(cache_path) if cache_path is not None else None,
-        reference_batch=_id_reference(task, cfg, dist, batch, seed),
-        racing_delta=cfg.racing_delta, racing_min=cfg.racing_min,
+        model=sel.model, batch=sel.batch, scorer=sel.scorer, score_predictions=sel.score_predictions,
+        prefix_cache=cfg.prefix_cache, epsilon=cfg.epsilon, max_drop=cfg.max_drop, choose=cfg.choose,
+        n_remove=cfg.n_remove, seed=seed, chunk=wl.sizes.select_chunk, progress=progress,
+        cache_path=Path(cache_path) if cache_path is not None else None, reference_batch=reference,
+        racing_delta=cfg.racing_delta, racing_min=cfg.racing_min, unlabelled_scorer=sel.unlabelled,
+        where=f"model {wl.name} on distribution {dist} (selection)",
     )
-    result = _parallel_tale(ctx, model, cfg) if cfg.workers and cfg.search == "tale" else run_search(ctx)
-    result.info.update(protocol=cfg.protocol, target=cfg.target, selected_on=dist, metric=cfg.metric,
-                       n_select=cfg.n_select, seed=seed)
+    if cfg.workers:
+        result = _parallel_tale(ctx, wl, cfg, ray_options)
+    else:
+        result = run_search(ctx)
+    result.info.update(protocol=cfg.protocol, target=cfg.target, selected_on=dist, metric=wl.selection_metric,
+                       n_select=wl.sizes.n_select, seed=seed, **wl.search_info)
     return result
 
 
-def _parallel_tale(ctx: SearchContext, model: BlockModel, cfg: PruningConfig) -> PruneResult:
-    """TALE with candidates on ``cfg.workers`` Ray workers, each holding a replica of the testbed ``model``."""
+def _parallel_tale(ctx: SearchContext, wl: Workload, cfg: PruningConfig, ray_options: dict[str, Any] | None) -> PruneResult:
+    """TALE with candidates on ``cfg.workers`` Ray workers, each holding a replica of the workload's model."""
+    from tapioca.pruning.parallel import parallel_tale, require_ray
+
+    if ctx.score_predictions is None:
+        raise ConfigError(f"pruning.workers: Ray workers score a candidate from one forward pass, but selection "
+                          f"metric {wl.selection_metric!r} scores by generation on the driver; use a "
+                          "log-likelihood metric or workers=0")
     require_ray("pruning.workers", cfg.workers)
-    if not isinstance(model, ICLModel):
-        raise ConfigError(f"pruning.workers: Ray workers rebuild testbed models (ICLModel), not "
-                          f"{type(model).__name__}; use tapioca.pruning.parallel.parallel_tale with a factory")
-    return parallel_tale(ctx, ICLReplica.of(model), workers=cfg.workers, address=cfg.ray_address)
+    return parallel_tale(ctx, wl.replica(), workers=cfg.workers, address=cfg.ray_address, **(ray_options or {}))
+
+
+def evaluate(
+    model: Any,
+    task: Any = None,
+    gates: Gates | None = None,
+    distributions: Iterable[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    n: int = 2048,
+    chunk: int = 1024,
+    progress: bool = False,
+    **text_options: Any,
+) -> Evaluation:
+    """Score ``model`` (a workload, or a model with its ``task``) with ``gates`` on ``n`` held-out examples per
+    seed of each distribution, ``chunk`` rows per forward pass."""
+    check_split_size(n, "evaluation.n_heldout")
+    wl = workload(model, task, **text_options)
+    wl = dataclasses.replace(wl, sizes=dataclasses.replace(wl.sizes, n_heldout=n, eval_chunk=chunk))
+    dists = list(distributions) if distributions is not None else wl.distributions
+    return Evaluation.concat([base.evaluate(wl, gates, dist, seed, n)
+                              for dist in tqdm(dists, disable=not progress, desc="evaluate", leave=False)
+                              for seed in seeds])

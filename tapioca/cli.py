@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -11,18 +12,20 @@ from typing import Callable, Sequence
 
 import torch
 
-from tapioca.api import load_task, prune, resolve_device
+from tapioca.api import evaluate, load_task, prune, resolve_device
 from tapioca.config import Config, load_config, to_dict
 from tapioca.errors import CheckpointError, ConfigError, TapiocaError
-from tapioca.analysis.evaluation import compare, evaluate
+from tapioca.analysis.evaluation import Evaluation, compare
+from tapioca.analysis.heldout import HeldoutRuns
 from tapioca.io import environment, read_json, write_json, write_yaml
 from tapioca.models.gates import removal_gates
-from tapioca.models.icl import ICLModel, load_model
+from tapioca.models.icl import load_model
 from tapioca.models.install import add_models_command, main_models
 from tapioca.perf import keep_freed_memory
 from tapioca.pruning.searches import PruneResult
 from tapioca.report.report import write_report
 from tapioca.models.training import train
+from tapioca.tasks.base import Workload
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         _common(p)
         if name in ("prune", "evaluate"):
-            p.add_argument("--model", help="model folder (default: model.checkpoint)")
+            p.add_argument("--model", help="model folder (default: model.checkpoint; with an lm: section, lm.model)")
         if name == "prune":
             p.add_argument("--workers", type=int, metavar="N",
                            help="score TALE candidates on N Ray workers (default: pruning.workers; 0 = serial)")
@@ -87,12 +90,22 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _model(args: argparse.Namespace, cfg: Config) -> ICLModel:
+def _workload(args: argparse.Namespace, cfg: Config) -> Workload:
+    """The model of ``--model`` (or the config's) bound to the config's task: the testbed model with the
+    polynomial task, or (config with an ``lm`` section) the causal LM with its text task."""
+    device = resolve_device(cfg.run.device)
+    if cfg.lm is not None:
+        from tapioca.tasks.text_workload import TextWorkload, load_lm, load_text_task
+
+        lmc = dataclasses.replace(cfg.lm, model=args.model) if args.model else cfg.lm
+        return TextWorkload.from_config(cfg, load_lm(lmc, str(device)), load_text_task(lmc))
+    from tapioca.tasks.testbed import TestbedWorkload
+
     path = args.model or (cfg.model.checkpoint.format(seed=cfg.run.seed) if cfg.model.checkpoint else None)
     if path is None:
         raise CheckpointError("no model given: pass --model PATH (a folder made by `tapioca train`) "
-                              "or set model.checkpoint")
-    return load_model(path, resolve_device(cfg.run.device))
+                              "or set model.checkpoint (or an lm: section for a language model)")
+    return TestbedWorkload.from_config(cfg, load_model(path, device), load_task(cfg), name=str(path))
 
 
 def _start(cfg: Config) -> Path:
@@ -118,9 +131,9 @@ def cmd_prune(args: argparse.Namespace, cfg: Config, say: Callable[[str], None])
     if p.workers and p.search != "tale":
         raise ConfigError(f"pruning.workers: {p.workers} applies only to pruning.search=tale (its candidate "
                           f"rounds); {p.search!r} runs in-process: use --workers 0")
-    model, task = _model(args, cfg), load_task(cfg)
+    wl = _workload(args, cfg)
     out = _start(cfg)
-    result = prune(model, task, p.search, p.protocol, p.target, cfg=p, seed=cfg.run.seed,
+    result = prune(wl, None, p.search, p.protocol, p.target, cfg=p, seed=cfg.run.seed,
                    progress=not args.quiet, cache_path=out / ".pruning.scores.json")
     write_json(out / "pruning.json", result.to_dict())
     say(f"{p.search} ({p.protocol}, selected on {result.info['selected_on']}): removed {result.removed}; "
@@ -128,21 +141,30 @@ def cmd_prune(args: argparse.Namespace, cfg: Config, say: Callable[[str], None])
 
 
 def cmd_evaluate(args: argparse.Namespace, cfg: Config, say: Callable[[str], None]) -> None:
-    model, task = _model(args, cfg), load_task(cfg)
+    wl = _workload(args, cfg)
     out = _start(cfg)
-    ev = cfg.evaluation
-    full = evaluate(model, task, None, None, ev.seeds, ev.n_heldout, ev.batch_size, progress=not args.quiet)
-    result = {"full": full.summary(ev.n_bootstrap, ev.confidence)}
-    if args.pruning:
-        pruning = PruneResult.from_dict(read_json(args.pruning))
-        pruned = evaluate(model, task, removal_gates(pruning.removed), None, ev.seeds, ev.n_heldout, ev.batch_size)
-        result.update(removed=pruning.removed, pruned=pruned.summary(ev.n_bootstrap, ev.confidence),
-                      delta=compare(full, pruned, None, ev.n_bootstrap, ev.confidence))
+    ev, metric = cfg.evaluation, wl.primary_metric
+    pruning = PruneResult.from_dict(read_json(args.pruning)) if args.pruning else None
+    full_parts, pruned_parts = [], []
+    for seed in ev.seeds:
+        runs = HeldoutRuns(wl, seed, wl.sizes.n_heldout)
+        for dist in wl.distributions:
+            full_parts.append(runs.one([], dist))
+            if pruning is not None:
+                pruned_parts.append(runs.one(pruning.removed, dist))
+    full = Evaluation.concat(full_parts)
+    result = {"kind": wl.kind, "primary_metric": metric,
+              "full": full.summary(ev.n_bootstrap, ev.confidence, shrinkage=wl.regression)}
+    if pruning is not None:
+        pruned = Evaluation.concat(pruned_parts)
+        result.update(removed=pruning.removed, pruned=pruned.summary(ev.n_bootstrap, ev.confidence, shrinkage=wl.regression),
+                      delta=compare(full, pruned, None, ev.n_bootstrap, ev.confidence, wl.metrics))
     write_json(out / "evaluation.json", result)
     for dist, row in result["full"].items():
-        line = f"{dist:>14}: NMSE {row['nmse']['mean']:.4f} [{row['nmse']['low']:.4f}, {row['nmse']['high']:.4f}]"
+        m = row[metric]
+        line = f"{dist:>14}: {metric} {m['mean']:.4f} [{m['low']:.4f}, {m['high']:.4f}]"
         if "delta" in result:
-            d = result["delta"][dist]["nmse"]
+            d = result["delta"][dist][metric]
             line += f"  pruned Δ {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] p_holm={d['p_holm']:.3g}"
         say(line)
 

@@ -219,6 +219,31 @@ class Config:
             )
         for name in self.scales:
             scale_config(self, name)  # every scale must be a valid config on its own
+        _check_unused_by_lm(self)
+
+
+# config keys (or whole sections) a study on a language model does not read -> what to set instead
+NOT_FOR_LM: dict[str, str] = {
+    "model": "lm.model names the model", "task": "lm.task describes the text task",
+    "train": "the language model is not trained", "pruning.metric": "set lm.metric instead",
+    "pruning.n_select": "set lm.n_select instead", "pruning.batch_size": "set lm.batch_size instead",
+    "evaluation.n_heldout": "set lm.n_heldout instead", "evaluation.batch_size": "set lm.batch_size instead",
+    "geometry.n_prompts": "set lm.n_profile instead",
+    "run.seed_workers": "a language model's seeds run one after another (they share one model)",
+}
+
+
+def _check_unused_by_lm(cfg: "Config") -> None:
+    """A key a study on a language model would ignore is an error when it differs from its default."""
+    if cfg.lm is None:
+        return
+    mine, default = to_dict(cfg), to_dict(Config())
+    for key, instead in NOT_FOR_LM.items():
+        a, b = mine, default
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            raise ConfigError(f"{key}: not used by a study on a language model (lm: section); {instead}")
 
 
 SCALE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny config, a tiny ICL model and a tiny Llama; one CPU thread for light test runs."""
+"""Shared fixtures: a tiny config, a tiny ICL model and a tiny Llama; one CPU thread for light test runs; and
+:func:`assert_close_scaled` for results that reach the same numbers by different kernels."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +24,20 @@ TINY_OVERRIDES = (
     "train.curriculum_interval=2",
     "train.batch_size=16",
 )
+
+
+def assert_close_scaled(actual: Any, expected: Any, rel: float = 1e-4) -> None:
+    """Assert ``actual`` equals ``expected`` (tensors, arrays, lists or numbers) up to float rounding: rtol=rel
+    and atol=rel * max(|expected|.max(), 1).
+
+    For the same quantity computed along different paths: different kernels or batch shapes (chunked vs whole
+    batch, packed vs padded rows, a cached prefix vs none, another CPU or thread count) or sums in another order.
+    Their float32 errors grow with the largest magnitude in the computation, not with each element, so a fixed
+    atol that holds for values near 1 fails for values near 25. Code paths that are literally identical
+    (same function, same shapes) are compared exactly instead."""
+    actual, expected = (torch.as_tensor(v).detach().cpu().double() for v in (actual, expected))
+    scale = max(float(expected.abs().max()), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
 
 
 def pytest_configure(config: pytest.Config) -> None:

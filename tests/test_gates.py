@@ -15,6 +15,8 @@ from tapioca.models.gates import check_gates, gated, removal_gates
 from tapioca.models.icl import ICLModel, prompt_tokens
 from tapioca.tasks.polyreg import PolyRegTask, sample_prompts
 
+from conftest import assert_close_scaled
+
 ALPHAS = (0.0, 0.25, 0.5, 1.5)
 
 
@@ -63,7 +65,7 @@ def test_icl_alpha_one_is_bit_identical(tiny_model: ICLModel, icl_batch) -> None
         full = tiny_model(icl_batch.xs, icl_batch.ys)
         with gated(tiny_model.blocks, {0: 1.0, 2: 1.0}):
             assert torch.equal(tiny_model(icl_batch.xs, icl_batch.ys), full)
-    assert torch.allclose(full[:, -1], base, atol=1e-6, rtol=0)  # run: the last block computes the query alone
+    assert_close_scaled(base, full[:, -1])  # run: the last block computes the query alone (other kernels)
 
 
 @pytest.mark.parametrize("gates", [{}, {2: 0.0}, {2: 0.5}, {0: 0.0, 2: 1.5}, {1: 0.0}])
@@ -78,8 +80,8 @@ def test_icl_run_computes_the_last_block_at_the_query_only_with_the_same_results
         hook.remove()
     with torch.no_grad(), gated(tiny_model.blocks, gates, capture=True) as cap:  # every position, as in training
         want = tiny_model(icl_batch.xs, icl_batch.ys)[:, -1]
-    assert torch.allclose(got.predictions, want, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(got.states, cap.stacked(), atol=1e-5, rtol=1e-5)
+    assert_close_scaled(got.predictions, want)
+    assert_close_scaled(got.states, cap.stacked())
     assert rows == ([] if gates.get(2) == 0.0 else [1])  # the MLP ran on the query alone (or not at all)
     assert_clean(tiny_model.blocks)
 
@@ -90,7 +92,7 @@ def test_icl_alpha_zero_equals_physical_removal(tiny_model: ICLModel, icl_batch,
     sliced = tiny_model.slice_blocks(removed)
     assert sliced.n_blocks == tiny_model.n_blocks - len(removed)
     sliced_preds = sliced.run(icl_batch).predictions
-    assert torch.allclose(gated_preds, sliced_preds, atol=1e-6, rtol=0)
+    assert_close_scaled(gated_preds, sliced_preds)  # without block 2, block 1 runs query-only when sliced
     assert not torch.equal(gated_preds, tiny_model.run(icl_batch).predictions)
 
 
@@ -154,7 +156,7 @@ def test_icl_capture_states(tiny_model: ICLModel, icl_batch) -> None:
     # ...and it feeds the read-out: ln_f then read_out gives the prediction
     with torch.no_grad():
         pred = tiny_model.read_out(tiny_model.backbone.ln_f(out.states[-1])).squeeze(-1)
-    assert torch.allclose(pred, out.predictions, atol=1e-6, rtol=0)
+    assert_close_scaled(pred, out.predictions)  # read-out on (B, D) here, on every x position in the model
     assert tiny_model.run(icl_batch).states is None
 
 
@@ -245,7 +247,7 @@ def test_llama_alpha_zero_equals_physical_removal(tiny_llama, token_ids, removed
     gated_logits = llama_logits(tiny_llama, token_ids, removal_gates(removed))
     with torch.no_grad():
         sliced = llama_without(tiny_llama, removed)(token_ids, use_cache=False).logits
-    assert torch.allclose(gated_logits, sliced, atol=1e-6, rtol=0)
+    assert_close_scaled(gated_logits, sliced)
     assert not torch.allclose(gated_logits, llama_logits(tiny_llama, token_ids), atol=1e-4)
 
 
@@ -292,7 +294,7 @@ def test_llama_capture_states(tiny_llama, token_ids) -> None:
     assert torch.equal(states[0], embeds[rows, positions])
     assert torch.equal(states[3], states[2])  # layer 2 removed
     assert not torch.equal(states[2], states[1])
-    assert torch.allclose(head, logits[rows, positions], atol=1e-5, rtol=0)
+    assert_close_scaled(head, logits[rows, positions])  # the head on (3, 32) here, on (3, 10, 32) in the model
     # default position is the last token
     with torch.no_grad(), gated(layers, capture=True) as cap:
         tiny_llama(token_ids, use_cache=False)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tapioca.api import load_task
-from tapioca.analysis.evaluation import evaluate
+import dataclasses
+
+from tapioca.api import evaluate, load_task, workload
 from tapioca.analysis.heldout import HeldoutRuns
 from tapioca.models.gates import removal_gates
 
@@ -16,9 +17,14 @@ def task(tiny_cfg):
     return load_task(tiny_cfg)
 
 
+def heldout_runs(model, task, seed: int, n: int, chunk: int) -> HeldoutRuns:
+    wl = workload(model, task)
+    return HeldoutRuns(dataclasses.replace(wl, sizes=dataclasses.replace(wl.sizes, eval_chunk=chunk)), seed, n)
+
+
 @pytest.mark.parametrize("removed", [[], [0], [1], [2], [2, 1], [0, 2]])
 def test_resumed_runs_equal_from_scratch_evaluation(tiny_model, task, removed):
-    runs = HeldoutRuns(tiny_model, task, seed=3, n=40, chunk=16)  # 3 chunks, the last one short
+    runs = heldout_runs(tiny_model, task, seed=3, n=40, chunk=16)  # 3 chunks, the last one short
     runs([1], ["x_scale_2"])  # another distribution first, so the cache must switch
     got = runs(removed, ["id", "x_scale_2"])
     want = evaluate(tiny_model, task, removal_gates(removed), ["id", "x_scale_2"], [3], 40, 16)
@@ -30,7 +36,7 @@ def test_resumed_runs_equal_from_scratch_evaluation(tiny_model, task, removed):
 
 
 def test_identical_removal_sets_run_once(tiny_model, task):
-    runs = HeldoutRuns(tiny_model, task, seed=0, n=16, chunk=16)
+    runs = heldout_runs(tiny_model, task, seed=0, n=16, chunk=16)
     first = runs([2, 0], ["id"])
     assert runs.runs == 2  # the full model (recording block inputs), then the resumed run
     assert runs([0, 2], ["id"]) is not None and runs.runs == 2

@@ -18,6 +18,8 @@ from tapioca.models.hf import (
     load_causal_lm, remove_blocks, resolve_dtype,
 )
 
+from conftest import assert_close_scaled
+
 WINDOW = 64
 SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
              max_position_embeddings=WINDOW, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
@@ -136,7 +138,7 @@ def test_pruned_logits_equal_gated_logits(lm: HFModel, removed: list[int]) -> No
     pruned = lm.pruned_copy(removed)
     assert pruned.n_blocks == 4 - len(removed) and lm.n_blocks == 4  # the original is untouched
     expected = logits(lm, ids, removal_gates(removed))
-    assert torch.allclose(logits(pruned, ids), expected, atol=1e-5, rtol=0)
+    assert_close_scaled(logits(pruned, ids), expected)
     assert not torch.allclose(logits(lm, ids), expected, atol=1e-3)
     for new_index, layer in enumerate(pruned.blocks):
         assert all(m.layer_idx == new_index for m in layer.modules() if hasattr(m, "layer_idx"))
@@ -151,7 +153,7 @@ def test_gemma_untrimmed_layer_types_would_break_pruning(gemma: HFModel) -> None
     pruned = gemma.pruned_copy([0])  # every later layer changes between sliding and full attention
     assert pruned.model.config.layer_types == ["full_attention", "sliding_attention", "full_attention"]
     expected = logits(gemma, ids, {0: 0.0})
-    assert torch.allclose(logits(pruned, ids), expected, atol=1e-5, rtol=0)
+    assert_close_scaled(logits(pruned, ids), expected)
     pruned.model.config.layer_types = gemma.model.config.layer_types[:3]
     assert not torch.allclose(logits(pruned, ids), expected, atol=1e-3)
 
@@ -223,7 +225,7 @@ def test_generation_confidence_is_the_probability_of_the_greedy_answer_line(llam
                 break
             total += float(logprobs[token])
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-        assert conf == pytest.approx(math.exp(total), rel=1e-4)
+        assert_close_scaled(math.log(conf), total)
         assert 0 < conf <= 1
 
 
@@ -261,22 +263,23 @@ def test_too_long_context_raises(llama: HFModel) -> None:
 
 def test_loglik_equals_manual_log_softmax(lm: HFModel) -> None:
     got = lm.loglik(PROMPTS, CONTINUATIONS, batch_size=2)
-    for k, (prompt, cont) in enumerate(zip(PROMPTS, CONTINUATIONS)):
+    manual = []
+    for prompt, cont in zip(PROMPTS, CONTINUATIONS):
         ctx = lm.tokenizer(prompt)["input_ids"]
         tgt = lm.tokenizer(cont, add_special_tokens=False)["input_ids"]
         logprobs = logits(lm, torch.tensor([ctx + tgt]))[0].log_softmax(-1)
-        manual = sum(float(logprobs[len(ctx) - 1 + j, t]) for j, t in enumerate(tgt))
-        assert got[k].item() == pytest.approx(manual, abs=1e-4)
+        manual.append(sum(float(logprobs[len(ctx) - 1 + j, t]) for j, t in enumerate(tgt)))
+    assert_close_scaled(got, manual)
     pruned = lm.pruned_copy([2])
-    assert torch.allclose(lm.loglik(PROMPTS, CONTINUATIONS, {2: 0.0}), pruned.loglik(PROMPTS, CONTINUATIONS), atol=1e-4)
+    assert_close_scaled(lm.loglik(PROMPTS, CONTINUATIONS, {2: 0.0}), pruned.loglik(PROMPTS, CONTINUATIONS))
 
 
 def test_run_in_chunks_matches_one_batch(llama: HFModel) -> None:
     batch = llama.tokenize(PROMPTS, CONTINUATIONS)
     whole = llama.run(batch, {1: 0.5}, capture=True)
     chunks = run_in_chunks(llama, batch, {1: 0.5}, True, 2)
-    assert torch.allclose(whole.predictions, chunks.predictions, atol=1e-5)
-    assert torch.allclose(whole.states, chunks.states, atol=1e-5)
+    assert_close_scaled(chunks.predictions, whole.predictions)
+    assert_close_scaled(chunks.states, whole.states)
 
 
 def test_spans_bound_padding_and_keep_equal_rows_together(llama: HFModel) -> None:
@@ -292,7 +295,7 @@ def test_spans_bound_padding_and_keep_equal_rows_together(llama: HFModel) -> Non
     assert equal.spans(3) == [(0, 3), (3, 6), (6, 7)] and chunk_spans(equal, 3) == equal.spans(3)
     run = run_in_chunks(llama, ragged, {1: 0.5}, True, 2)
     whole = llama.run(ragged, {1: 0.5}, capture=True)
-    assert torch.allclose(run.states, whole.states, atol=1e-5)
+    assert_close_scaled(run.states, whole.states)
 
 
 def test_the_head_runs_only_at_the_query_and_the_target_predictors(lm: HFModel) -> None:
@@ -311,7 +314,7 @@ def test_the_head_runs_only_at_the_query_and_the_target_predictors(lm: HFModel) 
         handle.remove()
     longest = max(len(lm.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in CONTINUATIONS)
     assert calls[-1][:2] == (len(PROMPTS), longest + 1)  # not every position after the shortest prompt
-    assert torch.allclose(prompt_only.query_logprobs, with_targets.query_logprobs, atol=1e-4)
+    assert_close_scaled(prompt_only.query_logprobs, with_targets.query_logprobs)
     assert (prompt_only.predictions == 0).all() and (prompt_only.token_logprobs == 0).all()
 
 
@@ -327,7 +330,7 @@ def test_run_captures_states_at_the_query(family: str) -> None:
         head = lm.model.lm_head(lm.model.model.norm(out.states[-1])).log_softmax(-1)
     assert torch.allclose(out.states[0], embedded, atol=1e-6, rtol=0)
     assert torch.equal(out.states[2], out.states[1])  # block 1 skipped
-    assert torch.allclose(head, out.query_logprobs, atol=1e-4)
+    assert_close_scaled(head, out.query_logprobs)
     assert lm.run(batch).states is None
     assert torch.equal(out.token_logprobs.sum(1), out.predictions)
     assert (out.token_logprobs[~batch.target_mask] == 0).all() and (out.token_logprobs[batch.target_mask] < 0).all()
@@ -345,7 +348,7 @@ def unshared(lm: HFModel):
 
 def assert_same_run(got, want) -> None:
     for name in ("predictions", "states", "token_logprobs", "query_logprobs"):
-        assert torch.allclose(getattr(got, name), getattr(want, name), atol=1e-4, rtol=1e-4), name
+        assert_close_scaled(getattr(got, name), getattr(want, name))
 
 
 @pytest.mark.parametrize("gates", [{}, {0: 0.0}, {1: 0.5, 3: 0.0}, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}])
@@ -393,7 +396,7 @@ def test_generation_with_a_shared_prompt_prefix_equals_plain_generation(lm: HFMo
     plain_texts, plain_confidence = unshared(lm).generate_with_confidence(prompts, gates, max_new_tokens=6,
                                                                          batch_size=3)
     assert texts == plain_texts == [greedy_uncached(lm, p, gates, 6) for p in prompts]
-    assert torch.allclose(confidence, plain_confidence, rtol=1e-4)
+    assert_close_scaled(confidence.log(), plain_confidence.log())  # log space: sums of log-probabilities
     assert lm.n_blocks == 4
     rows = lm._encode(prompts, special=True)
     sliding = lm.model.config.model_type in ("qwen2", "gemma3_text")  # window 4: no sharing, padding would fill it
@@ -410,7 +413,7 @@ def test_resuming_from_recorded_inputs_works_with_a_shared_prefix(llama: HFModel
     assert [tuple(t.shape[:2]) for t in inputs[2]] == [(1, llama.shared_prefix(batch)), (1, rest)]  # prefix; rows packed
     with injected_input(llama.blocks, 2, inputs[2]):
         resumed = llama.run(batch, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.5}).predictions
-    assert torch.allclose(resumed, unshared(llama).run(batch, {0: 0.5, 2: 0.0, 3: 0.5}).predictions, atol=1e-4)
+    assert_close_scaled(resumed, unshared(llama).run(batch, {0: 0.5, 2: 0.0, 3: 0.5}).predictions)
 
 
 # ---------------------------------------------------------------- chat template, loading errors

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 from tapioca.config import load_config
 from tapioca.errors import CheckpointError, ConfigError, DataError
 from tapioca.io import read_json
-from tapioca.study.lm_steps import intervention_metric, load_text_task, resolve_lm_path
+from tapioca.tasks.text_workload import intervention_metric, load_text_task, resolve_lm_path
 from tapioca.report.report import write_report
 from tapioca.study.steps import run_study
 

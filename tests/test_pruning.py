@@ -224,7 +224,7 @@ def test_bad_search_requests_are_clear_errors(trained):
         tapioca.prune(model, task, "tale", "target", "nope", cfg=cfg.pruning, progress=False)
     with pytest.raises(ConfigError, match="protocol"):
         tapioca.prune(model, task, "tale", "sideways", cfg=cfg.pruning, progress=False)
-    assert set(SEARCHES) == {"tale", "block_influence", "angular", "last_k", "random", "distortion"}
+    assert set(SEARCHES) == {"tale", "block_influence", "angular", "last_k", "random", "distortion", "sleb"}
 
 
 def test_prune_result_round_trips_through_dict(trained):

@@ -11,6 +11,7 @@ from tapioca.errors import ConfigError
 from tapioca.models.icl import ICLModel
 from tapioca.pruning.racing import eliminated, stage_ends
 
+from conftest import assert_close_scaled
 from test_pruning import NoisyBlock, trained  # noqa: F401  (module-scoped fixture)
 
 
@@ -40,7 +41,8 @@ def test_racing_finds_the_planted_block_with_fewer_example_runs(trained):  # noq
     exact = tapioca.prune(planted, task, "tale", "target", "id", **common)
     raced = tapioca.prune(planted, task, "tale", "target", "id", racing_delta=0.05, racing_min=32, **common)
     assert exact.path == raced.path == [2] and raced.removed == exact.removed
-    assert raced.rounds[0]["candidates"]["2"] == exact.rounds[0]["candidates"]["2"]  # the winner: every example
+    # the winner is scored on every example (racing's stages of 32, 64, ... make other batch shapes)
+    assert_close_scaled(raced.rounds[0]["candidates"]["2"], exact.rounds[0]["candidates"]["2"])
     out = raced.rounds[0]["raced_out"]
     assert out and all(n < 256 for n in out.values())  # losers stopped early
     assert raced.info["racing_delta"] == 0.05 and exact.info["racing_delta"] is None

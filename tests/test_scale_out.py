@@ -169,8 +169,8 @@ def test_prune_lm_workers_build_the_search_model_and_select_as_serial(tmp_path, 
     task = mc_task(n=24)
     kw = dict(target="wide", metric="loglik", epsilon=1e6, max_drop=2, n_select=10, batch_size=4, progress=False)
     serial = prune_lm(lm, task, **kw)
-    monkeypatch.setattr(tapioca.tasks.choices, "require_ray", lambda key, workers: None)  # Ray itself is not used here
-    monkeypatch.setattr(tapioca.tasks.choices, "parallel_tale", in_process_parallel_tale)
+    monkeypatch.setattr(tapioca.pruning.parallel, "require_ray", lambda key, workers: None)  # Ray itself is not used here
+    monkeypatch.setattr(tapioca.pruning.parallel, "parallel_tale", in_process_parallel_tale)
     split = prune_lm(lm, task, workers=2, ray_address="auto", ray_options={"num_gpus": 0}, **kw)
     assert split.rounds == serial.rounds and split.removed == serial.removed and len(split.path) == 2
     assert split.info["workers"] == 2 and split.info["ray_address"] == "auto"
@@ -180,7 +180,7 @@ def test_prune_lm_workers_build_the_search_model_and_select_as_serial(tmp_path, 
 
 
 def test_prune_lm_workers_clear_errors(monkeypatch) -> None:
-    monkeypatch.setattr(tapioca.tasks.choices, "require_ray", lambda key, workers: None)  # the same errors with or without Ray
+    monkeypatch.setattr(tapioca.pruning.parallel, "require_ray", lambda key, workers: None)  # the same errors with or without Ray
     lm, task, kw = tiny_lm(), mc_task(n=24), dict(target="wide", n_select=8, progress=False)
     with pytest.raises(ConfigError, match=r"pruning\.workers: -1 is not allowed"):
         prune_lm(lm, task, workers=-1, **kw)

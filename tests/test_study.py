@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 import tapioca.study.steps as study
 from tapioca.config import load_config
 from tapioca.errors import CheckpointError
@@ -140,7 +142,7 @@ def test_controls_and_interventions_are_consistent(finished):
     comparisons, interventions = results["comparisons"], results["interventions"]
     assert comparisons, "with epsilon=5 and choose=final TALE removes blocks"
     for shift, methods in comparisons.items():
-        assert set(methods) == {"tale", "block_influence", "angular", "last_k", "random", "distortion",
+        assert set(methods) == {"tale", "block_influence", "angular", "last_k", "random", "distortion", "sleb",
                                 "magnitude", "wanda"}
         assert methods["tale"]["nmse"] == results["protocols"]["target"]["delta"][shift]["nmse"]
     for shift, row in interventions.items():

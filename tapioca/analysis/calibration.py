@@ -15,99 +15,28 @@ a saved evaluation too::
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from tapioca.analysis import stats
-from tapioca.analysis.evaluation import LM_METRICS, Evaluation, check_split_size, compare
-from tapioca.tasks.choices import ChoiceModel, choice_batch, choice_metrics, choice_table, task_choices
-from tapioca.models.base import run_in_chunks
+from tapioca.analysis.evaluation import LM_METRICS, Evaluation, compare
 from tapioca.models.gates import Gates
-from tapioca.models.hf import HFModel
-from tapioca.tasks.text import TextExample, TextTask, score_short_answer
 
 __all__ = ["LM_METRICS", "calibration", "calibration_change", "compare_lm", "evaluate_lm"]
 
 
-def evaluate_lm(
-    model: HFModel,
-    task: TextTask,
-    gates: Gates | None = None,
-    distributions: Iterable[str] | None = None,
-    seeds: Sequence[int] = (0, 1, 2),
-    n: int = 100,
-    *,
-    batch_size: int = 16,
-    length_normalize: bool = False,
-    max_new_tokens: int = 32,
-    progress: bool = False,
-) -> Evaluation:
-    """Score ``model`` with ``gates`` on ``n`` held-out examples per seed of each distribution.
+def evaluate_lm(model: Any, task: Any, gates: Gates | None = None, distributions: Iterable[str] | None = None,
+                seeds: Sequence[int] = (0, 1, 2), n: int = 100, *, batch_size: int = 16, length_normalize: bool = False,
+                max_new_tokens: int = 32, progress: bool = False) -> Evaluation:
+    """Score causal LM ``model`` with ``gates`` on ``n`` held-out examples per seed of each distribution of the
+    text ``task`` (:func:`tapioca.api.evaluate` with a text workload). Multiple choice by log-likelihood
+    (``length_normalize`` as lm-eval's acc_norm): predictions = top choice, targets = correct choice. Short
+    answer by greedy generation: predictions / targets = the extracted / gold answer as a number (NaN if none)."""
+    from tapioca.api import evaluate  # the API sits above analysis
 
-    Multiple choice by log-likelihood (softmax over choices; ``length_normalize`` as lm-eval's acc_norm):
-    predictions = top choice, targets = correct choice. Short answer by greedy generation: predictions /
-    targets = the extracted / gold answer as a number (NaN when not a number).
-    """
-    check_split_size(n, "evaluation.n_heldout")
-    dists = list(distributions) if distributions is not None else task.distributions
-    parts = []
-    for dist in tqdm(dists, disable=not progress, desc="evaluate", leave=False):
-        for seed in seeds:
-            examples = task.data(dist, "heldout", seed, n)
-            prompts = task.prompts(examples, seed)
-            if task.kind == "multiple_choice":
-                parts.append(_choice_evaluation(model, task, gates, examples, prompts, dist, seed, batch_size,
-                                                length_normalize))
-            else:
-                parts.append(_generation_evaluation(model, gates, examples, prompts, dist, seed, batch_size,
-                                                    max_new_tokens))
-    return Evaluation.concat(parts)
-
-
-def _single(dist: str, seed: int, values: dict[str, np.ndarray], predictions: np.ndarray,
-            targets: np.ndarray) -> Evaluation:
-    n = len(predictions)
-    return Evaluation({dist: values}, {dist: np.full(n, seed)}, {dist: predictions.astype(np.float64)},
-                      {dist: targets.astype(np.float64)})
-
-
-def _choice_evaluation(model: HFModel, task: TextTask, gates: Gates | None, examples: list[TextExample],
-                       prompts: list[str], dist: str, seed: int, chunk: int, length_normalize: bool) -> Evaluation:
-    conts, labels = task_choices(examples, task.cfg.mc_format)
-    batch = choice_batch(model, prompts, conts, labels, length_normalize)
-    preds = run_in_chunks(ChoiceModel(model), batch, gates, capture=False, chunk=chunk).predictions
-    table = choice_table(preds, batch)
-    metrics = choice_metrics(table, batch.labels)
-    values = {k: metrics[k].numpy() for k in ("acc", "prob_correct", "confidence", "brier")}
-    return _single(dist, seed, values, table.argmax(1).numpy(), batch.labels.numpy())
-
-
-def _as_number(text: Any) -> float:
-    try:
-        value = float(str(text).replace(",", ""))
-    except ValueError:
-        return math.nan
-    return value if math.isfinite(value) else math.nan
-
-
-def _generation_evaluation(model: HFModel, gates: Gates | None, examples: list[TextExample], prompts: list[str],
-                           dist: str, seed: int, chunk: int, max_new_tokens: int) -> Evaluation:
-    confidences: list[np.ndarray] = []
-
-    def generate(texts: list[str], max_new_tokens: int) -> list[str]:
-        responses, confidence = model.generate_with_confidence(texts, gates, max_new_tokens, chunk)
-        confidences.append(confidence.numpy())
-        return responses
-
-    scores = score_short_answer(generate, examples, prompts, max_new_tokens=max_new_tokens)
-    correct = scores.correct.astype(np.float64)
-    confidence = np.concatenate(confidences)
-    values = {"acc": correct, "score": scores.score, "confidence": confidence, "brier": (confidence - correct) ** 2}
-    predicted = np.array([_as_number(p) if p else math.nan for p in scores.predicted])
-    return _single(dist, seed, values, predicted, np.array([_as_number(ex.answer) for ex in examples]))
+    return evaluate(model, task, gates, distributions, seeds, n, batch_size, progress, length_normalize=length_normalize,
+                    max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from tapioca.analysis import stats
-from tapioca.errors import DataError
+from tapioca.errors import DataError, check_finite
 from tapioca.models.base import BlockModel, run_in_chunks
 from tapioca.models.gates import Gates
 from tapioca.pruning.searches import Scorer
-from tapioca.tasks.polyreg import PolyRegTask
-from tapioca.tasks.references import REFERENCES
 
 # metric name -> True if higher is better
 METRICS = {"nmse": False, "tol_acc": True}
@@ -32,8 +29,9 @@ def check_split_size(n: int, what: str) -> None:
         raise DataError(f"{what}: {n} examples is too few; use at least {MIN_SPLIT}")
 
 
-def selection_scorer(model: BlockModel, task: PolyRegTask, batch, metric: str, chunk: int) -> Scorer:
-    """Gates -> per-example selection scores (B,) of ``model`` on ``batch`` (higher is better)."""
+def selection_scorer(model: BlockModel, task: Any, batch: Any, metric: str, chunk: int) -> Scorer:
+    """Gates -> per-example selection scores (B,) of ``model`` on ``batch`` (higher is better), with
+    ``task.score(predictions, batch, metric)``."""
     def score(gates: Gates) -> torch.Tensor:
         return task.score(run_in_chunks(model, batch, gates, capture=False, chunk=chunk).predictions, batch, metric)
 
@@ -60,9 +58,10 @@ class Evaluation:
     def mean(self, dist: str, metric: str) -> float:
         return float(self.values[dist][metric].mean())
 
-    def summary(self, n_bootstrap: int = 10_000, confidence: float = 0.95) -> dict[str, dict]:
-        """Per distribution: mean and bootstrap CI per metric (stratified by seed), per-seed means, and the
-        prediction-shrinkage slope (OLS slope of prediction on target; < 1 means shrunk toward 0)."""
+    def summary(self, n_bootstrap: int = 10_000, confidence: float = 0.95, shrinkage: bool = True) -> dict[str, dict]:
+        """Per distribution: mean and bootstrap CI per metric (stratified by seed), per-seed means, and (for
+        regression, ``shrinkage``) the prediction-shrinkage slope (OLS slope of prediction on target; < 1 means
+        shrunk toward 0)."""
         out = {}
         for dist, metrics in self.values.items():
             entry = {}
@@ -71,7 +70,8 @@ class Evaluation:
                                                            confidence=confidence, seed=0)
                 per_seed = {str(int(s)): float(v[self.seeds[dist] == s].mean()) for s in np.unique(self.seeds[dist])}
                 entry[name] = {"mean": mean, "low": low, "high": high, "per_seed": per_seed}
-            entry["shrinkage_slope"] = stats.shrinkage_slope(self.predictions[dist], self.targets[dist])
+            if shrinkage:
+                entry["shrinkage_slope"] = stats.shrinkage_slope(self.predictions[dist], self.targets[dist])
             entry["n"] = int(len(self.seeds[dist]))
             out[dist] = entry
         return out
@@ -122,44 +122,16 @@ class Evaluation:
         return out
 
 
-def evaluate(
-    model: BlockModel,
-    task: PolyRegTask,
-    gates: Gates | None = None,
-    distributions: Iterable[str] | None = None,
-    seeds: Sequence[int] = (0, 1, 2),
-    n: int = 2048,
-    chunk: int = 1024,
-    progress: bool = False,
-) -> Evaluation:
-    """Score ``model`` (with ``gates``) on ``n`` held-out prompts per seed of each distribution."""
-    check_split_size(n, "evaluation.n_heldout")
-    dists = list(distributions) if distributions is not None else task.distributions
-    parts = []
-    for dist in tqdm(dists, disable=not progress, desc="evaluate", leave=False):
-        for seed in seeds:
-            batch = task.data(dist, "heldout", seed, n)
-            preds = run_in_chunks(model, batch, gates, capture=False, chunk=chunk).predictions.cpu()
-            parts.append(single_evaluation(dist, seed, task.metrics(preds, batch), preds, batch.query_y))
-    return Evaluation.concat(parts)
-
-
-def evaluate_references(task: PolyRegTask, distributions: Iterable[str], seeds: Sequence[int], n: int) -> Evaluation:
-    """The reference predictors (least squares, kNN, mean) on the same held-out prompts, as an Evaluation
-    whose distribution keys are ``"<dist>/<predictor>"``."""
-    parts = []
-    for dist in distributions:
-        for seed in seeds:
-            batch = task.data(dist, "heldout", seed, n)
-            for name, predict in REFERENCES.items():
-                preds = predict(batch)
-                parts.append(single_evaluation(f"{dist}/{name}", seed, task.metrics(preds, batch), preds, batch.query_y))
-    return Evaluation.concat(parts)
-
-
-def single_evaluation(dist: str, seed: int, metrics: dict[str, torch.Tensor], preds: torch.Tensor, targets: torch.Tensor) -> Evaluation:
+def single_evaluation(dist: str, seed: int, metrics: dict[str, torch.Tensor], preds: torch.Tensor, targets: torch.Tensor,
+                      where: str = "") -> Evaluation:
+    """One seed's per-example results on ``dist``. A metric that is NaN or inf for some example (NaN predictions
+    from damaged weights) raises :class:`DataError`; ``where`` names the model in that message. The metrics are
+    checked rather than ``preds``, which may be NaN by design (a short answer that is not a number)."""
     values = {k: v.double().cpu().numpy() for k, v in metrics.items()}
     n = len(preds)
+    if values:
+        check_finite(np.stack(list(values.values()), 1),
+                     f"{where + ' on ' if where else ''}distribution {dist} (held-out, seed {seed})")
     return Evaluation({dist: values}, {dist: np.full(n, seed)}, {dist: preds.double().cpu().numpy()},
                       {dist: targets.double().cpu().numpy()})
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from tapioca.analysis.geometry import distortion, profile
-from tapioca.models.base import BlockModel
+from tapioca.models.base import BlockModel, run_in_chunks
 from tapioca.models.resumed import ResumedRuns
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -104,3 +104,62 @@ def norm_matched(model: BlockModel, target_norms: Mapping[int, Tensor]) -> Itera
         for handle in handles:
             handle.remove()
 
+
+def last_token_norms(model: BlockModel, batch: Any, chunk: int = 1024) -> Tensor:
+    """Mean norm over rows of each block's output at the query (an LM's last prompt token), (L,) float64:
+    the norm profile N(l) of the captured states (L + 1, B, D) without the embedding row. Text prompts
+    differ in length, so this, not :func:`position_norms`, is the profile that norm matching of text uses."""
+    states = run_in_chunks(model, batch, None, capture=True, chunk=chunk).states
+    return states[1:].double().norm(dim=-1).mean(-1).cpu()
+
+
+def _query_owner(model: Any) -> Any:
+    """What tells a hook where each row's query is: an LM adapter (itself or ``model.lm``) with
+    ``query_positions`` (set during its passes), else None (the query is the last token, e.g. the testbed)."""
+    for candidate in (model, getattr(model, "lm", None)):
+        if candidate is not None and hasattr(candidate, "query_positions"):
+            return candidate
+    return None
+
+
+def _rescale_queries(hidden: Tensor, positions: Tensor, target: float) -> Tensor:
+    """``hidden`` (b, T, D) with the state at ``positions`` (b,) of each row (or, for one packed row (1, N, D),
+    at every one of ``positions``) scaled to norm ``target``; every other state unchanged (a new tensor)."""
+    positions = positions.to(hidden.device)
+    rows = torch.arange(len(positions), device=hidden.device) if hidden.shape[0] == len(positions) else \
+        torch.zeros_like(positions)
+    picked = hidden[rows, positions]  # (b, D)
+    scaled = picked * (target / picked.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    return hidden.index_put((rows, positions), scaled.to(hidden.dtype))
+
+
+@contextmanager
+def last_token_norm_matched(model: BlockModel, target_norms: Mapping[int, float]) -> Iterator[None]:
+    """Rescale, at the output of each block l in ``target_norms``, only each row's query state (an LM's last
+    prompt token) to norm ``target_norms[l]`` (e.g. ID means from :func:`last_token_norms`); directions and
+    every other position are kept. An LM adapter reports the query positions of the pass that is running
+    (right-padded, packed or after a shared prefix: ``HFModel.query_positions``); passes without a query (a
+    shared-prefix pass, generation) are left alone. Without such an adapter the query is the last token."""
+    owner = _query_owner(model)
+
+    def matcher(target: float) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            hidden = output if isinstance(output, Tensor) else output[0]
+            if owner is None:
+                positions = torch.full((hidden.shape[0],), hidden.shape[1] - 1, dtype=torch.long)
+            else:
+                positions = owner.query_positions
+                if positions is None:
+                    return None
+            scaled = _rescale_queries(hidden, positions, target)
+            return scaled if isinstance(output, Tensor) else (scaled, *output[1:])
+        return hook
+
+    handles = []
+    try:
+        for l, t in target_norms.items():
+            handles.append(model.blocks[l].register_forward_hook(matcher(float(t))))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

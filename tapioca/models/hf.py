@@ -197,6 +197,7 @@ class HFModel:
         self.min_shared = 8  # fewest shared tokens worth a separate pass
         self.pack_tokens = 512  # run rows end to end without padding, this many tokens a pass (0: padded rows)
         self.source: LoadSource | None = None  # set by :meth:`load`: how to load this model again
+        self.query_positions: Tensor | None = None  # during run's main pass only: see _at_queries
 
     @classmethod
     def load(cls, path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
@@ -372,7 +373,8 @@ class HFModel:
         """Logits (B, S, V) at ``positions`` and query states from one right-padded pass over the rows."""
         width = batch.input_ids.shape[1]
         head = self.model.get_output_embeddings()
-        with gated(self.blocks, None, capture=capture, positions=batch.query - shared) as cap, \
+        query = batch.query - shared
+        with self._at_queries(query), gated(self.blocks, None, capture=capture, positions=query) as cap, \
                 _head_at(head, positions, width) if head is not None else nullcontext():
             logits = self._logits(batch, int(batch.query.min()), shared, cache)  # (B, T - start, V) without a head
         if head is None:  # the model ran its head at every kept position: pick the scored ones
@@ -391,12 +393,25 @@ class HFModel:
             kwargs: dict[str, Any] = dict(input_ids=pack.ids, position_ids=pack.position_ids, use_cache=cache is not None,
                                           attention_mask=pack.attention_mask(implementation, self.model.dtype))
             query = pack.index(batch.query[i:j, None], shared)[:, 0]
-            with _restored(cache), gated(self.blocks, None, capture=capture, positions=query) as cap, \
+            with _restored(cache), self._at_queries(query), gated(self.blocks, None, capture=capture,
+                                                                  positions=query) as cap, \
                     _head_at(head, pack.index(positions[i:j], shared), pack.ids.shape[1]):
                 out = self.model(**kwargs, **(self._cache_arg(cache) if cache is not None else {}), **self._keep_logits(0))
             logits.append(out.logits.float().to(self.device))
             states.append(self._stacked(cap))
         return torch.cat(logits), torch.cat(states, 1) if capture else None  # type: ignore[arg-type]
+
+    @contextmanager
+    def _at_queries(self, positions: Tensor) -> Iterator[None]:
+        """While active, ``query_positions`` is ``positions`` (b,): each row's last prompt token in the hidden
+        states the blocks see, (b, T', D) right-padded rest of the rows or (1, N, D) packed rows (whose one row
+        they all index); None outside (the shared-prefix pass holds no query). Hooks read it
+        (:func:`tapioca.analysis.interventions.last_token_norm_matched`)."""
+        self.query_positions = positions
+        try:
+            yield
+        finally:
+            self.query_positions = None
 
     def _stacked(self, cap: Capture | None) -> Tensor | None:
         """Captured states (L + 1, b, D) on the input device (under a device_map each block's are on its own)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -138,15 +139,39 @@ def last_position_only(block: nn.Module) -> Iterator[None]:
         del block.forward
 
 
+def sha256_of(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_model(model: ICLModel, folder: str | Path, info: dict[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` and ``model.json`` (model config + ``info``) atomically into ``folder``."""
+    """Write ``model.safetensors`` and ``model.json`` (model config + ``info`` + the weights' ``sha256``)
+    atomically into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = folder / f".{WEIGHTS_FILE}.tmp"
     save_file(state, str(tmp))
+    digest = sha256_of(tmp)
     tmp.replace(folder / WEIGHTS_FILE)
-    write_json(folder / META_FILE, {"format": "tapioca-icl", "model": dataclasses.asdict(model.cfg), **(info or {})})
+    write_json(folder / META_FILE, {"format": "tapioca-icl", "model": dataclasses.asdict(model.cfg), **(info or {}),
+                                    "sha256": digest})
+
+
+def verify_weights(folder: str | Path, meta: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` when ``model.safetensors`` differs from the ``sha256`` recorded in
+    ``meta``; folders saved before checksums were recorded have none and pass."""
+    expected, weights = meta.get("sha256"), Path(folder) / WEIGHTS_FILE
+    if expected is None:
+        return
+    actual = sha256_of(weights)
+    if actual != expected:
+        raise CheckpointError(f"checkpoint weights {str(weights)!r} are corrupt: expected sha256 {str(expected)[:12]}... "
+                              f"(recorded in {META_FILE}), got {actual[:12]}...")
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -166,7 +191,8 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ICLModel:
-    """Load a model saved by :func:`save_model` (safetensors only; no pickle)."""
+    """Load a model saved by :func:`save_model` (safetensors only; no pickle), checking the weights' sha256
+    when ``model.json`` records one."""
     meta = read_meta(folder)
     try:
         cfg = from_dict(ModelConfig, meta["model"], "model")
@@ -175,6 +201,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ICLMod
     weights = Path(folder) / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"checkpoint {str(folder)!r} has no {WEIGHTS_FILE}")
+    verify_weights(folder, meta)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
@@ -187,4 +214,4 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ICLMod
     return model.to(device).eval()
 
 
-__all__ = ["ICLModel", "prompt_tokens", "save_model", "load_model", "read_meta"]
+__all__ = ["ICLModel", "prompt_tokens", "save_model", "load_model", "read_meta", "sha256_of", "verify_weights"]

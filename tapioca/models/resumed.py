@@ -20,17 +20,29 @@ from tapioca.models.base import BlockModel, RunOutput, chunks, concat_outputs
 from tapioca.models.gates import Gates, Recorded, check_gates, injected_input, recorded_inputs
 
 
+MAX_BYTES = 2 * 2**30  # block inputs a ResumedRuns may keep
+
+
+def nbytes(inputs: list[Recorded]) -> int:
+    """Bytes held by one chunk's recorded block inputs (a tensor shared by several blocks counted once)."""
+    tensors = {id(t): t for rec in inputs for t in rec}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 class ResumedRuns:
     """``runs(gates, capture)`` -> the :class:`RunOutput` of ``model`` on ``batch`` with ``gates``.
 
     The first call records every block's input (B, T, D) of the ungated model, per chunk (memory: blocks x
-    batch x tokens x width floats); states (L + 1, B, D) are always captured on that pass.
+    batch x tokens x width floats); states (L + 1, B, D) are always captured on that pass. When the first
+    chunk's inputs show that the whole batch's would exceed ``max_bytes``, nothing is kept and every call is a
+    plain gated pass over the chunks (same numbers, no reuse).
     """
 
-    def __init__(self, model: BlockModel, batch: Any, chunk: int) -> None:
+    def __init__(self, model: BlockModel, batch: Any, chunk: int, max_bytes: int = MAX_BYTES) -> None:
         self.model, self.batch = model, batch
         self.chunks = chunks(batch, chunk)
-        self._inputs: list[list[Recorded]] = []  # per chunk: every block's input, ungated model
+        self.max_bytes = max_bytes
+        self._inputs: list[list[Recorded]] | None = []  # per chunk: every block's input, ungated model; None: off
         self._full: RunOutput | None = None
         self.passes = 0  # forward passes over the batch made (the recorded one included)
 
@@ -42,7 +54,10 @@ class ResumedRuns:
             for sub in self.chunks:
                 with recorded_inputs(self.model.blocks) as inputs:
                     outputs.append(self.model.run(sub, None, capture=True))
-                self._inputs.append(list(inputs))
+                if self._inputs is not None and not self._inputs and nbytes(inputs) * len(self.chunks) > self.max_bytes:
+                    self._inputs = None
+                if self._inputs is not None:
+                    self._inputs.append(list(inputs))
             self._full = concat_outputs(outputs)
             self.passes += 1
         return self._full
@@ -53,6 +68,9 @@ class ResumedRuns:
         active = [b for b, alpha in gates.items() if alpha != 1.0]
         if not active:
             return full if capture else RunOutput(full.predictions)
+        if self._inputs is None:
+            self.passes += 1
+            return concat_outputs([self.model.run(sub, gates, capture=capture) for sub in self.chunks])
         start = min(active)
         skipped = {**gates, **{j: 0.0 for j in range(start)}}
         outputs = []

@@ -146,7 +146,7 @@ def is_trained(folder: str | Path, cfg: Config, seed: int) -> bool:
     return isinstance(state, dict) and state.get("fingerprint") == _fingerprint(cfg, seed) and state.get("step") == cfg.train.steps
 
 
-ZOO = Path(__file__).resolve().parent / "zoo"
+ZOO = Path(__file__).resolve().parents[1] / "zoo"  # tapioca/zoo
 
 
 def find_pretrained(cfg: Config, seed: int, zoo: Path = ZOO) -> Path | None:

@@ -16,13 +16,15 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from tapioca.errors import ConfigError
+from tapioca.errors import ConfigError, DataError, check_finite
 from tapioca.analysis.geometry import distortion, profile, query_states
 from tapioca.io import read_json, write_json
 from tapioca.models.base import BlockModel, chunks, run_in_chunks
+from tapioca.models.resumed import nbytes
 from tapioca.models.gates import (Gates, Recorded, injected_input, recorded_inputs, removal_gates,
                                   skipped_through)
 from tapioca.pruning.racing import RacingRounds
+from tapioca.pruning.sleb import sleb_search
 
 Scorer = Callable[[Gates], torch.Tensor]  # gates -> per-example selection scores (B,)
 PredictionScorer = Callable[[torch.Tensor, Any], torch.Tensor]  # (predictions, batch) -> scores (B,)
@@ -52,6 +54,8 @@ class SearchContext:
     racing_delta: float | None = None  # TALE: race candidates with this error bound (None: exact TALE)
     racing_min: int = 64  # TALE racing: examples in the first stage
     keep_bytes: int = KEEP_BYTES  # TALE prefix reuse: memory for kept block inputs (PrefixRounds)
+    where: str = ""  # names model and data in errors, e.g. "model runs/m0 on distribution x_scale_3 (selection)"
+    unlabelled_scorer: Scorer | None = None  # SLEB: gates -> label-free per-example scores (B,), higher is better
 
 
 @dataclass
@@ -95,11 +99,17 @@ def _key(removed: Iterable[int]) -> str:
 
 
 class ScoreCache:
-    """Mean selection score per evaluated configuration, optionally persisted to JSON as it grows."""
+    """Mean selection score per evaluated configuration, optionally persisted to JSON as it grows.
 
-    def __init__(self, scorer: Scorer, path: Path | None, prefix: RoundEvaluator | None = None) -> None:
+    Every score is checked: NaN or inf (e.g. from damaged weights) stops the search with a :class:`DataError`
+    that names ``where`` and counts the non-finite examples."""
+
+    def __init__(self, scorer: Scorer, path: Path | None, prefix: RoundEvaluator | None = None,
+                 where: str = "") -> None:
         self.scorer, self.path, self.prefix = scorer, path, prefix
-        self.scores: dict[str, float] = read_json(path) if path is not None and path.is_file() else {}
+        self.where = where or "selection split"
+        cached = read_json(path) if path is not None and path.is_file() else {}
+        self.scores: dict[str, float] = {k: v for k, v in cached.items() if math.isfinite(v)}  # others: rerun
         self.partial: dict[str, tuple[float, int]] = {}  # raced out: (mean on the examples seen, how many)
         self.evaluated = 0  # configurations actually run (cache misses)
 
@@ -107,9 +117,16 @@ class ScoreCache:
         key = _key(removed)
         if key not in self.scores:
             base = getattr(self.prefix, "base", None)  # a recorded pass that the next round can start from
-            value = base(sorted(removed)) if base is not None else self.scorer(removal_gates(removed)).double().mean()
+            value = base(sorted(removed)) if base is not None else self._checked_mean(key)
             self._store({key: float(value)})
         return self.scores[key]
+
+    def _checked_mean(self, key: str) -> float:
+        """Mean of the scorer's per-example scores for configuration ``key``, after checking they are finite."""
+        removed = [int(b) for b in key.split(",") if b]
+        values = self.scorer(removal_gates(removed))
+        check_finite(values, f"{self.where}, blocks {removed} removed" if removed else self.where)
+        return float(values.double().mean())
 
     def round(self, removed: list[int], candidates: list[int]) -> dict[int, float]:
         """Score of removing ``removed`` plus each candidate; uncached candidates run together."""
@@ -127,6 +144,10 @@ class ScoreCache:
         return {b: self.partial[k][1] for b in candidates if (k := _key([*removed, b])) in self.partial}
 
     def _store(self, scores: dict[str, float]) -> None:
+        for key, value in scores.items():
+            if not math.isfinite(value):  # a mean from prefix reuse: a plain run counts the non-finite examples
+                self._checked_mean(key)
+                raise DataError(f"{self.where}: the mean selection score with blocks [{key}] removed is {value}")
         self.scores.update(scores)
         self.evaluated += len(scores)
         if self.path is not None:
@@ -178,7 +199,7 @@ class PrefixRounds:
             with recorded_inputs(self.model.blocks) as got:
                 preds.append(self.model.run(sub, gates).predictions)
             if self._keep is None:
-                self._keep = self._tier(_nbytes(got) * len(self.chunks))
+                self._keep = self._tier(nbytes(got) * len(self.chunks))
             if self._keep != "none":
                 inputs.append(got)
         if self._keep != "none":
@@ -250,12 +271,6 @@ class PrefixRounds:
         return float(self.score_predictions(torch.cat(preds), self.batch).double().mean())
 
 
-def _nbytes(inputs: list[Recorded]) -> int:
-    """Bytes held by one chunk's recorded block inputs (a tensor shared by several blocks counted once)."""
-    tensors = {id(t): t for rec in inputs for t in rec}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def tale_search(ctx: SearchContext) -> PruneResult:
     """TALE: greedily remove the block whose removal gives the highest selection score (REFERENCE §2).
 
@@ -271,7 +286,7 @@ def tale_search(ctx: SearchContext) -> PruneResult:
         prefix = RacingRounds(ctx.model, ctx.batch, ctx.score_predictions, ctx.chunk, ctx.racing_delta, ctx.racing_min)
     elif prefix is None and ctx.prefix_cache and ctx.score_predictions is not None:
         prefix = PrefixRounds(ctx.model, ctx.batch, ctx.score_predictions, ctx.chunk, ctx.keep_bytes)
-    score = ScoreCache(ctx.scorer, ctx.cache_path, prefix)
+    score = ScoreCache(ctx.scorer, ctx.cache_path, prefix, ctx.where)
     baseline = score(frozenset())
     floor = baseline - ctx.epsilon
     removed: list[int] = []
@@ -311,7 +326,7 @@ def _tale_outputs(path: list[int], scores: list[float], baseline: float) -> tupl
     """best (highest score; ties -> fewer blocks), bsba (deepest with score >= baseline), final (deepest)."""
     depth_scores = [baseline, *scores]  # depth d: the first d removals of the path
     best_depth = max(range(len(depth_scores)), key=lambda d: (depth_scores[d], -d))
-    bsba_depth = max(d for d in range(len(depth_scores)) if depth_scores[d] >= baseline)
+    bsba_depth = max((d for d in range(len(depth_scores)) if depth_scores[d] >= baseline), default=0)
     return path[:best_depth], path[:bsba_depth], list(path)
 
 
@@ -360,7 +375,7 @@ def random_search(ctx: SearchContext) -> PruneResult:
 
 
 def _one_shot(ctx: SearchContext, name: str, removed: list[int], block_scores: dict[int, float]) -> PruneResult:
-    score = ScoreCache(ctx.scorer, ctx.cache_path)  # e.g. TALE's cache on the same selection data
+    score = ScoreCache(ctx.scorer, ctx.cache_path, where=ctx.where)  # e.g. TALE's cache on the same selection data
     return PruneResult(
         search=name, n_blocks=ctx.model.n_blocks, baseline_score=score(frozenset()), removed=removed,
         best=removed, final=removed, bsba=removed, path=removed, block_scores=block_scores,
@@ -387,6 +402,7 @@ SEARCHES: dict[str, Callable[[SearchContext], PruneResult]] = {
     "last_k": last_k_search,
     "random": random_search,
     "distortion": distortion_search,
+    "sleb": sleb_search,
 }
 
 

@@ -16,6 +16,12 @@ read-out, LM head) are never pruned. Structure is detected by ``isinstance``, ne
 
 Both count exactly: precisely ``n_params`` weights are zeroed (ties broken by flat index, rounding
 remainders handed out by the largest-remainder rule in a fixed order), and both work on a deep copy.
+
+Language models: an :class:`~tapioca.models.hf.HFModel` (or a wrapper holding one as ``.lm``, such as
+:class:`~tapioca.tasks.choices.ChoiceModel`) is pruned the same way; its copy shares the tokenizer and forgets
+its load source (the copy's weights are not those on disk). Wanda calibrates on a ``TokenBatch`` (or a batch
+holding one as ``.tokens``, e.g. a ``ChoiceBatch``) counting every real token of every row once: no padding,
+and a prompt prefix shared by the rows counted per row (see :func:`_token_forward`).
 """
 
 from __future__ import annotations
@@ -120,6 +126,27 @@ def block_parameter_count(model: nn.Module, removed: Sequence[int]) -> int:
     return sum(p.numel() for i in sorted(set(removed)) for p in blocks[i].parameters())
 
 
+def _token_model(model: Any) -> Any:
+    """The causal-LM adapter behind ``model`` (itself or its ``.lm``: anything with ``tokenizer``, ``run`` and
+    ``pack_tokens``, i.e. an HFModel), or None."""
+    for candidate in (model, getattr(model, "lm", None)):
+        if all(hasattr(candidate, name) for name in ("tokenizer", "run", "pack_tokens", "share_prefix")):
+            return candidate
+    return None
+
+
+def _deep_copy(model: Any) -> Any:
+    """A deep copy of ``model`` for pruning; an LM adapter's tokenizer is shared, not copied, and its load
+    ``source`` is dropped (it would reload the unpruned weights, e.g. on Ray workers)."""
+    lm = _token_model(model)
+    memo = {id(lm.tokenizer): lm.tokenizer} if lm is not None else {}
+    clone = copy.deepcopy(model, memo)
+    clone_lm = _token_model(clone)
+    if clone_lm is not None and getattr(clone_lm, "source", None) is not None:
+        clone_lm.source = None
+    return clone
+
+
 def _check_budget(n_params: int, total: int) -> int:
     if isinstance(n_params, bool) or not isinstance(n_params, int):
         raise TypeError(f"n_params must be an int, got {type(n_params).__name__}")
@@ -194,7 +221,7 @@ def magnitude_prune(model: nn.Module, n_params: int,
     """
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    pruned = copy.deepcopy(model)
+    pruned = _deep_copy(model)
     blocks = _blocks(pruned)
     layers = prunable_weights(blocks)
     sizes = [m.weight.numel() for _, m in layers]
@@ -219,9 +246,30 @@ def magnitude_prune(model: nn.Module, n_params: int,
 # Wanda
 
 
+def _token_forward(lm: Any, tokens: Any) -> None:
+    """Run the LM adapter ``lm`` on the token batch ``tokens`` so that its blocks see every real token of every
+    row exactly once: rows packed end to end without padding and without a separately run shared prefix
+    (``share_prefix`` off, packing on for the call); a model that cannot pack runs one row at a time."""
+    saved = lm.share_prefix, lm.pack_tokens
+    lm.share_prefix, lm.pack_tokens = False, lm.pack_tokens or 512
+    try:
+        if lm.packs(tokens) or len(tokens) == 1:
+            lm.run(tokens)
+        else:
+            for i in range(len(tokens)):
+                lm.run(tokens.slice(i, i + 1))  # one row: trimmed to its own length
+    finally:
+        lm.share_prefix, lm.pack_tokens = saved
+
+
 def _default_forward(model: nn.Module, batch: Any) -> Any:
     """``model.run(batch)`` at every position (a model whose run may skip positions, ``query_only``, is told
-    not to for the call: calibration needs every token's activations)."""
+    not to for the call: calibration needs every token's activations); an LM on a token batch (or a batch
+    holding one as ``.tokens``) runs its real tokens only (:func:`_token_forward`)."""
+    lm = _token_model(model)
+    tokens = batch if hasattr(batch, "attention_mask") else getattr(batch, "tokens", None)
+    if lm is not None and hasattr(tokens, "attention_mask"):
+        return _token_forward(lm, tokens)
     run = getattr(model, "run", None)
     if run is None:
         raise TypeError(f"{type(model).__name__} has no `run` method; pass forward=(model, batch) -> output")
@@ -298,14 +346,15 @@ def wanda_prune(model: nn.Module, batch: Any, n_params: int, chunk: int = 1024,
     ``batch`` is the calibration data, run in slices of ``chunk`` examples by ``forward(model, slice)``
     — by default ``model.run(slice)`` (any BlockModel); give ``forward`` for a model without ``run``,
     e.g. ``lambda m, ids: m.lm(input_ids=ids)``. The pass runs on the copy before any weight is zeroed,
-    so the input model never carries a hook. Norms X_j are over every token of the batch (padding too).
+    so the input model never carries a hook. Norms X_j are over every token of the batch (an LM on a token
+    batch: its real tokens only, each row's shared prefix included; a custom ``forward`` decides for itself).
 
     As in Wanda, weights compete within an output row: every row loses the same fraction
     p = n_params / n_prunable of its weights, floor(p * in_features) each, with the remainder handed out
     one per row (largest fractional part first, then block / matrix / row order) so the total is exactly
     ``n_params``; within a row, ties go by column index. Conv1D rows are columns of the stored weight.
     """
-    pruned = copy.deepcopy(model)
+    pruned = _deep_copy(model)
     blocks = _blocks(pruned)
     layers = prunable_weights(blocks)
     total = sum(m.weight.numel() for _, m in layers)

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 import yaml
 
+from tapioca.config import NOT_FOR_LM
 from tapioca.errors import CheckpointError
 from tapioca.analysis.evaluation import Evaluation
 from tapioca.io import atomic_write_bytes
@@ -28,11 +29,6 @@ from tapioca.report.plots import (METHOD_ORDER, METRIC_LABELS, _ci, _dig, _lower
 __all__ = ["write_report", "build_report", "load_results"]
 
 REQUIRED_KEYS = ("quality", "full", "protocols")
-TESTBED_ONLY_SECTIONS = ("model", "task", "train")  # config sections an LM study does not use, and keys
-TESTBED_ONLY_KEYS = ("pruning.search", "pruning.protocol", "pruning.target", "pruning.metric", "pruning.n_remove",
-                     "pruning.n_select", "pruning.batch_size", "pruning.racing_delta", "pruning.racing_min",
-                     "evaluation.n_heldout", "evaluation.batch_size", "geometry.n_prompts", "run.seed",
-                     "run.seed_workers")  # (the lm section has its own sizes)
 CLAIMS = {
     "C1": "task-aware pruning gives no ID benefit",
     "C2": "task-aware pruning improves OOD",
@@ -135,14 +131,14 @@ def section_header(results: dict, config: Any, environment: Any, timings: Any) -
         rows = []
         lm = results.get("kind") == "lm"
         for section, values in config.items():
-            if lm and section in TESTBED_ONLY_SECTIONS:
+            if lm and section in NOT_FOR_LM:
                 continue
             if not isinstance(values, dict):
                 rows.append([section, _config_value(values)])
                 continue
             for key, value in values.items():
                 name = f"{section}.{key}"
-                if name != "run.out" and not (lm and name in TESTBED_ONLY_KEYS):
+                if name != "run.out" and not (lm and name in NOT_FOR_LM):
                     rows.append([name, _config_value(value)])
         blocks.append(("table", ["setting", "value"], rows))
     else:

@@ -14,6 +14,7 @@ from typing import Callable
 from tapioca.report.claims import c6_scales, primary_metric
 from tapioca.config import Config, scale_config
 from tapioca.io import write_json
+from tapioca.study.rundir import prepare_run_dir
 
 Log = Callable[[str], None]
 
@@ -40,11 +41,10 @@ def scale_summary(cfg: Config, results: dict) -> dict:
     }
 
 
-def run_scales(cfg: Config, out: Path, progress: bool = True, log: Log = print) -> dict:
-    """Run the single-scale study of every scale of ``cfg`` (each into ``out/scales/<name>``), then write
-    and return the multi-scale ``results.json``: ``{"scales": {name: summary}, "claims": {"C6": ...}}``."""
-    from tapioca.study.steps import prepare_run_dir, run_study  # deferred: study imports this module
-
+def run_scales(cfg: Config, out: Path, progress: bool, log: Log, run_study: Callable[..., dict]) -> dict:
+    """Run the single-scale study of every scale of ``cfg`` with ``run_study`` (each into
+    ``out/scales/<name>``), then write and return the multi-scale ``results.json``:
+    ``{"scales": {name: summary}, "claims": {"C6": ...}}``."""
     prepare_run_dir(cfg, out)
     summaries = {}
     for name in cfg.scales:

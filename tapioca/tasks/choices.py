@@ -1,4 +1,4 @@
-"""Task-aware pruning of Hugging Face causal LMs on text tasks: selection scorers, prefix reuse, ``prune_lm``.
+"""Text tasks on Hugging Face causal LMs as batches a search can gate: choice batches, selection scorers.
 
 Multiple choice is scored by log-likelihood. The (prompt, choice) pairs of a split are tokenized once into a
 :class:`ChoiceBatch` and reused for every gate configuration. When every continuation is one token (``" A"``
@@ -10,13 +10,13 @@ pair. :class:`ChoiceModel` shows an :class:`~tapioca.models.hf.HFModel` through 
 
     lm = HFModel.load(folder)
     task = TextTask(TextTaskConfig(source="mmlu"))
-    result = prune_lm(lm, task, "tale", protocol="target", target="humanities", max_drop=2, n_select=64)
-    full, pruned = (evaluate_lm(lm, task, g, n=100) for g in (None, result.gates))   # tapioca.analysis.calibration
+    result = tapioca.prune(lm, task, "tale", protocol="target", target="humanities", max_drop=2, n_select=64)
+    full, pruned = (tapioca.evaluate(lm, task, g, n=100) for g in (None, result.gates))
 
 Short answer is scored by greedy generation (``metric="acc"``, no prefix reuse) or, much faster and with
 prefix reuse, by the log-likelihood of the gold answer (``metric="loglik"``).
 
-``prune_lm(..., workers=N)`` scores TALE candidates on N Ray workers (log-likelihood metrics): each worker
+``prune(..., workers=N)`` scores TALE candidates on N Ray workers (log-likelihood metrics): each worker
 loads the model again from its folder (:class:`~tapioca.pruning.parallel.HFReplica`) and wraps it in a
 :class:`ChoiceModel`, as the search does on the driver (:class:`ChoiceReplica`).
 """
@@ -32,22 +32,18 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from tapioca.api import selection_distribution
-from tapioca.config import PruningConfig, from_dict
-from tapioca.errors import ConfigError
-from tapioca.analysis.evaluation import check_split_size
+from tapioca.errors import ConfigError, DataError
 from tapioca.models.base import BlockModel, RunOutput, run_in_chunks
 from tapioca.models.gates import Gates
 from tapioca.models.hf import HFModel, TokenBatch
-from tapioca.pruning.parallel import HFReplica, parallel_tale, require_ray
-from tapioca.pruning.searches import (
-    NEEDS_ID_REFERENCE, PredictionScorer, PruneResult, Scorer, SearchContext, check_budget, get_search,
-)
+from tapioca.pruning.parallel import HFReplica
+from tapioca.pruning.searches import PredictionScorer, PruneResult, Scorer
 from tapioca.tasks.text import TextExample, TextTask, continuations, score_short_answer
 
 __all__ = [
     "SELECTION_METRICS", "ChoiceBatch", "ChoiceModel", "ChoiceReplica", "LMSelection", "choice_batch",
-    "choice_metrics", "choice_table", "lm_selection", "prune_lm", "task_choices",
+    "choice_metrics", "choice_table", "lm_selection", "prompt_batch", "prompt_loglik_scorer", "prune_lm",
+    "task_choices",
 ]
 
 # task kind -> selection metrics it supports (all: higher is better)
@@ -55,7 +51,6 @@ SELECTION_METRICS = {
     "multiple_choice": ("acc", "prob", "loglik"),  # correct top choice, p(correct), log p(correct) over choices
     "short_answer": ("acc", "loglik"),  # greedy generation is correct, log-likelihood of the gold answer
 }
-CHOICES = ("best", "bsba", "final")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,30 +297,6 @@ def _generation_scorer(model: HFModel, examples: list[TextExample], prompts: lis
 # Pruning
 
 
-def _check_search_args(epsilon: float, max_drop: int | None, n_remove: int, choose: str) -> None:
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
-        raise ConfigError(f"pruning.epsilon: {epsilon!r} is not allowed; expected a number >= 0")
-    for name, value in (("max_drop", max_drop), ("n_remove", n_remove)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"pruning.{name}: {value!r} is not allowed; expected an integer >= 1")
-    if choose not in CHOICES:
-        raise ConfigError(f"pruning.choose: {choose!r} is not allowed; expected one of {list(CHOICES)}")
-
-
-def _check_workers(workers: int, ray_address: str | None, search: str, kind: str, metric: str) -> None:
-    """``workers`` / ``ray_address`` as ``pruning.workers`` / ``pruning.ray_address`` are checked, and usable here."""
-    from_dict(PruningConfig, {"workers": workers, "ray_address": ray_address}, "pruning")
-    if not workers:
-        return
-    if search != "tale":
-        raise ConfigError(f"pruning.workers: {workers} applies only to search 'tale' (its candidate rounds); "
-                          f"{search!r} runs in-process, use workers=0")
-    if kind == "short_answer" and metric == "acc":
-        raise ConfigError("pruning.workers: Ray workers score log-likelihoods, but short-answer metric 'acc' "
-                          "scores by generation on the driver; use metric='loglik' or workers=0")
-    require_ray("pruning.workers", workers)
-
-
 def prune_lm(
     model: HFModel,
     task: TextTask,
@@ -350,45 +321,47 @@ def prune_lm(
     ray_address: str | None = None,
     ray_options: dict[str, Any] | None = None,
 ) -> PruneResult:
-    """Search which blocks of ``model`` to remove, scored on ``n_select`` examples of the "select" role
-    (disjoint from the held-out role of :func:`~tapioca.analysis.calibration.evaluate_lm`), as
-    :func:`tapioca.api.prune` does for the testbed.
+    """:func:`tapioca.api.prune` on a text workload of ``model`` and ``task`` with these sizes and selection
+    ``metric`` (multiple choice: acc, prob, loglik; short answer: acc by greedy generation, or loglik of the
+    gold answer). ``batch_size`` is rows per forward pass (and prompts per generate call)."""
+    from tapioca.api import prune, workload  # the API sits above the tasks
 
-    protocol "target" selects on ``target``; "from-id" selects on "id". ``search`` is a key of
-    :data:`tapioca.pruning.searches.SEARCHES`: TALE (greedy; with a log-likelihood metric its rounds reuse the residual
-    stream below each candidate) or a one-shot baseline removing ``n_remove`` blocks. ``batch_size`` is rows
-    per forward pass (and prompts per generate call).
+    wl = workload(model, task, metric=metric, n_select=n_select, batch_size=batch_size,
+                  length_normalize=length_normalize, max_new_tokens=max_new_tokens)
+    return prune(wl, None, search, protocol, target, epsilon=epsilon, max_drop=max_drop, n_remove=n_remove,
+                 choose=choose, seed=seed, prefix_cache=prefix_cache, progress=progress, cache_path=cache_path,
+                 workers=workers, ray_address=ray_address, ray_options=ray_options)
 
-    ``workers`` >= 1 scores each TALE round's candidates on that many Ray workers (same selection as serial;
-    needs ``pip install 'tapioca[parallel]'``, a model from ``HFModel.load`` and a log-likelihood metric).
-    ``ray_address``: None starts local Ray, "auto" / "ray://host:port" joins a cluster. ``ray_options`` go to
-    :func:`~tapioca.pruning.parallel.parallel_tale` (e.g. ``{"num_gpus": 1}``: one GPU per worker).
-    """
-    run_search = get_search(search)
-    _check_search_args(epsilon, max_drop, n_remove, choose)
-    check_budget(model.n_blocks, max_drop, n_remove)
-    check_split_size(n_select, "pruning.n_select")
-    check_metric(task.kind, metric)
-    _check_workers(workers, ray_address, search, task.kind, metric)
-    factory = ChoiceReplica(HFReplica.of(model)) if workers else None
-    dist = selection_distribution(protocol, target, task)
-    select = partial(lm_selection, model, task, role="select", seed=seed, n=n_select, metric=metric,
-                     chunk=batch_size, length_normalize=length_normalize, max_new_tokens=max_new_tokens)
-    sel = select(dist)
-    reference = None
-    if search in NEEDS_ID_REFERENCE:
-        reference = sel.batch if dist == "id" else select("id").batch
-    ctx = SearchContext(
-        model=sel.model, batch=sel.batch, scorer=sel.scorer, score_predictions=sel.score_predictions,
-        prefix_cache=prefix_cache, epsilon=float(epsilon), max_drop=max_drop, n_remove=n_remove, seed=seed,
-        chunk=batch_size, progress=progress, cache_path=Path(cache_path) if cache_path is not None else None,
-        choose=choose, reference_batch=reference,
-    )
-    if factory is not None:
-        result = parallel_tale(ctx, factory, workers=workers, address=ray_address, **(ray_options or {}))
-    else:
-        result = run_search(ctx)
-    result.info.update(protocol=protocol, target=target, selected_on=dist, metric=metric, n_select=n_select,
-                       seed=seed, task_kind=task.kind, mc_format=task.cfg.mc_format,
-                       length_normalize=length_normalize)
-    return result
+
+# ---------------------------------------------------------------------------------------------------------
+# Label-free scoring (SLEB-style searches)
+
+
+def prompt_batch(model: HFModel, prompts: Sequence[str]) -> tuple[TokenBatch, Tensor]:
+    """The prompts' own tokens as targets: a :class:`TokenBatch` whose query is each row's first token and
+    whose targets are all the others, rows sorted longest first; and the row of each prompt, (N,)."""
+    tokens = model.tokenize(prompts)
+    lengths = tokens.attention_mask.sum(1)
+    short = (lengths < 2).nonzero().flatten().tolist()
+    if short:
+        raise DataError(f"prompts {short} have fewer than 2 tokens; a prompt's log-likelihood needs a token to "
+                         "condition on and one to score")
+    query = torch.zeros(len(tokens), dtype=torch.long)
+    target = (torch.arange(tokens.input_ids.shape[1]) > 0) & tokens.attention_mask.bool()
+    order = torch.argsort(lengths, descending=True, stable=True)
+    batch = TokenBatch(tokens.input_ids, tokens.attention_mask, query, target).take(order)
+    return batch, torch.argsort(order)
+
+
+def prompt_loglik_scorer(model: HFModel, prompts: list[str], chunk: int) -> Scorer:
+    """Label-free scorer (gates -> (N,) float64, higher is better): the mean log-likelihood per token of each
+    prompt text under the gated model, every token after the first scored (no answer is used; SLEB's
+    perplexity criterion, as log-perplexity negated). Tokenized once; ``chunk`` rows per pass."""
+    batch, rows = prompt_batch(model, prompts)
+    counts = batch.target_mask.sum(1).double()
+
+    def scorer(gates: Gates) -> Tensor:
+        summed = run_in_chunks(model, batch, gates, capture=False, chunk=chunk).predictions.double().cpu()
+        return (summed / counts)[rows]
+
+    return scorer

@@ -10,12 +10,14 @@ import math
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from tapioca.config import SamplerParams, TaskConfig, distributions, shift_params
 from tapioca.errors import DataError
+from tapioca.models.gates import Gates, gated
 
 ROLES = ("select", "heldout", "train", "reference")
 
@@ -142,3 +144,27 @@ def check_finite(batch: PolyBatch, where: str) -> PolyBatch:
             bad = int((~torch.isfinite(values)).sum())
             raise DataError(f"{where}: {bad} non-finite value(s) (NaN or inf) in {name}; check the sampler parameters")
     return batch
+
+
+@torch.no_grad()
+def context_errors(model: Any, batch: PolyBatch, gates: Gates | None = None, chunk: int = 1024) -> Tensor:
+    """Mean squared error (B,) float64 of the model's predictions at the n - 1 in-context x positions before the
+    query, against their y (part of the prompt); the query's y is never read. ``model(xs, ys)`` must give
+    predictions at every x position, (B, n) (an :class:`~tapioca.models.icl.ICLModel`'s forward, which
+    computes every position, unlike its query-only ``run``), under block ``gates``."""
+    if batch.xs.shape[1] < 2:
+        raise DataError("context errors need prompts of 2 points or more (a context pair before the query)")
+    out = []
+    for start in range(0, len(batch), chunk):
+        sub = batch.slice(start, start + chunk).to(model.device)
+        context_ys = sub.ys[:, :-1]
+        with gated(model.blocks, gates):
+            preds = model(sub.xs, torch.cat([context_ys, torch.zeros_like(sub.ys[:, -1:])], 1))[:, :-1]  # (b, n - 1)
+        out.append((preds.double() - context_ys.double()).square().mean(1).cpu())
+    return torch.cat(out)
+
+
+def context_error_scorer(model: Any, batch: PolyBatch, chunk: int = 1024) -> Callable[[Gates], Tensor]:
+    """Label-free scorer (gates -> (B,) float64, higher is better): minus :func:`context_errors`, the model's
+    own in-context error on the prompts of ``batch`` (for SLEB-style searches; query labels are not used)."""
+    return lambda gates: -context_errors(model, batch, gates, chunk)
