@@ -18,7 +18,6 @@ from tapioca.errors import CheckpointError, ConfigError, TapiocaError
 from tapioca.analysis.evaluation import Evaluation, compare
 from tapioca.analysis.heldout import HeldoutRuns
 from tapioca.io import environment, read_json, write_json, write_yaml
-from tapioca.models.gates import removal_gates
 from tapioca.models.icl import load_model
 from tapioca.models.install import add_models_command, main_models
 from tapioca.perf import keep_freed_memory

@@ -18,46 +18,9 @@ from tapioca.models.hf import (
     load_causal_lm, remove_blocks, resolve_dtype,
 )
 
-from conftest import assert_close_scaled
-
-WINDOW = 64
-SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-             max_position_embeddings=WINDOW, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
-CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **SHAPE),
-    "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
-                                              max_window_layers=2, **SHAPE),
-    "gemma3": lambda: transformers.Gemma3TextConfig(
-        num_key_value_heads=2, head_dim=8, sliding_window=4, pad_token_id=None, tie_word_embeddings=False,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"], **SHAPE),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=WINDOW,
-                                            bos_token_id=1, eos_token_id=2, initializer_range=0.3),
-    "neox": lambda: transformers.GPTNeoXConfig(**SHAPE),
-}
-BLOCK_PATHS = {"llama": "model.layers", "qwen2": "model.layers", "gemma3": "model.layers", "gpt2": "transformer.h",
-               "neox": "gpt_neox.layers"}
-PROMPTS = ["the cat sat on", "a b", "hello there, how are you today?"]
-CONTINUATIONS = [" the mat", " c", " fine."]
-
-
-def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A character-level tokenizer (48 tokens) that prepends <s> like Llama's, with no pad token."""
-    from tokenizers import Tokenizer, decoders, models, processors
-
-    chars = list(string.ascii_lowercase + string.digits + " .,:?!<>\n")
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *chars])}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>")
-
-
-def build(family: str) -> HFModel:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
-    return HFModel(model, char_tokenizer())
-
+from conftest import (
+    BLOCK_PATHS, CONFIGS, CONTINUATIONS, PROMPTS, WINDOW, assert_close_scaled, build, char_tokenizer,
+)
 
 @pytest.fixture(params=list(CONFIGS))
 def lm(request) -> HFModel:

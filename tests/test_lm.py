@@ -3,95 +3,20 @@
 from __future__ import annotations
 
 import math
-import random
-import string
 
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from tapioca.analysis import stats
 from tapioca.errors import ConfigError
 from tapioca.tasks.choices import ChoiceModel, choice_batch, choice_table, lm_selection, prune_lm, task_choices
 from tapioca.analysis.calibration import calibration, calibration_change, compare_lm, evaluate_lm, _top_choice_table
 from tapioca.models.base import run_in_chunks
-from tapioca.models.hf import HFModel
 from tapioca.pruning.searches import SEARCHES
-from tapioca.tasks.text import TextExample, TextTask, TextTaskConfig, score_multiple_choice
-from tapioca.tasks.text_sources import TableSource
+from tapioca.tasks.text import score_multiple_choice
 
-from conftest import assert_close_scaled
-
-CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
-WORDS = ["cat", "dog", "eel", "fox", "gnu", "hen", "owl", "yak"]
-PLANTED = 2  # the block made harmful in the planted tests
-
-
-def tokenizer(letter_tokens: bool = True) -> transformers.PreTrainedTokenizerFast:
-    """Character-level tokenizer that prepends <s>; with ``letter_tokens`` " A".." D" are single tokens."""
-    from tokenizers import Tokenizer, decoders, models, processors
-
-    merges = [(" ", c) for c in "ABCD"] if letter_tokens else []
-    tokens = ["<unk>", "<s>", "</s>", *CHARS, *(a + b for a, b in merges)]
-    core = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token="<unk>"))
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>")
-
-
-def tiny_lm(letter_tokens: bool = True, seed: int = 0) -> HFModel:
-    cfg = transformers.LlamaConfig(vocab_size=112, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   bos_token_id=1, eos_token_id=2, initializer_range=0.3)
-    torch.manual_seed(seed)
-    return HFModel(transformers.LlamaForCausalLM(cfg).eval(), tokenizer(letter_tokens))
-
-
-def questions(dist: str, n: int, seed: int, n_choices: int = 4) -> list[TextExample]:
-    rng = random.Random(f"{dist}{seed}")
-    out = []
-    for i in range(n):
-        a, b = rng.randint(0, 9), rng.randint(0, 9) if dist == "id" else rng.randint(100, 999)
-        choices = tuple(rng.sample(WORDS, n_choices))
-        out.append(TextExample(f"{dist} {i}: {a} and {b}?", rng.randrange(n_choices), choices))
-    return out
-
-
-def make_task(pools: dict[str, list[TextExample]], mc_format: str = "letters", n_shots: int = 0) -> TextTask:
-    kind = "multiple_choice" if pools["id"][0].choices is not None else "short_answer"
-    columns = {"question": "q", "answer": "a", "split": "s", **({"choices": "c"} if kind == "multiple_choice" else {})}
-    cfg = TextTaskConfig(source="jsonl", path="in-memory", columns=columns, splits={d: [d] for d in pools},
-                         n_shots=n_shots, mc_format=mc_format)
-    return TextTask(cfg, source=TableSource(pools, kind, cfg.splits))
-
-
-def mc_task(mc_format: str = "letters", n: int = 60, n_shots: int = 0) -> TextTask:
-    return make_task({d: questions(d, n, 0) for d in ("id", "wide")}, mc_format, n_shots)
-
-
-def relabel(lm: HFModel, task: TextTask, gates: dict[int, float]) -> TextTask:
-    """The same questions labelled with the top choice of ``lm`` under ``gates``."""
-    pools = {}
-    for dist, pool in task.source.examples.items():
-        prompts = task.prompts(pool, 0)
-        conts, labels = task_choices(pool, task.cfg.mc_format)
-        batch = choice_batch(lm, prompts, conts, labels)
-        table = choice_table(run_in_chunks(ChoiceModel(lm), batch, gates, False, 64).predictions, batch)
-        pools[dist] = [TextExample(ex.question, int(k), ex.choices) for ex, k in zip(pool, table.argmax(1))]
-    return make_task(pools, task.cfg.mc_format, task.cfg.n_shots)
-
-
-def plant(lm: HFModel, block: int, scale: float = 30.0) -> None:
-    """Blow up a block's residual contribution (attention and MLP output projections)."""
-    with torch.no_grad():
-        lm.blocks[block].self_attn.o_proj.weight.mul_(scale)
-        lm.blocks[block].mlp.down_proj.weight.mul_(scale)
-
-
-# ---------------------------------------------------------------- choice batches
-
+from conftest import PLANTED, assert_close_scaled, mc_task, plant, relabel, sa_task, tiny_lm
 
 @pytest.mark.parametrize("letter_tokens, mc_format, token_mode", [(True, "letters", True), (False, "letters", False),
                                                                    (True, "cloze", False)])
@@ -180,13 +105,6 @@ def test_one_shot_baselines_run_on_lm_states(search: str) -> None:
 
 
 # ---------------------------------------------------------------- short answer
-
-
-def sa_task() -> TextTask:
-    rng = random.Random(0)
-    pools = {d: [TextExample(f"{d} {i}: {rng.randint(1, 9)} plus {rng.randint(1, 9)}?", str(rng.randint(2, 18)))
-                 for i in range(40)] for d in ("id", "big")}
-    return make_task(pools)
 
 
 def test_short_answer_loglik_selection_reuses_prefix_and_generation_selection_runs() -> None:

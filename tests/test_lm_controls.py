@@ -19,9 +19,9 @@ from tapioca.pruning.weights import (block_parameter_count, input_norms, magnitu
 from tapioca.tasks.choices import (ChoiceModel, choice_batch, lm_selection, prompt_batch, prompt_loglik_scorer,
                                    task_choices)
 from tapioca.tasks.polyreg import PolyBatch, PolyRegTask, context_error_scorer, context_errors
-from test_hf import build
-from test_lm import PLANTED, mc_task, plant, tiny_lm
 from test_pruning import NoisyBlock, trained  # noqa: F401  (module-scoped fixture)
+
+from conftest import PLANTED, build, mc_task, plant, tiny_lm
 
 SHARED = "shared demos: 1 2 3. "  # 22 tokens with <s>: a prefix every row shares (HFModel.min_shared is 8)
 PROMPTS = ["the cat sat", "a dog", "owls fly at night, or so", "yak"]

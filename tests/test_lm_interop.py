@@ -16,8 +16,7 @@ from tapioca.models.base import run_in_chunks
 from tapioca.models.hf import HFModel
 from tapioca.tasks.text import TextTask
 
-from conftest import assert_close_scaled
-from test_lm import PLANTED, mc_task, plant, relabel, tiny_lm
+from conftest import PLANTED, assert_close_scaled, mc_task, plant, relabel, tiny_lm
 
 lm_eval = pytest.importorskip("lm_eval", reason="needs lm-eval==0.4.13 (pip install 'lm-eval==0.4.13')")
 

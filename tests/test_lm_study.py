@@ -16,7 +16,8 @@ from tapioca.tasks.text_workload import intervention_metric, load_text_task, res
 from tapioca.report.report import write_report
 from tapioca.study.steps import run_study
 
-from test_lm import PLANTED, mc_task, plant, relabel, tiny_lm
+from conftest import PLANTED, mc_task, plant, relabel, tiny_lm
+
 
 CLAIMS = [f"C{i}" for i in range(1, 10)]
 

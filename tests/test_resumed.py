@@ -10,7 +10,8 @@ from tapioca.models.base import run_in_chunks
 from tapioca.models.resumed import ResumedRuns
 from tapioca.tasks.polyreg import PolyRegTask
 
-from test_lm import mc_task, tiny_lm
+from conftest import mc_task, tiny_lm
+
 
 GATES = [{}, {2: 0.0}, {0: 0.5, 2: 0.0}, {2: 1.5}, {0: 0.25}, {1: 1.0}, {1: 0.0, 2: 0.0}]
 

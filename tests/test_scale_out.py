@@ -11,8 +11,6 @@ import pickle
 
 import pytest
 import torch
-from test_hf import CONTINUATIONS, PROMPTS, build
-from test_lm import mc_task, tiny_lm
 
 import tapioca
 import tapioca.tasks.choices
@@ -25,6 +23,8 @@ from tapioca.models.gates import removal_gates
 from tapioca.models.hf import HFModel, LoadSource, load_causal_lm
 from tapioca.pruning.parallel import CandidateWorker, HFReplica, split_candidates
 from tapioca.pruning.searches import tale_search
+
+from conftest import CONTINUATIONS, PROMPTS, build, mc_task, tiny_lm
 
 # ---------------------------------------------------------------- config
 

@@ -16,6 +16,8 @@ from tapioca.config import from_dict, to_dict
 from tapioca.errors import ConfigError, DataError
 from tapioca.tasks import text_sources as ts
 from tapioca.tasks.text import (
+
+
     ROLES, SOURCES, TextExample, TextTask, TextTaskConfig, build_prompts, check_answer, continuations,
     extract_number, score_multiple_choice, score_short_answer,
 )
