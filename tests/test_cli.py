@@ -102,3 +102,41 @@ def test_debug_shows_the_traceback(trained, tmp_path):
 
 def test_report_of_a_missing_run_is_a_one_line_error(capsys, tmp_path):
     assert "results.json" in one_line_error(capsys, "report", str(tmp_path / "nope"))
+
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+
+def lm_config(folder: Path) -> Path:
+    """A YAML config of the tiny Llama (planted harmful block) and its JSONL task stored in tests/data/golden."""
+    task = {"source": "jsonl", "path": str(GOLDEN / "items.jsonl"), "n_shots": 0,
+            "columns": {"question": "q", "choices": "c", "answer": "a", "split": "s"},
+            "splits": {"id": ["id"], "wide": ["wide"]}}
+    cfg = {"lm": {"model": str(GOLDEN / "tiny-llama"), "task": task, "metric": "acc", "n_select": 16,
+                  "n_heldout": 16, "batch_size": 8},
+           "pruning": {"max_drop": 2}, "evaluation": {"seeds": [0, 1], "n_bootstrap": 200}}
+    path = folder / "lm.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def test_prune_and_evaluate_a_language_model_from_its_config(tmp_path):
+    config = lm_config(tmp_path)
+    prune_dir, eval_dir = tmp_path / "prune", tmp_path / "eval"
+    assert run_cli("prune", "--config", str(config), "--out", str(prune_dir), "--set", "pruning.target=wide",
+                   "--quiet") == 0
+    pruning = json.loads((prune_dir / "pruning.json").read_text())
+    assert pruning["info"]["selected_on"] == "wide" and 2 in pruning["removed"]  # the planted block
+    assert pruning["info"]["task_kind"] == "multiple_choice" and len(pruning["rounds"][0]["candidates"]) == 4
+    assert run_cli("evaluate", "--config", str(config), "--pruning", str(prune_dir / "pruning.json"),
+                   "--out", str(eval_dir), "--quiet") == 0
+    result = json.loads((eval_dir / "evaluation.json").read_text())
+    assert result["kind"] == "lm" and result["primary_metric"] == "acc"
+    assert set(result["full"]) == {"id", "wide"} and "shrinkage_slope" not in result["full"]["id"]
+    assert result["delta"]["wide"]["acc"]["mean"] > 0  # removing the planted block helps
+
+
+def test_a_key_a_language_model_study_ignores_is_a_one_line_error(capsys, tmp_path):
+    config = lm_config(tmp_path)
+    err = one_line_error(capsys, "prune", "--config", str(config), "--set", "pruning.n_select=64", "--quiet")
+    assert "pruning.n_select: not used by a study on a language model" in err and "lm.n_select" in err

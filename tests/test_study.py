@@ -152,3 +152,13 @@ def test_controls_and_interventions_are_consistent(finished):
             assert by_alpha[1.0]["score"] == pytest.approx(matching["ood_full"], rel=1e-6)  # alpha=1: full model
             assert by_alpha[0.0]["score"] == pytest.approx(matching["ood_pruned"], rel=1e-6)  # alpha=0: pruned
             assert (out / "interventions" / f"seed{seed}" / f"{shift}.json").is_file()
+
+
+def test_step_progress_counts_every_seeds_steps_across_threads():
+    from tapioca.study.rundir import StepProgress
+
+    steps = StepProgress([0, 1, 2], ["model", "prune", "evaluate"], enabled=True)
+    assert steps.bar.total == 9
+    threads = study.SeedThreads(3)
+    threads.map(lambda seed: [steps.done(seed, s) for s in ("model", "prune", "evaluate")], [0, 1, 2])
+    assert steps.bar.n == 9
