@@ -19,7 +19,9 @@ from tapioca.config import Config, PruningConfig, from_dict, to_dict
 from tapioca.errors import ConfigError
 from tapioca.models.gates import Gates
 from tapioca.models.icl import ICLModel, load_model
-from tapioca.pruning.searches import NEEDS_ID_REFERENCE, PruneResult, SearchContext, check_budget, get_search
+from tapioca.pruning.searches import (
+    NEEDS_ID_REFERENCE, PrefixRounds, PruneResult, SearchContext, check_budget, get_search,
+)
 from tapioca.tasks import base
 from tapioca.tasks.base import Workload
 from tapioca.tasks.polyreg import PolyRegTask
@@ -71,6 +73,14 @@ def workload(model: Any, task: Any = None, cfg: PruningConfig | None = None, **t
     return TextWorkload.for_model(model, task, **text_options)
 
 
+TEXT_OPTIONS = ("metric", "n_select", "n_heldout", "n_profile", "batch_size", "length_normalize", "max_new_tokens",
+                "name")  # what a text workload takes (TextWorkload.for_model)
+
+
+def _is_text(task: Any) -> bool:
+    return task is not None and not isinstance(task, PolyRegTask)
+
+
 def selection_distribution(protocol: str, target: str, wl: Any) -> str:
     """The distribution a search selects on: ``target`` under protocol "target", "id" under "from-id"."""
     if protocol not in PROTOCOLS:
@@ -97,15 +107,17 @@ def prune(
     """Search which blocks to remove, scored on the selection split of the protocol's distribution.
 
     ``model``: a workload, or a model with its ``task`` (testbed or text). ``overrides`` replace fields of
-    ``cfg`` (e.g. ``epsilon=0.05, max_drop=2``) with the usual checks. The selection split (role "select") is
+    ``cfg`` (e.g. ``epsilon=0.05, max_drop=2``) with the usual checks; with a text task, the options of
+    :data:`TEXT_OPTIONS` (``metric="loglik"``, ``n_select=64``, ...) describe its workload instead. The selection split (role "select") is
     disjoint from the held-out split used by :func:`evaluate`. ``workers=N`` (N >= 1) scores TALE's candidate
     rounds on N Ray workers (``ray_address``: join a cluster; ``ray_options`` go to
     :func:`~tapioca.pruning.parallel.parallel_tale`, e.g. ``{"num_gpus": 1}``), with the same selection as serial;
     one-shot searches have no rounds and run in-process.
     """
+    text_options = {k: overrides.pop(k) for k in TEXT_OPTIONS if k in overrides} if _is_text(task) else {}
     cfg = from_dict(PruningConfig, {**to_dict(cfg or PruningConfig()), "search": search, "protocol": protocol,
                                     "target": target, **overrides}, "pruning")
-    wl = workload(model, task, cfg)
+    wl = workload(model, task, cfg, **text_options)
     run_search = get_search(cfg.search)
     if cfg.workers and cfg.search != "tale":
         raise ConfigError(f"pruning.workers: {cfg.workers} applies only to search 'tale' (its candidate rounds); "
@@ -117,12 +129,16 @@ def prune(
     reference = None
     if cfg.search in NEEDS_ID_REFERENCE:  # ID inputs, for searches that compare against ID
         reference = sel.batch if dist == "id" else wl.selection("id", "select", seed, wl.sizes.n_select).batch
+    rounds = None
+    if sel.unlabelled_parts is not None and cfg.prefix_cache and cfg.search == "sleb":
+        model_u, batch_u, score_u = sel.unlabelled_parts
+        rounds = PrefixRounds(model_u, batch_u, score_u, wl.sizes.select_chunk)
     ctx = SearchContext(
         model=sel.model, batch=sel.batch, scorer=sel.scorer, score_predictions=sel.score_predictions,
         prefix_cache=cfg.prefix_cache, epsilon=cfg.epsilon, max_drop=cfg.max_drop, choose=cfg.choose,
         n_remove=cfg.n_remove, seed=seed, chunk=wl.sizes.select_chunk, progress=progress,
         cache_path=Path(cache_path) if cache_path is not None else None, reference_batch=reference,
-        racing_delta=cfg.racing_delta, racing_min=cfg.racing_min, unlabelled_scorer=sel.unlabelled,
+        racing_delta=cfg.racing_delta, racing_min=cfg.racing_min, unlabelled_scorer=sel.unlabelled, unlabelled_rounds=rounds,
         where=f"model {wl.name} on distribution {dist} (selection)",
     )
     if cfg.workers:

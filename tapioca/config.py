@@ -138,6 +138,11 @@ class EvaluationConfig:
     n_bootstrap: int = _range(10_000, ge=100)
     confidence: float = _range(0.95, gt=0, le=0.999)
     batch_size: int = _range(128, ge=1)  # prompts per forward pass (held-out, profiles, interventions)
+    # smallest effects of interest (fixed before any result; never tuned): on error metrics (NMSE) a change of
+    # this fraction of the full model's mean, on accuracy-type metrics this many points (0.01 = 1 point)
+    smallest_effect_relative: float = _range(0.05, gt=0)
+    smallest_effect_points: float = _range(0.01, gt=0)
+    placebo_draws: int = _range(2000, ge=0)  # sign-flip draws of the selection-optimism null (0: not computed)
 
 
 @dataclass(frozen=True)
@@ -475,6 +480,11 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def with_defaults(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config tree with every key it lacks (added to tapioca since it was written) at its default."""
+    return _merge(to_dict(Config()), tree)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

@@ -71,3 +71,14 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def save_arrays(path: str | Path, arrays: dict[str, Any]) -> None:
+    """Atomically write named numpy arrays to one ``.npz`` file (an empty dict makes an empty file)."""
+    import io as _io
+
+    import numpy as np
+
+    buffer = _io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())

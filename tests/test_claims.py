@@ -40,20 +40,42 @@ def build(improved=(), d_full=None, d_pruned=None, removed=("s1",), drop=None):
     }
 
 
-def test_c1_is_refuted_only_by_a_clear_id_gain():
-    results = build()
+def test_c1_separates_no_benefit_from_not_enough_data():
+    results = build()  # ID NMSE 0.1: the smallest effect of interest is 5 % of it, 0.005
+    delta = results["protocols"]["target"]["delta"]
+    delta["id"] = row(0.0, -0.001, 0.001, full=0.1)  # the CI excludes a gain of 0.005
     assert c1_no_id_benefit(results)["verdict"] == SUPPORTED
-    results["protocols"]["target"]["delta"]["id"] = row(-0.05, -0.06, -0.04, full=0.1)
+    delta["id"] = row(-0.05, -0.06, -0.04, full=0.1)  # a clear gain beyond δ
     assert c1_no_id_benefit(results)["verdict"] == REFUTED
-    results["protocols"]["target"]["delta"]["id"] = row(-0.0005, -0.0008, -0.0002, full=0.1)  # within 1%
+    delta["id"] = row(0.0, -0.01, 0.01, full=0.1)  # a gain of 0.005 is inside the CI: no evidence either way
+    verdict = c1_no_id_benefit(results)
+    assert verdict["verdict"] == INCONCLUSIVE and "underpowered" in verdict["evidence"]
+    delta["id"] = row(0.02, 0.01, 0.03, full=0.1, worse=True)  # significantly worse: no benefit
     assert c1_no_id_benefit(results)["verdict"] == SUPPORTED
 
 
-def test_c2_counts_significantly_improved_shifts():
+def test_c1_uses_the_tost_interval_and_reports_power():
+    results = build()
+    results["smallest_effect"] = {"relative": 0.05, "points": 0.01}
+    r = row(0.0, -0.006, 0.006, full=0.1)  # 95 % CI reaches a gain of 0.006 > δ ...
+    r["nmse"].update(low_tost=-0.004, high_tost=0.004, sd=0.02, mde=0.0056)  # ... the 90 % one does not
+    results["protocols"]["target"]["delta"]["id"] = r
+    verdict = c1_no_id_benefit(results)
+    assert verdict["verdict"] == SUPPORTED
+    assert verdict["mde"] == 0.0056 and verdict["n"] == 100 and verdict["sesoi"] == pytest.approx(0.005)
+    assert verdict["n_needed"] == pytest.approx(((1.96 + 0.8416) * 0.02 / 0.005) ** 2, rel=0.02)
+
+
+def test_c2_needs_evidence_against_a_gain_to_refute():
     assert c2_ood_improves(build(improved=SHIFTS[:4]))["verdict"] == SUPPORTED
     assert c2_ood_improves(build(improved=SHIFTS[:2]))["verdict"] == INCONCLUSIVE
-    verdict = c2_ood_improves(build())
-    assert verdict["verdict"] == REFUTED and "0/6" in verdict["evidence"]
+    verdict = c2_ood_improves(build())  # every shift: gain CI [-0.01, 0.01] excludes δ = 0.05 of NMSE 1
+    assert verdict["verdict"] == REFUTED and "gain on 0/6" in verdict["evidence"]
+    wide = build()
+    for s in SHIFTS:
+        wide["protocols"]["target"]["delta"][s] = row(0.0, -0.2, 0.2)  # no significant change, CI too wide
+    verdict = c2_ood_improves(wide)
+    assert verdict["verdict"] == INCONCLUSIVE and verdict["numbers"]["undecided"] == SHIFTS
 
 
 def test_c3_compares_distortion_with_the_noise_floor():

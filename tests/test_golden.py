@@ -29,15 +29,20 @@ TESTBED = ["model.n_layer=3", "model.n_embd=16", "train.steps=20", "train.warmup
 N_BOOTSTRAP = 200
 MISSING = object()
 # path prefixes whose value may differ from db3a827, and why
+DECISIVE = {
+    "/claims/C1": "C1 and C2 need evidence (an equivalence bound against the smallest effect of interest, or a "
+                  "significant opposite effect) to be refuted; otherwise inconclusive with the detectable effect",
+    "/claims/C2": "as C1",
+}
 CHANGED = {
-    "lm": {
+    "lm": {**DECISIVE,
         "/model/name": "the model folder's path is the test's temporary folder",
         "/claims/C5": "norm matching at the last prompt token now runs on text (C5 had only its sweep half)",
         "/claims/C9": "the weight-pruning control now runs on text (C9 was inconclusive by construction)",
         "/interventions/wide/norm_matching": "norm matching at the last prompt token now runs on text",
         "shrinkage_slope": "a regression slope means nothing for multiple-choice answers; no longer reported",
     },
-    "testbed": {},
+    "testbed": DECISIVE,
 }
 
 

@@ -361,3 +361,19 @@ def test_matching_hooks_are_removed_after_an_error() -> None:
             assert not no_hooks(lm)
             raise RuntimeError("boom")
     assert no_hooks(lm) and torch.equal(lm.run(batch).predictions, before)
+
+
+def test_sleb_with_prefix_rounds_selects_and_scores_as_plain_passes() -> None:
+    """SLEB through tapioca.prune resumes candidates from recorded block inputs (PrefixRounds over the prompts'
+    own tokens): the same label-free scores and the same blocks as scoring every candidate from scratch."""
+    import tapioca
+
+    lm, task = tiny_lm(True), mc_task(n=40)
+    kw = dict(target="wide", metric="loglik", n_select=12, batch_size=4, n_remove=2, progress=False)
+    fast = tapioca.prune(lm, task, "sleb", **kw)
+    plain = tapioca.prune(lm, task, "sleb", prefix_cache=False, **kw)
+    assert fast.removed == plain.removed
+    for a, b in zip(fast.rounds, plain.rounds):
+        assert a["candidates"].keys() == b["candidates"].keys()
+        for k in a["candidates"]:
+            assert a["candidates"][k] == pytest.approx(b["candidates"][k], rel=1e-4, abs=1e-5)

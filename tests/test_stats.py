@@ -85,7 +85,16 @@ def test_paired_bootstrap_constant_shift_random_floats() -> None:
 def test_paired_bootstrap_all_zero_deltas() -> None:
     a = np.array([0.2, 0.5, 0.9])
     res = paired_bootstrap(a, a.copy())
-    assert res.to_dict() == {"mean": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0, "n": 3}
+    assert res.to_dict() == {"mean": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0, "n": 3, "low_tost": 0.0,
+                             "high_tost": 0.0, "sd": 0.0, "mde": 0.0}
+
+
+def test_tost_interval_is_the_narrower_one_and_mde_follows_the_formula() -> None:
+    rng = np.random.default_rng(4)
+    d = rng.normal(0.1, 1.0, 400)
+    res = paired_bootstrap(d, np.zeros(400), n_resamples=4000)
+    assert res.low < res.low_tost < res.mean < res.high_tost < res.high  # 90 % inside 95 %
+    assert res.mde == pytest.approx((1.959964 + 0.841621) * d.std(ddof=1) / np.sqrt(400), rel=1e-5)
 
 
 def test_paired_bootstrap_clear_shift_covers_truth() -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import yaml
+
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -39,7 +42,7 @@ def test_study_writes_every_step_and_the_results(finished):
             assert (out / "pruning" / f"seed{seed}" / f"tale-{dist}.json").is_file()
             assert (out / "evaluation" / f"seed{seed}" / f"target-{dist}.npz").is_file()
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert set(results["protocols"]) == {"target", "from-id"}
+    assert set(results["protocols"]) == {"target", "from-id", "in-sample"}
     assert set(results["protocols"]["target"]["delta"]) == {"id", "x_scale_3", "degree_4"}
     assert set(results["quality"]["references_id_nmse"]) == {"least_squares", "knn", "mean"}
     assert results["quality"]["references_id_nmse"]["least_squares"] < 1e-6
@@ -162,3 +165,33 @@ def test_step_progress_counts_every_seeds_steps_across_threads():
     threads = study.SeedThreads(3)
     threads.map(lambda seed: [steps.done(seed, s) for s in ("model", "prune", "evaluate")], [0, 1, 2])
     assert steps.bar.n == 9
+
+
+def test_both_protocols_optimism_and_robust_summaries_are_reported(finished):
+    _, out, results = finished
+    inside, held = results["protocols"]["in-sample"]["delta"], results["protocols"]["target"]["delta"]
+    assert set(inside) == set(held) == {"id", "x_scale_3", "degree_4"}
+    for dist, row in results["optimism"].items():
+        assert row["metric"] == "nmse" and row["n_in_sample"] == 2 * 32 and row["n_held_out"] == 2 * 32
+        # optimism = in-sample gain − held-out gain; the gains are −Δ NMSE (lower is better)
+        assert row["in_sample"] == pytest.approx(-inside[dist]["nmse"]["mean"])
+        assert row["held_out"] == pytest.approx(-held[dist]["nmse"]["mean"])
+        assert row["mean"] == pytest.approx(row["in_sample"] - row["held_out"])
+        assert row["low"] <= row["mean"] <= row["high"] and row["null_q95"] >= row["null_mean"]
+    for dist, row in results["robust"].items():
+        assert row["median_full"] > 0 and len(row["dominant"]) == 5
+        assert sum(d["share"] for d in row["dominant"]) <= 1.0 + 1e-9
+    assert set(results["claims_in_sample"]) == {"C1", "C2"}
+    assert results["paper_pattern"]["sentence"].startswith("Under the paper's protocol")
+    for claim in ("C1", "C2"):
+        assert "mde" in results["claims"][claim] and "n_needed" in results["claims"][claim]
+    candidates = np.load(out / "evaluation" / "seed0" / "in-sample-candidates.npz")
+    assert candidates["degree_4"].shape == (3, 32)  # one row per one-block removal, one column per example
+
+
+def test_a_run_dir_written_before_a_config_key_existed_still_resumes(finished):
+    cfg, out, _ = finished
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["evaluation"]["placebo_draws"]  # as written by a tapioca without that key
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    study.prepare_run_dir(cfg, out)  # no "different config" error: the missing key takes its default

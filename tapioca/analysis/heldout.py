@@ -19,14 +19,15 @@ from tapioca.tasks.base import measured
 
 
 class HeldoutRuns:
-    """``runs(removed, dists)`` -> the held-out :class:`Evaluation` of ``wl.model`` with ``removed`` skipped,
-    on ``n`` examples of sampling seed ``seed`` per distribution. Keeps the full model's block inputs for the
+    """``runs(removed, dists)`` -> the :class:`Evaluation` of ``wl.model`` with ``removed`` skipped, on ``n``
+    examples of ``role`` (default the held-out split; "select" gives in-sample scores) of sampling seed ``seed``
+    per distribution. Keeps the full model's block inputs for the
     most recent distribution only (memory: blocks × n × tokens × width floats, capped by ResumedRuns); group
     calls by distribution for the most reuse."""
 
-    def __init__(self, wl: Any, seed: int, n: int) -> None:
+    def __init__(self, wl: Any, seed: int, n: int, role: str = "heldout") -> None:
         check_split_size(n, "evaluation.n_heldout")
-        self.wl, self.seed, self.n = wl, seed, n
+        self.wl, self.seed, self.n, self.role = wl, seed, n, role
         self.memo: dict[tuple[str, tuple[int, ...]], Evaluation] = {}
         self._dist: str | None = None
         self._split: Any = None
@@ -47,7 +48,7 @@ class HeldoutRuns:
             gates = removal_gates(key[1])
             runs = self._load(dist)
             if runs is None:
-                self.memo[key] = self.wl.evaluate_generated(gates or None, dist, self.seed, self.n)
+                self.memo[key] = self.wl.evaluate_generated(gates or None, dist, self.role, self.seed, self.n)
             else:
                 self.memo[key] = measured(self.wl, self._split, runs(gates).predictions.cpu(), dist, self.seed)
         return self.memo[key]
@@ -58,7 +59,7 @@ class HeldoutRuns:
         if dist != self._dist:
             self._earlier_passes = self.runs
             self._dist, self._split, self._current = None, None, None  # nothing stale survives a failure below
-            self._split = self.wl.heldout_split(dist, self.seed, self.n)
+            self._split = self.wl.split(dist, self.role, self.seed, self.n)
             if self._split is not None:
                 self._current = ResumedRuns(self._split.model, self._split.batch, self.wl.sizes.eval_chunk)
             self._dist = dist

@@ -9,8 +9,10 @@ deterministic given ``seed``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from typing import Any, Union
 
 import numpy as np
@@ -111,13 +113,19 @@ def _group_codes(groups: Any, n: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DeltaCI:
-    """Mean difference with a percentile bootstrap CI and two-sided bootstrap p-value."""
+    """Mean difference with a percentile bootstrap CI and two-sided bootstrap p-value; ``low_tost`` /
+    ``high_tost``: the (1 − 2α) interval of an equivalence (TOST) test at the same α; ``sd``: standard
+    deviation of the per-example differences; ``mde``: minimal detectable effect (two-sided α, power 0.8)."""
 
     mean: float
     low: float
     high: float
     p_value: float
     n: int
+    low_tost: float = float("nan")
+    high_tost: float = float("nan")
+    sd: float = float("nan")
+    mde: float = float("nan")
 
     def to_dict(self) -> dict[str, float | int]:
         """Return the fields as a plain dict."""
@@ -238,14 +246,56 @@ def paired_bootstrap(
     d = a_arr - b_arr
     codes, n_resamples, confidence = _prepare_bootstrap(d, groups, n_resamples, confidence)
     n = int(d.shape[0])
+    sd = float(d.std(ddof=1)) if n > 1 else 0.0
+    power = dict(sd=sd, mde=minimal_detectable_effect(sd, n, confidence))
     if np.all(d == d[0]):
         # Constant differences: the bootstrap distribution is a point mass.
         c = float(d[0])
         p = 1.0 if c == 0.0 else min(1.0, 2.0 / (n_resamples + 1))
-        return DeltaCI(mean=c, low=c, high=c, p_value=p, n=n)
+        return DeltaCI(mean=c, low=c, high=c, p_value=p, n=n, low_tost=c, high_tost=c, **power)
     stats = _bootstrap_means(d, codes, n_resamples, seed)
     low, high = _percentile_interval(stats, confidence)
-    return DeltaCI(mean=float(d.mean()), low=low, high=high, p_value=_two_sided_p(stats), n=n)
+    low_tost, high_tost = _percentile_interval(stats, 1.0 - 2.0 * (1.0 - confidence))
+    return DeltaCI(mean=float(d.mean()), low=low, high=high, p_value=_two_sided_p(stats), n=n, low_tost=low_tost,
+                   high_tost=high_tost, **power)
+
+
+_POWER = 0.8
+
+
+def _z(q: float) -> float:
+    return NormalDist().inv_cdf(q)
+
+
+def minimal_detectable_effect(sd: float, n: int, confidence: float = 0.95, power: float = _POWER) -> float:
+    """Smallest true mean difference a paired two-sided test at level 1 − ``confidence`` detects with
+    ``power``: (z_{1−α/2} + z_power) · sd / √n (REFERENCE §9)."""
+    if n < 1:
+        return float("inf")
+    return (_z(1 - (1 - confidence) / 2) + _z(power)) * sd / math.sqrt(n)
+
+
+def n_needed(sd: float, effect: float, confidence: float = 0.95, power: float = _POWER) -> int:
+    """Examples a paired test needs to detect a true mean difference ``effect`` with ``power``."""
+    if effect <= 0 or not math.isfinite(effect):
+        return 0
+    return max(2, math.ceil(((_z(1 - (1 - confidence) / 2) + _z(power)) * sd / effect) ** 2))
+
+
+def difference_of_means(
+    a: Any, b: Any, *, groups_a: Any = None, groups_b: Any = None, n_resamples: int = 10_000,
+    confidence: float = 0.95, seed: int | None = 0,
+) -> DeltaCI:
+    """mean(a) − mean(b) for independent samples a (n,) and b (m,), each resampled on its own (stratified by
+    its groups); percentile CI and two-sided bootstrap p-value."""
+    a_arr, b_arr = _as_1d_finite("a", a), _as_1d_finite("b", b)
+    codes_a, n_resamples, confidence = _prepare_bootstrap(a_arr, groups_a, n_resamples, confidence)
+    codes_b = None if groups_b is None else _group_codes(groups_b, b_arr.shape[0])
+    stats = (_bootstrap_means(a_arr, codes_a, n_resamples, seed)
+             - _bootstrap_means(b_arr, codes_b, n_resamples, None if seed is None else seed + 1))
+    low, high = _percentile_interval(stats, confidence)
+    return DeltaCI(mean=float(a_arr.mean() - b_arr.mean()), low=low, high=high, p_value=_two_sided_p(stats),
+                   n=int(a_arr.shape[0] + b_arr.shape[0]))
 
 
 def bootstrap_mean_ci(

@@ -56,6 +56,7 @@ class SearchContext:
     keep_bytes: int = KEEP_BYTES  # TALE prefix reuse: memory for kept block inputs (PrefixRounds)
     where: str = ""  # names model and data in errors, e.g. "model runs/m0 on distribution x_scale_3 (selection)"
     unlabelled_scorer: Scorer | None = None  # SLEB: gates -> label-free per-example scores (B,), higher is better
+    unlabelled_rounds: Any = None  # SLEB: a PrefixRounds over the unlabelled inputs (same scores, prefix reuse)
 
 
 @dataclass

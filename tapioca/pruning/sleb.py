@@ -35,12 +35,14 @@ def sleb_search(ctx: SearchContext) -> PruneResult:
     n_blocks = ctx.model.n_blocks
     if isinstance(ctx.n_remove, bool) or not isinstance(ctx.n_remove, int) or not 1 <= ctx.n_remove <= n_blocks:
         raise ConfigError(f"pruning.n_remove: {ctx.n_remove!r} is not allowed; expected 1..{n_blocks}")
+    prefix = ctx.unlabelled_rounds  # PrefixRounds over the unlabelled inputs: the same means, less compute
     mean = lambda removed: float(ctx.unlabelled_scorer(removal_gates(removed)).double().mean())  # noqa: E731
-    label_free = [mean([])]  # before any removal, then after each
+    label_free = [prefix.base([]) if prefix is not None else mean([])]  # before any removal, then after each
     removed: list[int] = []
     rounds: list[dict[str, Any]] = []
     for _ in tqdm(range(ctx.n_remove), disable=not ctx.progress, desc="SLEB rounds", leave=False):
-        candidates = {b: mean([*removed, b]) for b in range(n_blocks) if b not in removed}
+        todo = [b for b in range(n_blocks) if b not in removed]
+        candidates = prefix(removed, todo) if prefix is not None else {b: mean([*removed, b]) for b in todo}
         chosen = max(candidates, key=lambda b: (candidates[b], -b))
         rounds.append({"removed_before": list(removed), "candidates": {str(b): s for b, s in candidates.items()},
                        "chosen": chosen, "score": candidates[chosen]})

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from tapioca.analysis import stats
 from tapioca.analysis.evaluation import HIGHER_IS_BETTER
+from tapioca.config import EvaluationConfig
 
 SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
 ID_MARGIN_RELATIVE = 0.01  # C1: a held-out ID change within ±1% of the full model's NMSE counts as "no change"
@@ -61,38 +63,117 @@ def spearman_with_p(x: list[float], y: list[float], n_perm: int = 10_000, seed: 
     return rho, float((np.sum(np.abs(perms) >= abs(rho) - 1e-12) + 1) / (n_perm + 1))
 
 
-def c1_no_id_benefit(results: dict) -> dict:
-    """Supported unless TALE selected on ID improves the held-out ID score significantly by more than the
-    margin (NMSE: 1% of the full model's; accuracy-type metrics: 1 point)."""
+def smallest_effect(results: dict, metric: str, full_mean: float) -> float:
+    """The smallest effect of interest on ``metric``: a share of the full model's mean for error metrics
+    (``evaluation.smallest_effect_relative``), points for accuracy-type ones (``..._points``); fixed in the
+    config before any result."""
+    default = EvaluationConfig()  # run directories written before the setting existed
+    sesoi = results.get("smallest_effect") or {"relative": default.smallest_effect_relative,
+                                               "points": default.smallest_effect_points}
+    return sesoi["points"] if HIGHER_IS_BETTER[metric] else sesoi["relative"] * abs(full_mean)
+
+
+def gain_interval(row: dict, metric: str) -> dict[str, float]:
+    """A delta row (pruned − full) as a *gain* (positive = better): mean, CI and TOST interval, negated for
+    lower-is-better metrics (rows without a TOST interval fall back to the CI, which is wider)."""
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    low, high = sorted((sign * row["low"], sign * row["high"]))
+    low_t, high_t = sorted((sign * row.get("low_tost", row["low"]), sign * row.get("high_tost", row["high"])))
+    return {"mean": sign * row["mean"], "low": low, "high": high, "low_tost": low_t, "high_tost": high_t}
+
+
+def _power(row: dict, delta: float, confidence: float = 0.95) -> dict[str, Any]:
+    """MDE at 80 % power for the row's n, and the n that would detect the smallest effect of interest."""
+    sd, n = row.get("sd", float("nan")), row.get("n")
+    return {"mde": row.get("mde"), "n": n, "sesoi": delta,
+            "n_needed": stats.n_needed(sd, delta, confidence) if sd == sd and n else None}
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) and x == x else "n/a"
+
+
+def _verdict_with_power(verdict: str, evidence: str, power: dict[str, Any], **numbers: Any) -> dict[str, Any]:
+    out = _verdict(verdict, evidence, **numbers)
+    out.update(power)
+    return out
+
+
+def c1_no_id_benefit(results: dict, protocol: str = "target") -> dict:
+    """"Task-aware pruning gives no ID benefit", with the ID-selected search under ``protocol`` (held-out
+    "target", or "in-sample": the paper's protocol). Let δ be the smallest effect of interest.
+    Supported when the data exclude a gain as large as δ (the upper end of the TOST (1 − 2α) interval of the
+    gain is below +δ; a significant loss also means no benefit). Refuted when the whole CI of the gain lies
+    above +δ. Otherwise inconclusive, with the minimal detectable effect."""
     metric = primary_metric(results)
-    row = results["protocols"]["target"]["delta"]["id"][metric]
-    if HIGHER_IS_BETTER[metric]:
-        margin = ID_MARGIN_POINTS
-        gain = row["low"] > margin  # the whole CI above +margin
-    else:
-        margin = ID_MARGIN_RELATIVE * row["full"]
-        gain = row["high"] < -margin  # lower is better: the whole CI below -margin
-    ci = f"Δ {metric} {row['mean']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] (full {row['full']:.4f})"
-    if gain:
-        return _verdict(REFUTED, f"target=ID improves held-out ID: {ci}", **row, margin=margin)
-    return _verdict(SUPPORTED, f"no ID benefit beyond ±{margin:.4f}: {ci}", **row, margin=margin)
+    row = results["protocols"][protocol]["delta"]["id"][metric]
+    delta = smallest_effect(results, metric, row["full"])
+    gain, power = gain_interval(row, metric), _power(row, delta)
+    ci = (f"ID gain in {metric} {gain['mean']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}] "
+          f"(full {row['full']:.4f}; δ {delta:.4f}; MDE {_fmt(power['mde'])} at n={power['n']})")
+    numbers = dict(row, margin=delta)
+    if gain["low"] > delta:
+        return _verdict_with_power(REFUTED, f"selecting on ID improves ID by more than δ: {ci}", power, **numbers)
+    if gain["high_tost"] < delta:
+        return _verdict_with_power(SUPPORTED, f"no ID gain as large as δ: {ci}", power, **numbers)
+    return _verdict_with_power(INCONCLUSIVE, f"cannot exclude an ID gain of δ (underpowered: MDE "
+                               f"{_fmt(power['mde'])} at n={power['n']}, n≈{power['n_needed']} needed): {ci}",
+                               power, **numbers)
 
 
-def c2_ood_improves(results: dict) -> dict:
-    """Supported if TALE (target protocol) improves the held-out score (CI excludes 0, Holm) on a majority of shifts,
-    refuted if on none, inconclusive otherwise; from-ID counts are reported beside."""
-    shifts = _shifts(results)
-    target = results["protocols"]["target"]["delta"]
+def shift_outcomes(results: dict, protocol: str = "target") -> dict[str, str]:
+    """Per shift under ``protocol``: "gain" (CI excludes 0 on the good side, Holm), "worse" (likewise on the bad
+    side), "no gain ≥ δ" (the TOST interval's upper end is below +δ) or "undecided"."""
+    metric = primary_metric(results)
+    delta_rows = results["protocols"][protocol]["delta"]
+    out = {}
+    for s in _shifts(results):
+        row = delta_rows[s][metric]
+        if row["improved"]:
+            out[s] = "gain"
+        elif row["worse"]:
+            out[s] = "worse"
+        elif gain_interval(row, metric)["high_tost"] < smallest_effect(results, metric, row["full"]):
+            out[s] = "no gain ≥ δ"
+        else:
+            out[s] = "undecided"
+    return out
+
+
+def c2_ood_improves(results: dict, protocol: str = "target") -> dict:
+    """"Task-aware pruning improves OOD", target-selected searches under ``protocol``. Supported when a
+    majority of shifts gain significantly (Holm). Refuted when a majority show evidence against a gain (a
+    significant loss, or an equivalence bound excluding a gain of δ) and none gains. Otherwise inconclusive,
+    naming the undecided shifts and their minimal detectable effects. from-ID counts are reported beside."""
+    metric = primary_metric(results)
+    outcomes = shift_outcomes(results, protocol)
+    shifts = list(outcomes)
+    rows = results["protocols"][protocol]["delta"]
+    better = [s for s, o in outcomes.items() if o == "gain"]
+    against = [s for s, o in outcomes.items() if o in ("worse", "no gain ≥ δ")]
+    undecided = [s for s, o in outcomes.items() if o == "undecided"]
     from_id = results["protocols"]["from-id"]["delta"]
-    metric = primary_metric(results)
-    better = _improved_shifts(results)
-    worse = [s for s in shifts if target[s][metric]["worse"]]
     better_from_id = [s for s in shifts if from_id[s][metric]["improved"]]
-    verdict = SUPPORTED if len(better) > len(shifts) / 2 else REFUTED if not better else INCONCLUSIVE
-    evidence = (f"improved on {len(better)}/{len(shifts)} shifts ({', '.join(better) or 'none'}), worse on "
-                f"{len(worse)}; from-ID selection improved {len(better_from_id)}/{len(shifts)}")
-    return _verdict(verdict, evidence, improved=better, worse=worse, improved_from_id=better_from_id,
-                    n_shifts=len(shifts))
+    mdes = [rows[s][metric].get("mde") for s in shifts if rows[s][metric].get("mde") is not None]
+    power = {"mde": float(np.median(mdes)) if mdes else None, "n": rows[shifts[0]][metric].get("n") if shifts else None,
+             "sesoi": None, "n_needed": None}
+    if undecided:
+        needed = [_power(rows[s][metric], smallest_effect(results, metric, rows[s][metric]["full"]))["n_needed"]
+                  for s in undecided]
+        power["n_needed"] = max((n for n in needed if n), default=None)
+    if len(better) > len(shifts) / 2:
+        verdict = SUPPORTED
+    elif not better and len(against) > len(shifts) / 2:
+        verdict = REFUTED
+    else:
+        verdict = INCONCLUSIVE
+    evidence = (f"gain on {len(better)}/{len(shifts)} shifts ({', '.join(better) or 'none'}); evidence against a "
+                f"gain on {len(against)} ({sum(o == 'worse' for o in outcomes.values())} significantly worse); "
+                f"undecided {len(undecided)}" + (f" (median MDE {power['mde']:.4f} at n={power['n']}; "
+                                                  f"n≈{power['n_needed']} needed for δ)" if undecided and mdes else "")
+                + f"; from-ID selection gained on {len(better_from_id)}/{len(shifts)}")
+    return _verdict_with_power(verdict, evidence, power, improved=better, against=against, undecided=undecided,
+                               outcomes=outcomes, improved_from_id=better_from_id, n_shifts=len(shifts))
 
 
 def c3_ood_distorts(results: dict) -> dict:
@@ -303,5 +384,34 @@ CLAIMS = {"C1": c1_no_id_benefit, "C2": c2_ood_improves, "C3": c3_ood_distorts, 
 
 
 def verdicts(results: dict) -> dict[str, dict]:
-    """All claims' verdicts for a results.json dict."""
+    """All claims' verdicts for a results.json dict (held-out protocol)."""
     return {name: rule(results) for name, rule in CLAIMS.items()}
+
+
+def verdicts_in_sample(results: dict) -> dict[str, dict]:
+    """C1 and C2 under the paper's own protocol: selected and scored on the same selection examples."""
+    if "in-sample" not in results["protocols"]:
+        return {}
+    return {"C1": c1_no_id_benefit(results, "in-sample"), "C2": c2_ood_improves(results, "in-sample")}
+
+
+def paper_pattern(results: dict) -> dict[str, Any]:
+    """Whether the paper's pattern (no ID gain, OOD gain: C1 and C2 supported) appears under its own protocol
+    (in-sample) and whether it survives on held-out examples, in one sentence."""
+    held = results["claims"]
+    inside = results.get("claims_in_sample") or verdicts_in_sample(results)
+    def pattern(v: dict) -> bool:
+        return bool(v) and v["C1"]["verdict"] == SUPPORTED and v["C2"]["verdict"] == SUPPORTED
+    def gains(protocol: str) -> str:
+        outcomes = shift_outcomes(results, protocol)
+        return f"{sum(o == 'gain' for o in outcomes.values())}/{len(outcomes)} shifts gain"
+    in_sample, held_out = pattern(inside), pattern(held)
+    if not inside:
+        sentence = (f"Held out, the paper's pattern (no ID gain, OOD gain) {'appears' if held_out else 'does not appear'}"
+                    f" ({gains('target')}); the in-sample protocol was not computed by this run.")
+    else:
+        sentence = (f"Under the paper's protocol (selected and scored on the same examples) the pattern — no ID gain, "
+                    f"OOD gain — {'appears' if in_sample else 'does not appear'} ({gains('in-sample')}); on held-out "
+                    f"examples it {'survives' if held_out else 'does not survive' if in_sample else 'does not appear either'}"
+                    f" ({gains('target')}).")
+    return {"in_sample": in_sample, "held_out": held_out, "sentence": sentence}

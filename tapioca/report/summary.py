@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
+
+from tapioca.report.headline import findings
 
 
 def _removed(by_seed: dict[str, list[int]]) -> str:
@@ -21,18 +24,24 @@ def format_quality(results: dict[str, Any]) -> str:
             f"(per seed {', '.join(f'{v:.4f}' for v in m['per_seed'].values())}); references: {refs}")
 
 
+def _p(x: Any) -> str:
+    return f"{x:8.3g}" if isinstance(x, (int, float)) else f"{'—':>8}"
+
+
 def format_protocol(results: dict[str, Any], protocol: str, metric: str = "nmse") -> str:
-    """One row per distribution: full vs pruned held-out score, Δ with CI, Holm p, blocks removed."""
+    """One row per distribution: full vs pruned score, Δ with CI, Holm p, blocks removed (in-sample: the paper's
+    protocol, scored on the selection examples the blocks were chosen on)."""
     delta = results["protocols"][protocol]["delta"]
-    removed = results["removed"][protocol]
-    lines = [f"protocol {protocol} — held-out {metric} (Δ = pruned − full, paired bootstrap CI, Holm over shifts)",
+    removed = results["removed"]
+    split = "in-sample (selection examples)" if protocol == "in-sample" else "held-out"
+    lines = [f"protocol {protocol} — {split} {metric} (Δ = pruned − full, paired bootstrap CI, Holm over shifts)",
              f"{'distribution':>14} {'full':>10} {'pruned':>10} {'Δ':>10} {'CI':>23} {'p_holm':>8}  verdict   removed"]
     for dist, row in delta.items():
         d = row[metric]
         verdict = "better" if d["improved"] else "worse" if d["worse"] else "same"
-        blocks = removed[dist] if protocol == "target" else removed
+        blocks = removed["from-id"] if protocol == "from-id" else removed["target"][dist]
         lines.append(f"{dist:>14} {d['full']:10.4f} {d['pruned']:10.4f} {d['mean']:+10.4f} "
-                     f"[{d['low']:+9.4f},{d['high']:+9.4f}] {d['p_holm']:8.3g}  {verdict:8}  {_removed(blocks)}")
+                     f"[{d['low']:+9.4f},{d['high']:+9.4f}] {_p(d.get('p_holm'))}  {verdict:8}  {_removed(blocks)}")
     return "\n".join(lines)
 
 
@@ -50,10 +59,18 @@ def format_geometry(results: dict[str, Any]) -> str:
 
 
 def format_claims(results: dict[str, Any]) -> str:
-    """The verdict table: one line per claim, plus the reviewer's "what would settle it" case if it occurred."""
-    lines = ["claims (REFERENCE §1)"]
+    """The verdict table: one line per claim, its in-sample verdict and power where present, plus the reviewer's
+    "what would settle it" case if it occurred."""
+    lines = ["claims (REFERENCE §1; held-out verdicts)"]
+    in_sample = results.get("claims_in_sample") or {}
     for name, claim in results["claims"].items():
         lines.append(f"  {name} {claim['verdict']:>12}  {claim['evidence']}")
+        if name in in_sample:
+            lines.append(f"  {'':2} {'':>12}  in-sample verdict: {in_sample[name]['verdict']} "
+                         f"({in_sample[name]['evidence']})")
+        if claim.get("mde") is not None:
+            lines.append(f"  {'':2} {'':>12}  MDE at 80% power {claim['mde']:.4g} (n = {claim.get('n', '?')}); "
+                         f"n needed for the smallest effect of interest: {claim.get('n_needed', '—')}")
         if claim.get("settle_case"):
             lines.append(f"  {'':2} {'':>12}  WHAT WOULD SETTLE IT: {claim['settle_case']}")
     return "\n".join(lines)
@@ -76,10 +93,11 @@ def format_scales(results: dict[str, Any]) -> str:
 def format_summary(results: dict[str, Any]) -> str:
     if "full" not in results and "scales" in results:
         return format_scales(results)
-    parts = [format_quality(results)]
-    for protocol in results["protocols"]:
+    parts = [textwrap.fill("findings: " + findings(results), 110), format_quality(results)]
+    for protocol, data in results["protocols"].items():
         for metric in ("acc",) if results.get("kind") == "lm" else ("nmse", "tol_acc"):
-            parts.append(format_protocol(results, protocol, metric))
+            if all(metric in row for row in data["delta"].values()):
+                parts.append(format_protocol(results, protocol, metric))
     if "geometry" in results:
         parts.append(format_geometry(results))
     if "claims" in results:

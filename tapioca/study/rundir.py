@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from tapioca.analysis.evaluation import Evaluation
 from tapioca.api import resolve_device
-from tapioca.config import Config, read_yaml, to_dict
+from tapioca.config import Config, read_yaml, to_dict, with_defaults
 from tapioca.errors import CheckpointError, TapiocaError
 from tapioca.io import environment, read_json, write_json, write_yaml
 
@@ -143,8 +143,8 @@ def prepare_run_dir(cfg: Config, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     resolved = to_dict(cfg)
-    if config_path.is_file():
-        previous = read_yaml(config_path)
+    if config_path.is_file():  # keys added to tapioca since that run take their defaults there
+        previous = with_defaults(read_yaml(config_path))
         if {k: v for k, v in previous.items() if k != "run"} != {k: v for k, v in resolved.items() if k != "run"}:
             raise CheckpointError(f"{str(out)!r} holds a run with a different config; use another --out or delete it")
     write_yaml(config_path, resolved)

@@ -20,14 +20,15 @@ import torch
 from tapioca.analysis.evaluation import Evaluation, compare
 from tapioca.analysis.geometry import Profile, distortion, profile, query_states
 from tapioca.analysis.heldout import HeldoutRuns
+from tapioca.analysis.optimism import optimism, oriented, placebo_null, robust_summary
 from tapioca.api import prune, resolve_device
 from tapioca.config import Config
-from tapioca.io import write_json
+from tapioca.io import save_arrays, write_json
 from tapioca.models.gates import removal_gates
 from tapioca.models.icl import ICLModel, load_model
 from tapioca.models.training import find_pretrained, is_trained, train
 from tapioca.pruning.searches import PruneResult
-from tapioca.report.claims import verdicts
+from tapioca.report.claims import paper_pattern, verdicts, verdicts_in_sample
 from tapioca.study import controls
 from tapioca.study.rundir import (
     Log, SeedThreads, StepProgress, Timer, cached_evaluation, cached_json, prepare_run_dir, seed_workers,
@@ -46,6 +47,9 @@ class SeedOutputs:
     from_id: Evaluation
     target: Evaluation
     profiles: dict
+    full_in: Evaluation  # in-sample: the full model on each distribution's selection examples
+    target_in: Evaluation  # in-sample: each target-pruned model on the examples it was selected on
+    candidates: dict[str, np.ndarray]  # per distribution: one-block removals' in-sample gains (L, n_select)
     methods: dict[str, dict[str, Evaluation]] = field(default_factory=dict)
     causal: dict[str, dict] = field(default_factory=dict)
 
@@ -76,7 +80,8 @@ def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True,
 
 def seed_steps(cfg: Config) -> list[str]:
     """The per-seed steps, in order (the progress bar counts them)."""
-    return ["model", "prune", "evaluate", "geometry", *(("comparisons", "interventions") if cfg.geometry.controls else ())]
+    return ["model", "prune", "evaluate", "in-sample", "geometry",
+            *(("comparisons", "interventions") if cfg.geometry.controls else ())]
 
 
 def open_workloads(cfg: Config, out: Path, timer: Timer, progress: bool, log: Log) -> Callable[[int], Workload]:
@@ -129,10 +134,13 @@ def run_seed(cfg: Config, wl: Workload, seed: int, out: Path, timer: Timer, step
         full, from_id, target = evaluations(wl, searches, runs, out / "evaluation" / f"seed{seed}",
                                             controls.pending_baselines(baselines, out / "controls" / f"seed{seed}"))
     steps.done(seed, "evaluate")
+    with timer("in-sample"):
+        full_in, target_in, candidates = in_sample(cfg, wl, seed, searches, out / "evaluation" / f"seed{seed}")
+    steps.done(seed, "in-sample")
     with timer("geometry"):
         profiles = cached_json(out / "geometry" / f"seed{seed}.json", lambda: seed_profiles(wl, seed, searches))
     steps.done(seed, "geometry")
-    outputs = SeedOutputs(searches, full, from_id, target, profiles)
+    outputs = SeedOutputs(searches, full, from_id, target, profiles, full_in, target_in, candidates)
     if cfg.geometry.controls:
         with timer("comparisons"):
             outputs.methods = controls.comparisons(cfg, wl, seed, searches, baselines, full, out, runs)
@@ -182,6 +190,32 @@ def evaluations(wl: Workload, searches: dict[str, PruneResult], runs: HeldoutRun
     return ev["full.npz"], ev["from-id.npz"], Evaluation.concat([ev[f"target-{d}.npz"] for d in dists])
 
 
+def in_sample(cfg: Config, wl: Workload, seed: int, searches: dict[str, PruneResult],
+              folder: Path) -> tuple[Evaluation, Evaluation, dict[str, np.ndarray]]:
+    """The paper's protocol: the full model and each target-pruned model scored (held-out metrics) on the very
+    selection examples the search chose on; and, for the placebo null of the selection optimism, every
+    one-block removal's per-example gain in the primary metric on them, (L, n_select) per distribution (not
+    computed where a split is scored by generation, or with evaluation.placebo_draws 0). Cached in ``folder``."""
+    dists, n = wl.distributions, wl.sizes.n_select
+    runs = HeldoutRuns(wl, seed, n, role="select")
+    full = cached_evaluation(folder / "in-sample-full.npz", lambda: runs([], dists))
+    target = cached_evaluation(folder / "in-sample-target.npz",
+                               lambda: Evaluation.concat([runs(searches[d].removed, [d]) for d in dists]))
+    path = folder / "in-sample-candidates.npz"
+    if not path.is_file():
+        gains = {}
+        if cfg.evaluation.placebo_draws and wl.split("id", "select", seed, n) is not None:
+            metric, up = wl.primary_metric, wl.metrics[wl.primary_metric]
+            for d in dists:
+                base = runs.one([], d).values[d][metric]
+                gains[d] = np.stack([oriented(base, runs.one([b], d).values[d][metric], up)
+                                     for b in range(wl.model.n_blocks)])
+        save_arrays(path, gains)
+    with np.load(path, allow_pickle=False) as data:
+        candidates = {k: data[k] for k in data.files}
+    return full, target, candidates
+
+
 def seed_profiles(wl: Workload, seed: int, searches: dict[str, PruneResult]) -> dict:
     """Norm and pairwise-distance profiles of every distribution for the full model, the target-protocol
     pruned model (on its target and on ID) and the from-id pruned model; plus a second, disjoint ID sample
@@ -225,6 +259,8 @@ def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) 
     def delta(pruned: Evaluation) -> dict:
         return compare(full, pruned, dists, ev.n_bootstrap, ev.confidence, wl.metrics)
 
+    full_in = Evaluation.concat([o.full_in for o in per_seed.values()])
+    target_in = Evaluation.concat([o.target_in for o in per_seed.values()])
     results: dict[str, Any] = {
         "kind": wl.kind,
         **wl.describe(),
@@ -232,7 +268,12 @@ def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) 
         "quality": wl.quality(full, list(per_seed), ev.n_bootstrap, ev.confidence),
         "full": summary(full),
         "protocols": {"target": {"delta": delta(target), "pruned": summary(target)},
-                      "from-id": {"delta": delta(from_id), "pruned": summary(from_id)}},
+                      "from-id": {"delta": delta(from_id), "pruned": summary(from_id)},
+                      "in-sample": {"delta": compare(full_in, target_in, dists, ev.n_bootstrap, ev.confidence,
+                                                     wl.metrics),
+                                    "pruned": summary(target_in), "full": summary(full_in)}},
+        "optimism": selection_optimism(cfg, wl, per_seed, full_in, target_in, full, target),
+        "smallest_effect": {"relative": ev.smallest_effect_relative, "points": ev.smallest_effect_points},
         "removed": {"target": {d: {s: searches[int(s)][d].removed for s in seeds} for d in dists},
                     "from-id": {s: searches[int(s)]["id"].removed for s in seeds}},
         "selection_metric": wl.selection_metric,
@@ -243,9 +284,28 @@ def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) 
         results["comparisons"] = controls.comparison_table(cfg, wl, full, target,
                                                            {s: o.methods for s, o in per_seed.items()}, searches)
         results["interventions"] = intervention_table({s: o.causal for s, o in per_seed.items()})
+    if wl.regression:
+        results["robust"] = {d: robust_summary(full, target, d, wl.primary_metric, ev.n_bootstrap, ev.confidence)
+                             for d in dists}
     results.update(wl.extra_results(full, target, from_id))
     results["claims"] = verdicts(results)
+    results["claims_in_sample"] = verdicts_in_sample(results)
+    results["paper_pattern"] = paper_pattern(results)
     return results
+
+
+def selection_optimism(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs], full_in: Evaluation,
+                       target_in: Evaluation, full: Evaluation, target: Evaluation) -> dict[str, dict]:
+    """Per distribution: in-sample and held-out gain of the target-protocol search in the primary metric, the
+    optimism between them with its CI, and the placebo null (see :mod:`tapioca.analysis.optimism`)."""
+    ev, metric = cfg.evaluation, wl.primary_metric
+    out = {}
+    for d in wl.distributions:
+        diffs = [o.candidates[d] for o in per_seed.values() if d in o.candidates]
+        null = placebo_null(diffs, ev.placebo_draws) if ev.placebo_draws and len(diffs) == len(per_seed) else None
+        out[d] = optimism(full_in, target_in, full, target, d, metric, wl.metrics[metric], null,
+                          ev.n_bootstrap, ev.confidence)
+    return out
 
 
 def intervention_table(causal: dict[int, dict[str, dict]]) -> dict:

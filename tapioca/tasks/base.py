@@ -42,13 +42,16 @@ class Sizes:
 class Selection:
     """One split ready for a search. ``model`` runs ``batch``; ``scorer(gates)`` gives per-example scores (B,),
     higher is better; ``score_predictions(predictions, batch)`` (when scores come from one forward pass) lets
-    TALE reuse the residual stream; ``unlabelled`` scores the model's own loss on the inputs alone (no labels)."""
+    TALE reuse the residual stream; ``unlabelled`` scores the model's own loss on the inputs alone (no labels),
+    and ``unlabelled_parts`` (model, batch, predictions -> scores), when given, lets a label-free greedy search
+    reuse the residual stream the same way."""
 
     model: BlockModel
     batch: Any
     scorer: Scorer
     score_predictions: PredictionScorer | None = None
     unlabelled: Scorer | None = None
+    unlabelled_parts: tuple[BlockModel, Any, PredictionScorer] | None = None
 
 
 @dataclass
@@ -89,12 +92,13 @@ class Workload(Protocol):
         """``n`` examples of ``role`` of ``dist`` (sampling seed ``seed``), scored with ``metric``."""
         ...
 
-    def heldout_split(self, dist: str, seed: int, n: int) -> ScoredSplit | None:
-        """The held-out split when its metrics come from one forward pass, else None (e.g. generation)."""
+    def split(self, dist: str, role: str, seed: int, n: int) -> ScoredSplit | None:
+        """``n`` examples of ``role`` ("heldout", or "select" for in-sample scores) of ``dist`` with the held-out
+        metrics, when they come from one forward pass; else None (e.g. scored by generation)."""
         ...
 
-    def evaluate_generated(self, gates: Gates | None, dist: str, seed: int, n: int) -> Evaluation:
-        """Held-out evaluation of a split :meth:`heldout_split` cannot give (e.g. scored by generation)."""
+    def evaluate_generated(self, gates: Gates | None, dist: str, role: str, seed: int, n: int) -> Evaluation:
+        """Evaluation (held-out metrics) of a split :meth:`split` cannot give (e.g. scored by generation)."""
         ...
 
     def inputs(self, dist: str, seed: int, n: int) -> Any:
@@ -127,11 +131,11 @@ class Workload(Protocol):
         ...
 
 
-def evaluate(wl: Workload, gates: Gates | None, dist: str, seed: int, n: int) -> Evaluation:
-    """Held-out :class:`Evaluation` of ``wl.model`` with ``gates`` on ``n`` examples of ``dist`` (one seed)."""
-    split = wl.heldout_split(dist, seed, n)
+def evaluate(wl: Workload, gates: Gates | None, dist: str, seed: int, n: int, role: str = "heldout") -> Evaluation:
+    """:class:`Evaluation` of ``wl.model`` with ``gates`` on ``n`` examples of ``role`` of ``dist`` (one seed)."""
+    split = wl.split(dist, role, seed, n)
     if split is None:
-        return wl.evaluate_generated(gates, dist, seed, n)
+        return wl.evaluate_generated(gates, dist, role, seed, n)
     preds = run_in_chunks(split.model, split.batch, gates, capture=False, chunk=wl.sizes.eval_chunk).predictions
     return measured(wl, split, preds.cpu(), dist, seed)
 

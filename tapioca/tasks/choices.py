@@ -353,6 +353,14 @@ def prompt_batch(model: HFModel, prompts: Sequence[str]) -> tuple[TokenBatch, Te
     return batch, torch.argsort(order)
 
 
+def prompt_loglik_parts(model: HFModel, prompts: list[str]) -> tuple[TokenBatch, PredictionScorer]:
+    """The prompts' own tokens as one batch and ``predictions -> (N,)`` mean log-likelihood per token of each
+    prompt (in the batch's row order): what a search resuming from recorded block inputs needs."""
+    batch, _ = prompt_batch(model, prompts)
+    counts = batch.target_mask.sum(1).double()
+    return batch, lambda predictions, b: predictions.double().cpu() / counts
+
+
 def prompt_loglik_scorer(model: HFModel, prompts: list[str], chunk: int) -> Scorer:
     """Label-free scorer (gates -> (N,) float64, higher is better): the mean log-likelihood per token of each
     prompt text under the gated model, every token after the first scored (no answer is used; SLEB's

@@ -73,12 +73,12 @@ class TestbedWorkload:
                          lambda preds, b: self.task.score(preds, b, metric),
                          unlabelled=context_error_scorer(self.model, batch, chunk))
 
-    def heldout_split(self, dist: str, seed: int, n: int) -> ScoredSplit:
-        batch = self.task.data(dist, "heldout", seed, n)
+    def split(self, dist: str, role: str, seed: int, n: int) -> ScoredSplit:
+        batch = self.task.data(dist, role, seed, n)
         return ScoredSplit(self.model, batch, lambda preds: (self.task.metrics(preds, batch), preds, batch.query_y))
 
-    def evaluate_generated(self, gates: Gates | None, dist: str, seed: int, n: int) -> Evaluation:
-        raise NotImplementedError("every testbed split is scored from one forward pass (heldout_split)")
+    def evaluate_generated(self, gates: Gates | None, dist: str, role: str, seed: int, n: int) -> Evaluation:
+        raise NotImplementedError("every testbed split is scored from one forward pass (split)")
 
     def inputs(self, dist: str, seed: int, n: int) -> Any:
         return self.task.data(dist, "reference", seed, n)

@@ -28,7 +28,7 @@ from tapioca.models.install import MODELS, installed_path
 from tapioca.tasks.base import ScoredSplit, Selection, Sizes
 from tapioca.tasks.choices import (
     ChoiceModel, ChoiceReplica, check_metric, choice_batch, choice_metrics, choice_table, lm_selection,
-    prompt_loglik_scorer, task_choices,
+    prompt_loglik_parts, prompt_loglik_scorer, task_choices,
 )
 from tapioca.tasks.text import TextTask, TextTaskConfig, score_short_answer
 
@@ -108,12 +108,13 @@ class TextWorkload:
                            chunk=self.sizes.select_chunk, length_normalize=self.length_normalize,
                            max_new_tokens=self.max_new_tokens)
         return Selection(sel.model, sel.batch, sel.scorer, sel.score_predictions,
-                         unlabelled=prompt_loglik_scorer(self.model, sel.prompts, self.sizes.select_chunk))
+                         unlabelled=prompt_loglik_scorer(self.model, sel.prompts, self.sizes.select_chunk),
+                         unlabelled_parts=(self.model, *prompt_loglik_parts(self.model, sel.prompts)))
 
-    def heldout_split(self, dist: str, seed: int, n: int) -> ScoredSplit | None:
+    def split(self, dist: str, role: str, seed: int, n: int) -> ScoredSplit | None:
         if self.task.kind != "multiple_choice":
             return None
-        examples = self.task.data(dist, "heldout", seed, n)
+        examples = self.task.data(dist, role, seed, n)
         conts, labels = task_choices(examples, self.task.cfg.mc_format)
         batch = choice_batch(self.model, self.task.prompts(examples, seed), conts, labels, self.length_normalize)
 
@@ -124,10 +125,10 @@ class TextWorkload:
 
         return ScoredSplit(ChoiceModel(self.model), batch, measure)
 
-    def evaluate_generated(self, gates: Gates | None, dist: str, seed: int, n: int) -> Evaluation:
+    def evaluate_generated(self, gates: Gates | None, dist: str, role: str, seed: int, n: int) -> Evaluation:
         """Short answer: greedy generation checked by the task; predictions / targets are the extracted / gold
         answers as numbers (NaN when not a number)."""
-        examples = self.task.data(dist, "heldout", seed, n)
+        examples = self.task.data(dist, role, seed, n)
         confidences: list[np.ndarray] = []
 
         def generate(texts: list[str], max_new_tokens: int) -> list[str]:
