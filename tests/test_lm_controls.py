@@ -11,7 +11,7 @@ from tapioca.errors import ConfigError, DataError
 from tapioca.models.icl import ICLModel
 from tapioca.models.packing import pack_spans
 from tapioca.models.gates import gated, removal_gates
-from tapioca.models.hf import HFModel, TokenBatch
+from tapioca.models.hf import HFModel, common_prefix, TokenBatch
 from tapioca.pruning.searches import SearchContext, get_search
 from tapioca.pruning.sleb import sleb_search
 from tapioca.pruning.weights import (block_parameter_count, input_norms, magnitude_prune, n_prunable,
@@ -45,12 +45,13 @@ def token_batch(lm: HFModel, shared: bool = True) -> TokenBatch:
     return lm.tokenize([SHARED * shared + p for p in PROMPTS], CONTINUATIONS)
 
 
-def manual_mean_loglik(lm: HFModel, prompt: str, gates=None) -> float:
-    """Mean log p of each token after the first of one prompt, from a plain forward pass."""
+def manual_mean_loglik(lm: HFModel, prompt: str, gates=None, start: int = 0) -> float:
+    """Mean log p of each token after position ``start`` (the first token of the prompt's own text, after what
+    every prompt shares) of one prompt, from a plain forward pass."""
     ids = torch.tensor([lm.tokenizer(prompt)["input_ids"]])
     with torch.no_grad(), gated(lm.blocks, gates):
         logp = lm.model(input_ids=ids).logits.float().log_softmax(-1)
-    return float(logp[0, :-1].gather(-1, ids[0, 1:, None]).mean())
+    return float(logp[0, start:-1].gather(-1, ids[0, start + 1:, None]).mean())
 
 
 def state_bytes(module: torch.nn.Module) -> dict[str, bytes]:
@@ -71,7 +72,11 @@ def test_prompt_loglik_is_each_prompts_mean_token_loglik_in_every_layout(name: s
     prompts = [SHARED + p for p in PROMPTS]
     for gates in ({}, {1: 0.0, 2: 0.5}):
         got = prompt_loglik_scorer(lm, prompts, chunk=3)(gates)
-        want = torch.tensor([manual_mean_loglik(lm, p, gates) for p in prompts], dtype=torch.float64)
+        rows = [lm.tokenizer(p)["input_ids"] for p in prompts]
+        shared = common_prefix(rows)  # the demonstrations every prompt shares are not the prompt's own text
+        assert shared >= len(lm.tokenizer(SHARED)["input_ids"]) - 1
+        want = torch.tensor([manual_mean_loglik(lm, p, gates, min(shared, len(r) - 2)) for p, r in zip(prompts, rows)],
+                            dtype=torch.float64)
         assert got.dtype == torch.float64 and got.shape == (4,) and close(got, want)
 
 

@@ -100,7 +100,7 @@ def _sliding_window(cfg: Any) -> int | None:
     return int(window)
 
 
-def _common_prefix(rows: list[list[int]]) -> int:
+def common_prefix(rows: list[list[int]]) -> int:
     """Length of the longest token prefix that every row starts with."""
     length = min(len(r) for r in rows)
     for k in range(length):
@@ -495,7 +495,7 @@ class HFModel:
         window = _sliding_window(text_config(self.model))
         fits_window = window is None or max(len(r) for r in rows) + max_new_tokens <= window
         if self.share_prefix and len(rows) > 1 and fits_window:  # else padding in between would take window slots
-            shared = min(_common_prefix(rows), min(len(r) for r in rows) - 1)
+            shared = min(common_prefix(rows), min(len(r) for r in rows) - 1)
         if shared < self.min_shared:
             ids, mask = _pad(rows, self.pad_id, left=True)
             return ids.to(self.device), mask.to(self.device), None

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tapioca.errors import ConfigError, DataError
 from tapioca.models.base import BlockModel, RunOutput, run_in_chunks
 from tapioca.models.gates import Gates
-from tapioca.models.hf import HFModel, TokenBatch
+from tapioca.models.hf import HFModel, TokenBatch, common_prefix
 from tapioca.pruning.parallel import HFReplica
 from tapioca.pruning.searches import PredictionScorer, PruneResult, Scorer
 from tapioca.tasks.text import TextExample, TextTask, continuations, score_short_answer
@@ -338,16 +338,20 @@ def prune_lm(
 
 
 def prompt_batch(model: HFModel, prompts: Sequence[str]) -> tuple[TokenBatch, Tensor]:
-    """The prompts' own tokens as targets: a :class:`TokenBatch` whose query is each row's first token and
-    whose targets are all the others, rows sorted longest first; and the row of each prompt, (N,)."""
+    """The prompts' own tokens as targets: a :class:`TokenBatch` whose query is each row's first token after
+    the tokens every prompt shares (few-shot demonstrations, which come from ID, not from the distribution
+    whose unlabelled text is scored) and whose targets are the tokens after it, rows sorted longest first; and
+    the row of each prompt, (N,). Prompts that share nothing are scored from their second token on."""
     tokens = model.tokenize(prompts)
     lengths = tokens.attention_mask.sum(1)
     short = (lengths < 2).nonzero().flatten().tolist()
     if short:
         raise DataError(f"prompts {short} have fewer than 2 tokens; a prompt's log-likelihood needs a token to "
                          "condition on and one to score")
-    query = torch.zeros(len(tokens), dtype=torch.long)
-    target = (torch.arange(tokens.input_ids.shape[1]) > 0) & tokens.attention_mask.bool()
+    rows = [ids[:n].tolist() for ids, n in zip(tokens.input_ids, lengths)]
+    shared = common_prefix(rows) if len(rows) > 1 else 0
+    query = torch.clamp(torch.full((len(tokens),), shared), max=lengths - 2)  # every row keeps one target
+    target = (torch.arange(tokens.input_ids.shape[1])[None, :] > query[:, None]) & tokens.attention_mask.bool()
     order = torch.argsort(lengths, descending=True, stable=True)
     batch = TokenBatch(tokens.input_ids, tokens.attention_mask, query, target).take(order)
     return batch, torch.argsort(order)
