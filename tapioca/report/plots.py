@@ -19,6 +19,9 @@ METRIC_LABELS = {"nmse": "NMSE", "tol_acc": "tolerance accuracy"}
 METHOD_ORDER = ("tale", "block_influence", "angular", "last_k", "random", "distortion", "magnitude", "wanda")
 N_RELIABILITY_BINS = 15
 DPI = 100
+IN_SAMPLE = "in-sample"  # the paper's protocol: blocks selected and scored on the same selection examples
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # t quantile 0.975, df 1..10
+
 
 def _num(x: Any, signed: bool = False) -> str:
     """A number with 4 significant digits ('—' for None / NaN)."""
@@ -139,14 +142,15 @@ def plot_scores(results: dict, metric: str) -> Figure | None:
     dists = list(results["full"])
     if not protocols or not dists or metric not in results["full"][dists[0]]:
         return None
-    fig = _figure(max(6.0, 0.55 * len(dists) * len(protocols) + 2), 7.0)
+    fig = _figure(max(6.0, len(protocols) * max(3.2, 0.55 * len(dists) + 1)), 7.0)
     axes = fig.subplots(2, len(protocols), squeeze=False)
     x = np.arange(len(dists))
     for col, protocol in enumerate(protocols):
-        pruned = results["protocols"][protocol].get("pruned", {})
-        delta = results["protocols"][protocol].get("delta", {})
+        data = results["protocols"][protocol]
+        pruned, delta = data.get("pruned", {}), data.get("delta", {})
+        full = data.get("full") or results["full"]  # in-sample: the full model on the selection examples
         top, bottom = axes[0, col], axes[1, col]
-        for offset, label, source, color in ((-0.2, "full", results["full"], "#4c72b0"),
+        for offset, label, source, color in ((-0.2, "full", full, "#4c72b0"),
                                              (0.2, "pruned", pruned, "#dd8452")):
             entries = [_dig(source, d, metric) or {} for d in dists]
             means = [e.get("mean", np.nan) for e in entries]
@@ -154,7 +158,8 @@ def plot_scores(results: dict, metric: str) -> Figure | None:
             top.bar(x + offset, means, 0.4, yerr=errs, capsize=2, label=label, color=color)
         if _lower_is_better(metric):
             top.set_yscale("log")
-        top.set_title(f"protocol {protocol}: held-out {METRIC_LABELS.get(metric, metric)}")
+        split = "selection examples" if protocol == IN_SAMPLE else "held-out"
+        top.set_title(f"{protocol}\n{split} {METRIC_LABELS.get(metric, metric)}", fontsize=10)
         top.legend(fontsize=8)
         rows = [_delta_view(_dig(delta, d, metric) or {}, metric) for d in dists]
         for i, r in enumerate(rows):
@@ -162,7 +167,7 @@ def plot_scores(results: dict, metric: str) -> Figure | None:
             bottom.errorbar([i], [r["mean"]], yerr=np.array(_err(r)).reshape(2, 1), fmt="o", color=color, capsize=3)
         bottom.axhline(0, color="black", lw=0.8)
         bottom.set_ylabel(_delta_unit(metric), fontsize=8)
-        bottom.set_title("Δ (pruned − full), 95% CI; green better, red worse (Holm)", fontsize=10)
+        bottom.set_title("Δ (pruned − full), 95% CI\ngreen better, red worse (Holm)", fontsize=9)
         for ax in (top, bottom):
             ax.set_xticks(x, dists, rotation=45, ha="right", fontsize=8)
     return fig
@@ -286,48 +291,119 @@ def plot_distortion_vs_drop(results: dict) -> Figure | None:
     return fig
 
 
-def _sweep_mean(by_seed: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Seed-mean (alpha, score, D) of a residual-scaling sweep."""
-    points: dict[float, list[tuple[float, float]]] = {}
+def t975(df: int) -> float:
+    """Student-t 0.975 quantile: exact table to df 10, Cornish-Fisher expansion beyond (error < 0.005)."""
+    if df <= len(T975):
+        return T975[max(df, 1) - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def seed_interval(values: Iterable[float]) -> tuple[float, float, float, int]:
+    """(mean, low, high, n) of per-seed values: a t-based 95% interval across seeds (NaN bounds below 2 seeds)."""
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    if v.size < 2:
+        return float(v[0]), float("nan"), float("nan"), 1
+    half = t975(v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half), int(v.size)
+
+
+def sweep_stats(by_seed: dict | None, key: str) -> dict[str, np.ndarray] | None:
+    """A residual-scaling sweep's ``key`` ("score" or "D") per α across seeds: alpha, mean, low, high and the
+    number of seeds n (interval: :func:`seed_interval`)."""
+    points: dict[float, list[float]] = {}
     for rows in (by_seed or {}).values():
         for r in rows or []:
             if isinstance(r, dict) and "alpha" in r:
-                points.setdefault(float(r["alpha"]), []).append((r.get("score", np.nan), r.get("D", np.nan)))
+                points.setdefault(float(r["alpha"]), []).append(r.get(key, np.nan))
     if not points:
         return None
-    alphas = np.array(sorted(points))
-    score = np.array([np.nanmean([s for s, _ in points[a]]) for a in alphas])
-    dist = np.array([np.nanmean([d for _, d in points[a]]) for a in alphas])
-    return alphas, score, dist
+    alphas = sorted(points)
+    rows = np.array([seed_interval(points[a]) for a in alphas], dtype=float).reshape(-1, 4)
+    return {"alpha": np.array(alphas), "mean": rows[:, 0], "low": rows[:, 1], "high": rows[:, 2],
+            "n": rows[:, 3].astype(int)}
+
+
+def sweep_seeds(interventions: dict) -> int:
+    """The most seeds any sweep of the run has."""
+    return max((len([r for r in by_seed.values() if r]) for row in interventions.values() if isinstance(row, dict)
+                for by_seed in (row.get("sweep_removed"), row.get("sweep_control")) if isinstance(by_seed, dict)),
+               default=0)
 
 
 def plot_interventions(results: dict) -> Figure | None:
-    """Score and D vs residual scale α of the removed blocks and of control blocks, per shift."""
+    """Score and D vs residual scale α of the removed blocks and of control blocks, per shift: the mean over
+    seeds with a t-based 95% interval across seeds (shaded); with one seed, the points themselves."""
     interventions = results.get("interventions")
     if not isinstance(interventions, dict):
         return None
     shifts = [s for s, v in interventions.items() if isinstance(v, dict)
-              and (_sweep_mean(v.get("sweep_removed")) or _sweep_mean(v.get("sweep_control")))]
+              and (sweep_stats(v.get("sweep_removed"), "score") or sweep_stats(v.get("sweep_control"), "score"))]
     if not shifts:
         return None
+    lm = results.get("kind") == "lm"
+    score = f"score ({results.get('selection_metric', 'score')})" if lm else "score (−NMSE)"
     fig = _figure(9.0, 2.5 * len(shifts) + 0.5)
     axes = fig.subplots(len(shifts), 2, squeeze=False)
     for row, shift in enumerate(shifts):
         for key, label, ls, color in (("sweep_removed", "TALE-removed blocks", "-", "#2471a3"),
                                       ("sweep_control", "control blocks", "--", "#dd8452")):
-            sweep = _sweep_mean(interventions[shift].get(key))
-            if sweep is None:
-                continue
-            alphas, score, dist = sweep
-            axes[row, 0].plot(alphas, score, ls=ls, marker="o", color=color, label=label)
-            axes[row, 1].plot(alphas, dist, ls=ls, marker="o", color=color, label=label)
-        axes[row, 0].set_ylabel(f"{shift}\nscore (−NMSE)", fontsize=9)
+            for col, value in enumerate(("score", "D")):
+                band = sweep_stats(interventions[shift].get(key), value)
+                if band is None:
+                    continue
+                ax, one = axes[row, col], int(band["n"].max()) < 2
+                name = f"{label} (1 seed: points, no interval)" if one else f"{label} (mean, 95% CI over seeds)"
+                ax.plot(band["alpha"], band["mean"], ls="none" if one else ls, marker="o", color=color, label=name)
+                if not one:
+                    ax.fill_between(band["alpha"], band["low"], band["high"], color=color, alpha=0.18, lw=0)
+        axes[row, 0].set_ylabel(f"{shift}\n{score}", fontsize=9)
         axes[row, 1].set_ylabel("D", fontsize=9)
         axes[row, 0].legend(fontsize=6)
     axes[0, 0].set_title("OOD score vs α (higher is better)")
     axes[0, 1].set_title("distortion D vs α")
     for ax in axes[-1]:
         ax.set_xlabel("residual scale α (1 = full, 0 = removed)")
+    return fig
+
+
+def realignment_pairs(results: dict) -> dict[str, list[tuple[float, float]]]:
+    """Per shift: (D full, D target-pruned) of every seed where TALE removed a block (C4's cases)."""
+    per_seed = _dig(results, "geometry", "D_per_seed") or {}
+    removed = _dig(results, "removed", "target") or {}
+    out: dict[str, list[tuple[float, float]]] = {}
+    for shift in _shifts(results):
+        for seed, rows in per_seed.items():
+            full, pruned = _dig(rows, shift, "full"), _dig(rows, shift, "target_pruned")
+            if full is not None and pruned is not None and _dig(removed, shift, seed):
+                out.setdefault(shift, []).append((float(full), float(pruned)))
+    return out
+
+
+def plot_realignment(results: dict) -> Figure | None:
+    """C4: distortion D of each shift before (full) and after target-protocol pruning, one line per seed where
+    TALE removed blocks (blue: D fell, red: D rose), with the ID-vs-ID noise floor."""
+    pairs = realignment_pairs(results)
+    if not pairs:
+        return None
+    fig = _figure(max(5.5, 1.3 * len(pairs) + 2), 3.8)
+    ax = fig.subplots()
+    for i, shift in enumerate(pairs):
+        for full, pruned in pairs[shift]:
+            ax.plot([i - 0.15, i + 0.15], [full, pruned], marker="o", ms=4,
+                    color="#2471a3" if pruned < full else "#c0392b")
+    floor = _dig(results, "geometry", "D_mean", "noise_floor", "full")
+    if floor is not None:
+        ax.axhline(floor, color="grey", ls="--", lw=0.8, label=f"noise floor D = {floor:.3g}")
+        ax.legend(fontsize=8)
+    values = [v for rows in pairs.values() for p in rows for v in p]
+    if min(values) > 0 and max(values) / min(values) > 30:
+        ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(pairs)), [f"{s}\nfull → pruned" for s in pairs], fontsize=8)
+    ax.set_ylabel("distortion D (OOD vs ID profiles)")
+    ax.set_title("D before → after pruning, one line per seed (blue: fell, red: rose)", fontsize=10)
     return fig
 
 
@@ -457,6 +533,7 @@ def make_plots(results: dict, profiles: dict[int, dict], ev: Evaluation | None) 
         **{f"scores_{m}.png": (lambda m=m: plot_scores(results, m)) for m in _metrics(results)},
         "methods.png": lambda: plot_methods(results),
         "profiles.png": lambda: plot_profiles(results, profiles),
+        "realignment.png": lambda: plot_realignment(results),
         "distortion_vs_drop.png": lambda: plot_distortion_vs_drop(results),
         "interventions.png": lambda: plot_interventions(results),
         "reliability.png": lambda: plot_reliability(results, ev),

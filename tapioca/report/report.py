@@ -1,8 +1,10 @@
 """A study's report: PNG plots, ``report.md`` and a self-contained ``report.html``.
 
 Reads only the run directory (``results.json``, ``config.yaml``, ``environment.json``, ``timings.json``,
-``geometry/seed*.json`` and ``evaluation/seed*/full.npz``); never loads or runs a model. Optional blocks of
-``results.json`` (``comparisons``, ``interventions``, ``claims``) are rendered when present.
+``geometry/seed*.json`` and ``evaluation/seed*/full.npz``); never loads or runs a model. The report leads with
+the answer (findings, verdict table, headline figure), then gives one section per claim C1–C9 with the plot
+and tables that decide it, then supporting detail, and ends with configuration, environment and timings.
+Optional blocks of ``results.json`` are rendered when present; an absent one is said to be not computed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import html
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import yaml
@@ -23,25 +25,18 @@ from tapioca.analysis.evaluation import Evaluation
 from tapioca.io import atomic_write_bytes
 from tapioca.study.scales import is_multi_scale
 from tapioca.report.scales_report import build_scales_report
-from tapioca.report.plots import (METHOD_ORDER, METRIC_LABELS, _ci, _dig, _lower_is_better, _main_metric, _metrics, _num,
-                           _outcome, _p, _png, _removed_text, _shifts, _spearman, distortion_drop, make_plots)
+from tapioca.report.headline import (CLAIMS, NOT_COMPUTED, findings, headline_caption, plot_headline, primary,
+                                     verdict_table)
+from tapioca.report.plots import (IN_SAMPLE, METHOD_ORDER, METRIC_LABELS, _ci, _dig, _lower_is_better, _main_metric,
+                                  _metrics, _num, _outcome, _p, _png, _removed_text, _shifts, _spearman,
+                                  distortion_drop, make_plots, sweep_seeds)
 
 __all__ = ["write_report", "build_report", "load_results"]
 
 REQUIRED_KEYS = ("quality", "full", "protocols")
-CLAIMS = {
-    "C1": "task-aware pruning gives no ID benefit",
-    "C2": "task-aware pruning improves OOD",
-    "C3": "OOD inputs distort the layer-wise norm / pairwise-distance profiles",
-    "C4": "pruning realigns OOD profiles toward ID",
-    "C5": "the realignment is causal",
-    "C6": "consistent across model scales",
-    "C7": "the gain is not 'tamer confidence'",
-    "C8": "the distortion metric predicts the OOD drop",
-    "C9": "the gain needs whole-layer removal (weight pruning gives no OOD gain)",
-}
 
-Block = tuple  # ("h", level, text) | ("p", text) | ("table", headers, rows) | ("img", file, caption)
+# ("h", level, text[, anchor]) | ("p", text[, css class]) | ("table", headers, rows) | ("img", file, caption)
+Block = tuple
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,13 +115,39 @@ def _config_value(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def section_header(results: dict, config: Any, environment: Any, timings: Any) -> list[Block]:
-    """Title, configuration summary, environment and timings."""
-    blocks: list[Block] = [("h", 1, "tapioca study report"),
-                           ("p", f"{len(_shifts(results))} shifts, {results.get('n_blocks', '?')} blocks per model, "
-                                 f"selection metric `{results.get('selection_metric', '?')}`. "
-                                 "Everything below is read from the run directory; no model is re-run.")]
-    blocks.append(("h", 2, "Configuration"))
+def _mde(d: dict) -> str:
+    return f"{_num(d['mde'])} (n = {d.get('n', '?')})" if d.get("mde") is not None else "—"
+
+
+def section_title(results: dict) -> list[Block]:
+    seeds = list(_dig(results, "quality", "model_id_nmse", "per_seed") or _dig(results, "quality", "model_id_acc",
+                                                                              "per_seed") or [])
+    return [("h", 1, "tapioca study report"),
+            ("p", f"{len(_shifts(results))} shift(s) · {results.get('n_blocks', '?')} blocks per model · "
+                  f"{len(seeds) or '?'} seed(s) · primary metric `{primary(results)}` · selection metric "
+                  f"`{results.get('selection_metric', '?')}`. Everything here is read from the run directory; no "
+                  "model is re-run.", "note")]
+
+
+def section_lead(results: dict, images: dict[str, bytes]) -> list[Block]:
+    """The first screen: findings, the verdict table and the headline figure."""
+    blocks: list[Block] = [("h", 2, "Findings", "findings"), ("p", findings(results), "lead"),
+                           *section_claims(results)]
+    if "headline.png" in images:
+        blocks.append(("img", "headline.png", headline_caption(results)))
+    else:
+        blocks.append(("p", f"Headline figure: no Δ of the primary metric in results.json ({NOT_COMPUTED})."))
+    return blocks
+
+
+def section_claims(results: dict) -> list[Block]:
+    """The verdict table for C1–C9 (held-out, in-sample, power)."""
+    return [("h", 2, "Verdicts", "verdicts"), *verdict_table(results)]
+
+
+def section_setup(results: dict, config: Any, environment: Any, timings: Any) -> list[Block]:
+    """Configuration, environment and timings: the last part of the report."""
+    blocks: list[Block] = [("h", 2, "Configuration")]
     if isinstance(config, dict):
         rows = []
         lm = results.get("kind") == "lm"
@@ -181,6 +202,11 @@ def section_quality(results: dict) -> list[Block]:
             ("table", ["predictor", "ID NMSE [95% CI]", "per seed"], rows)]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# one section per claim: its verdict, evidence, and the plot and tables that decide it
+# ----------------------------------------------------------------------------------------------------------
+
+
 def _claim_numbers(numbers: Any, limit: int = 8) -> str:
     if not isinstance(numbers, dict):
         return "—"
@@ -188,52 +214,175 @@ def _claim_numbers(numbers: Any, limit: int = 8) -> str:
     return ", ".join(f"{k} = {_num(v)}" for k, v in items[:limit]) or "—"
 
 
-def section_claims(results: dict) -> list[Block]:
-    """Verdict table for C1–C9, and any 'what would settle it' case printed plainly."""
-    claims = results.get("claims")
-    blocks: list[Block] = [("h", 2, "Claims C1–C9")]
-    headers = ["claim", "statement", "verdict", "evidence", "key numbers"]
-    if not isinstance(claims, dict):
-        blocks.append(("p", "results.json has no `claims` block: the claims were not assessed for this run."))
-        rows = [[cid, text, "not assessed", "—", "—"] for cid, text in CLAIMS.items()]
-        return blocks + [("table", headers, rows)]
-    ids = list(CLAIMS) + [c for c in claims if c not in CLAIMS]
-    rows, settle = [], []
-    for cid in ids:
-        c = claims.get(cid)
-        if not isinstance(c, dict):
-            rows.append([cid, CLAIMS.get(cid, ""), "not assessed", "—", "—"])
-            continue
-        rows.append([cid, CLAIMS.get(cid, ""), f"**{c.get('verdict', '?')}**", str(c.get("evidence") or "—"),
-                     _claim_numbers(c.get("numbers"))])
-        if c.get("settle_case"):
-            settle.append(("p", f"**What would settle it ({cid}):** {c['settle_case']}"))
-    return blocks + [("table", headers, rows)] + settle
+def claim_verdict(results: dict, cid: str) -> list[Block]:
+    """A claim's held-out verdict with its evidence, the in-sample verdict, key numbers, power and the
+    'what would settle it' case, as far as results.json has them."""
+    c = _dig(results, "claims", cid)
+    if not isinstance(c, dict):
+        return [("p", "**Verdict: not assessed** — results.json has no verdict for this claim.")]
+    blocks: list[Block] = [("p", f"**Held-out verdict: {c.get('verdict', '?')}.** {c.get('evidence') or ''}")]
+    inner = _dig(results, "claims_in_sample", cid)
+    if isinstance(inner, dict):
+        blocks.append(("p", f"**In-sample verdict (the paper's protocol): {inner.get('verdict', '?')}.** "
+                            f"{inner.get('evidence') or ''}"))
+    numbers = _claim_numbers(c.get("numbers"))
+    if numbers != "—":
+        blocks.append(("p", f"Key numbers: {numbers}.", "note"))
+    power = [f"minimal detectable effect at 80% power {_mde(c)}"] if c.get("mde") is not None else []
+    if c.get("n_needed") is not None:
+        sesoi = f" δ = {_num(c['sesoi'])}" if c.get("sesoi") is not None else ""
+        power.append(f"detecting the smallest effect of interest{sesoi} needs n = {c['n_needed']}")
+    if power:
+        blocks.append(("p", f"Power: {'; '.join(power)}.", "note"))
+    if c.get("settle_case"):
+        blocks.append(("p", f"**What would settle it ({cid}):** {c['settle_case']}"))
+    return blocks
 
 
-def section_protocols(results: dict) -> list[Block]:
-    """Per protocol and metric: full, pruned, Δ [CI], p, Holm p, outcome and blocks removed per seed."""
-    blocks: list[Block] = [("h", 2, "Pruning protocols (held-out)")]
+PROTOCOL_TEXT = {"target": "Blocks selected on each distribution's own selection split, scored on held-out examples.",
+                 "from-id": "Blocks selected on ID only, scored on held-out examples.",
+                 IN_SAMPLE: "The paper's protocol: blocks selected and scored on the same selection examples "
+                            "(optimistic: the winner's curse)."}
+
+
+def protocol_table(results: dict, protocol: str, metric: str) -> list[Block]:
+    """Per distribution: full, pruned, Δ [CI], p, Holm p, MDE, outcome and blocks removed per seed."""
+    delta = _dig(results, "protocols", protocol, "delta") or {}
+    if not any(isinstance(row.get(metric), dict) for row in delta.values()):
+        return []  # a metric without comparisons (confidence: no good side; see Calibration)
     removed = results.get("removed") or {}
+    power = any("mde" in (row.get(metric) or {}) for row in delta.values())
+    better = "lower" if _lower_is_better(metric) else "higher"
+    rows = []
+    for dist, row in delta.items():
+        d = row.get(metric) or {}
+        by_seed = removed.get("from-id") if protocol == "from-id" else _dig(removed, "target", dist)
+        rows.append([dist, _num(d.get("full")), _num(d.get("pruned")), _ci(d, signed=True), _p(d.get("p_value")),
+                     _p(d.get("p_holm")), *([_mde(d)] * power), _outcome(d), _removed_text(by_seed)])
+    headers = ["distribution", "full", "pruned", "Δ [95% CI]", "p", "Holm p", *(["MDE (n)"] * power), "outcome",
+               "blocks removed"]
+    return [("h", 3, f"Protocol `{protocol}` — {METRIC_LABELS.get(metric, metric)}"),
+            ("p", f"Δ = pruned − full ({better} is better); paired seed-stratified bootstrap 95% CI; Holm "
+                  f"correction across distributions. {PROTOCOL_TEXT.get(protocol, '')}"),
+            ("table", headers, rows)]
+
+
+def _img(images: dict, name: str, caption: str) -> list[Block]:
+    return [("img", name, caption)] if name in images else []
+
+
+def claim_c1(results: dict, images: dict) -> list[Block]:
+    metric = primary(results)
+    rows = []
     for protocol, data in results["protocols"].items():
-        delta = data.get("delta") or {}
-        for metric in _metrics(results):
-            if not any(isinstance(row.get(metric), dict) for row in delta.values()):
-                continue  # a metric without comparisons (confidence: no good side; see Calibration)
-            better = "lower" if _lower_is_better(metric) else "higher"
-            blocks.append(("h", 3, f"Protocol `{protocol}` — {METRIC_LABELS.get(metric, metric)}"))
-            blocks.append(("p", f"Δ = pruned − full ({better} is better); paired seed-stratified bootstrap "
-                                "95% CI; Holm correction across distributions. "
-                                + ("Blocks selected on each distribution's own selection split."
-                                   if protocol == "target" else "Blocks selected on ID only.")))
-            rows = []
-            for dist, row in delta.items():
-                d = row.get(metric) or {}
-                by_seed = _dig(removed, protocol, dist) if protocol == "target" else removed.get(protocol)
-                rows.append([dist, _num(d.get("full")), _num(d.get("pruned")), _ci(d, signed=True),
-                             _p(d.get("p_value")), _p(d.get("p_holm")), _outcome(d), _removed_text(by_seed)])
-            blocks.append(("table", ["distribution", "full", "pruned", "Δ [95% CI]", "p", "Holm p", "outcome",
-                                     "blocks removed"], rows))
+        d = _dig(data, "delta", "id", metric)
+        if isinstance(d, dict):
+            rows.append([protocol, _num(d.get("full")), _num(d.get("pruned")), _ci(d, signed=True),
+                         _p(d.get("p_holm")), _mde(d), _outcome(d)])
+    return [("p", f"The `id` rows of the headline figure and of the Δ plot under C2 decide C1: held-out ID "
+                  f"{METRIC_LABELS.get(metric, metric)} of the model pruned on ID, per protocol."),
+            ("table", ["protocol", "full", "pruned", "Δ [95% CI]", "Holm p", "MDE (n)", "outcome"], rows)]
+
+
+def claim_c2(results: dict, images: dict) -> list[Block]:
+    metric = primary(results)
+    name = f"scores_{metric}.png"
+    blocks = _img(images, name, PLOT_TEXT.get(name, ("", name))[1])
+    for protocol in results["protocols"]:
+        blocks += protocol_table(results, protocol, metric)
+    return blocks + section_optimism(results) + section_robust(results)
+
+
+def section_optimism(results: dict) -> list[Block]:
+    rows = results.get("optimism")
+    if not isinstance(rows, dict) or not rows:
+        return [("h", 3, "Optimism of the in-sample protocol"), ("p", f"Optimism: {NOT_COMPUTED}.")]
+    table = [[dist, METRIC_LABELS.get(r.get("metric"), r.get("metric", "?")), _num(r.get("in_sample"), True),
+              _num(r.get("held_out"), True), _ci(r, signed=True), _num(r.get("null_mean"), True),
+              _num(r.get("null_q95"), True)] for dist, r in rows.items() if isinstance(r, dict)]
+    return [("h", 3, "Optimism of the in-sample protocol"),
+            ("p", "Gains are oriented so that positive = pruning looks better. Optimism = in-sample gain − held-out "
+                  "gain (bootstrap 95% CI). Null: the in-sample gain of picking the best candidate block when none "
+                  "truly helps (its mean and 95% quantile); an in-sample gain below the null's 95% quantile is "
+                  "what selection alone produces."),
+            ("table", ["distribution", "metric", "in-sample gain", "held-out gain", "optimism [95% CI]",
+                       "null mean", "null 95% quantile"], table)]
+
+
+def section_robust(results: dict) -> list[Block]:
+    robust = results.get("robust")
+    if not isinstance(robust, dict) or not robust:
+        return []
+    rows = []
+    for dist, r in robust.items():
+        dominant = ", ".join(f"s{e.get('seed')}#{e.get('index')}: {100 * e.get('share', 0):.0f}%"
+                             for e in (r.get("dominant") or [])[:3] if isinstance(e, dict))
+        rows.append([dist, _num(r.get("median_full")), _num(r.get("median_pruned")),
+                     _ci(r.get("mean_log_ratio") or {}, signed=True), dominant or "—"])
+    return [("h", 3, "Robust summary"),
+            ("p", "A heavy-tailed error is summarised robustly: medians of the full and target-pruned model, the mean "
+                  "log ratio log(pruned / full) per example with a paired bootstrap 95% CI (< 0: pruning lowers the "
+                  "typical error), and the examples that dominate the full model's mean (seed#index: share)."),
+            ("table", ["distribution", "median full", "median pruned", "mean log ratio [95% CI]",
+                       "dominant examples"], rows)]
+
+
+def claim_c3(results: dict, images: dict) -> list[Block]:
+    return _img(images, "profiles.png", PLOT_TEXT["profiles.png"][1]) + section_geometry(results)
+
+
+def claim_c4(results: dict, images: dict) -> list[Block]:
+    if "realignment.png" not in images:
+        return [("p", "TALE removed no block on any shift: there is no realignment to show.")]
+    return _img(images, "realignment.png", PLOT_TEXT["realignment.png"][1])
+
+
+def claim_c5(results: dict, images: dict) -> list[Block]:
+    n = sweep_seeds(results.get("interventions") or {})
+    band = (f"mean over {n} seeds with a t-based 95% interval across seeds (shaded; t on {n - 1} degree(s) of "
+            "freedom, so few seeds give wide intervals)" if n >= 2 else "one seed: the points themselves, no interval")
+    caption = f"OOD score and D vs α for the TALE-removed blocks and control blocks; {band}."
+    blocks = _img(images, "interventions.png", caption)
+    return (blocks or [("p", f"Residual-scaling sweeps: {NOT_COMPUTED}.")]) + section_interventions(results)
+
+
+def claim_c6(results: dict, images: dict) -> list[Block]:
+    return [("p", "C6 compares C1–C4 across model scales; a multi-scale study (`scales:` in the config) decides it "
+                  "in its own report.")]
+
+
+def claim_c7(results: dict, images: dict) -> list[Block]:
+    blocks: list[Block] = []
+    for name in ("reliability.png", "calibration.png"):
+        blocks += _img(images, name, PLOT_TEXT[name][1])
+    full, pruned = results["full"], _dig(results, "protocols", "target", "pruned") or {}
+    rows = [[s, _num(_dig(full, s, "shrinkage_slope")), _num(_dig(pruned, s, "shrinkage_slope"))]
+            for s in _shifts(results) if _dig(full, s, "shrinkage_slope") is not None]
+    if rows:
+        blocks += [("p", "Prediction-shrinkage slope (1 = no shrinkage) of the full and the target-pruned model."),
+                   ("table", ["shift", "slope full", "slope pruned"], rows)]
+    return blocks + section_calibration(results)
+
+
+def claim_c8(results: dict, images: dict) -> list[Block]:
+    return (_img(images, "distortion_vs_drop.png", PLOT_TEXT["distortion_vs_drop.png"][1])
+            + _img(images, "attribution.png", PLOT_TEXT["attribution.png"][1]))
+
+
+def claim_c9(results: dict, images: dict) -> list[Block]:
+    blocks = _img(images, "methods.png", PLOT_TEXT["methods.png"][1]) + section_comparisons(results)
+    return blocks or [("p", f"Pruning-method controls: {NOT_COMPUTED}.")]
+
+
+CLAIM_SECTIONS = {"C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": claim_c5, "C6": claim_c6,
+                  "C7": claim_c7, "C8": claim_c8, "C9": claim_c9}
+
+
+def section_each_claim(results: dict, images: dict) -> list[Block]:
+    blocks: list[Block] = []
+    for cid, details in CLAIM_SECTIONS.items():
+        blocks += [("h", 2, f"{cid} — {CLAIMS[cid]}", cid.lower()), *claim_verdict(results, cid),
+                   *details(results, images)]
     return blocks
 
 
@@ -241,7 +390,7 @@ def section_geometry(results: dict) -> list[Block]:
     """Distortion D per shift for the full and pruned models, beside the ID-vs-ID noise floor."""
     mean = _dig(results, "geometry", "D_mean")
     if not isinstance(mean, dict):
-        return [("h", 2, "Geometry"), ("p", "results.json has no geometry block.")]
+        return [("h", 3, "Geometry"), ("p", "results.json has no geometry block.")]
     floor = _dig(mean, "noise_floor", "full")
     rows = [["ID vs ID (noise floor)", _num(floor), "1", "—", "—", "—", "—"]]
     for shift, row in mean.items():
@@ -259,7 +408,7 @@ def section_geometry(results: dict) -> list[Block]:
             "'vs full ID' compares the pruned OOD profile with the full model's ID profile.")
     if rho is not None:
         text += f" Spearman ρ between D (full) and the full model's OOD drop over {len(pairs)} shifts: {rho:.2f}."
-    return [("h", 2, "Geometry"), ("p", text),
+    return [("h", 3, "Geometry"), ("p", text),
             ("table", ["shift", "D full", "D / floor", "D target pruned", "Δ D (pruned − full)",
                        "D target pruned vs full ID", "D from-id pruned"], rows)]
 
@@ -279,7 +428,7 @@ def section_comparisons(results: dict) -> list[Block]:
             d = _dig(by_method, method, metric) or {}
             rows.append([shift, method, _num(d.get("full")), _num(d.get("pruned")), _ci(d, signed=True),
                          _p(d.get("p_holm")), _outcome(d)])
-    return [("h", 2, "Pruning methods compared"),
+    return [("h", 3, "Pruning methods compared"),
             ("p", f"Held-out {METRIC_LABELS.get(metric, metric)} per shift and method; Δ = pruned − full with "
                   "95% CI and Holm-corrected p."),
             ("table", ["shift", "method", "full", "pruned", "Δ [95% CI]", "Holm p", "outcome"], rows)]
@@ -297,7 +446,7 @@ def section_calibration(results: dict) -> list[Block]:
             rows.append([protocol, dist, full["n"],
                          *[f"{_num(full[k])} → {_num(pruned[k])} ({_num(row[f'delta_{k}'], signed=True)})"
                            for k in ("accuracy", "confidence", "ece", "brier")]])
-    return [("h", 2, "Calibration"),
+    return [("h", 3, "Calibration"),
             ("p", "Held-out calibration, full → pruned (Δ), seeds pooled. Confidence is the top choice's probability "
                   "(multiple choice) or the model's probability of its own greedy answer line (short answer); ECE "
                   "uses 15 equal-width bins; Brier is multi-class over choices (multiple choice) or binary on "
@@ -323,15 +472,36 @@ def section_interventions(results: dict) -> list[Block]:
             continue
         vals = [[v.get(k) for v in by_seed.values() if isinstance(v, dict) and v.get(k) is not None] for k in columns]
         rows.append([shift, *[_num(float(np.mean(v))) if v else "—" for v in vals]])
-    text = "Residual scaling of the removed blocks (α from 1 to 0) against control blocks is plotted below. "
+    text = "Residual scaling of the removed blocks (α from 1 to 0) against control blocks is plotted above. "
     text += ("Norm matching is not run on text (prompts differ in length). The table gives the OOD score of the "
              "sweep at α = 1 (full) and α = 0 (TALE's blocks removed) on the intervention prompts, mean over seeds."
              if lm else
              "Norm matching without pruning (scores are mean −NMSE, higher is better; mean over seeds): OOD states "
              "rescaled to ID norms, and the control that pushes ID states to OOD norms.")
-    blocks: list[Block] = [("h", 2, "Interventions"), ("p", text)]
+    blocks: list[Block] = [("h", 3, "Interventions"), ("p", text)]
     if rows:
         blocks.append(("table", ["shift", *columns.values()], rows))
+    return blocks
+
+
+def section_detail(results: dict, images: dict, placed: set[str]) -> list[Block]:
+    """Model quality, the protocols' tables for the other metrics, and any plot not shown with a claim."""
+    blocks = section_quality(results)
+    others = [m for m in _metrics(results) if m != primary(results)]
+    if others:
+        blocks.append(("h", 2, "Other metrics"))
+    for metric in others:
+        name = f"scores_{metric}.png"
+        blocks += _img(images, name, PLOT_TEXT.get(name, ("", name))[1])
+        placed.add(name)
+        for protocol in results["protocols"]:
+            blocks += protocol_table(results, protocol, metric)
+    rest = [n for n in images if n not in placed]
+    if rest:
+        blocks.append(("h", 2, "Other plots"))
+        for name in rest:
+            title, caption = PLOT_TEXT.get(name, (name, name))
+            blocks += [("h", 3, title), ("img", name, caption)]
     return blocks
 
 
@@ -340,18 +510,24 @@ def section_interventions(results: dict) -> list[Block]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-PLOT_TEXT = {  # file -> (section title, caption)
-    "scores_nmse.png": ("Held-out NMSE", "Held-out NMSE per distribution (log scale, 95% CI), full vs pruned, and Δ "
-                        "as % of the full model's NMSE, one column per protocol."),
-    "scores_tol_acc.png": ("Held-out tolerance accuracy", "Held-out tolerance accuracy per distribution (95% CI), "
-                           "full vs pruned, and Δ in percentage points, one column per protocol."),
+PLOT_TEXT = {  # file -> (title, caption)
+    "headline.png": ("Headline", "Δ of the primary metric per distribution, held-out and in-sample."),
+    "scores_nmse.png": ("Held-out NMSE", "NMSE per distribution (log scale, 95% CI), full vs pruned, and Δ "
+                        "as % of the full model's NMSE, one column per protocol (held-out except `in-sample`)."),
+    "scores_tol_acc.png": ("Held-out tolerance accuracy", "Tolerance accuracy per distribution (95% CI), full vs "
+                           "pruned, and Δ in percentage points, one column per protocol."),
+    "scores_acc.png": ("Held-out accuracy", "Accuracy per distribution (95% CI), full vs pruned, and Δ in "
+                       "percentage points, one column per protocol (held-out except `in-sample`)."),
     "methods.png": ("Pruning methods", "Δ held-out score by pruning method and shift (95% CI)."),
     "profiles.png": ("Layer-wise profiles", "Norm and pairwise-distance profiles at the query position (mean over "
                      "seeds): ID full, OOD full, OOD after target-protocol pruning."),
+    "realignment.png": ("Realignment", "Distortion D of each shift before and after target-protocol pruning, one "
+                        "line per seed where TALE removed blocks (blue: D fell, red: D rose); dashed: ID-vs-ID "
+                        "noise floor."),
     "distortion_vs_drop.png": ("Distortion vs OOD drop", "Distortion D of each shift (full model) against the full "
                                "model's OOD drop; dashed line: ID-vs-ID noise floor."),
     "interventions.png": ("Residual-scaling sweep", "OOD score and D vs α for the TALE-removed blocks and control "
-                          "blocks (mean over seeds)."),
+                          "blocks."),
     "reliability.png": ("Reliability / shrinkage", "Binned mean prediction vs binned target, 15 quantile bins (full "
                         "model, seeds pooled), with y = x and the shrinkage slope."),
     "calibration.png": ("Calibration", "Reliability diagrams (accuracy vs confidence, 15 equal-width bins) per "
@@ -359,14 +535,6 @@ PLOT_TEXT = {  # file -> (section title, caption)
     "attribution.png": ("Distortion attribution", "Per-block distortion attribution a_l (shifts × blocks, full "
                         "model, mean over seeds)."),
 }
-
-
-def section_plots(names: Iterable[str]) -> list[Block]:
-    blocks: list[Block] = [("h", 2, "Plots")]
-    for name in names:
-        title, caption = PLOT_TEXT.get(name, (name, name))
-        blocks += [("h", 3, title), ("img", name, caption)]
-    return blocks
 
 
 def _md_cell(text: Any) -> str:
@@ -379,7 +547,8 @@ def render_markdown(blocks: list[Block]) -> str:
     for block in blocks:
         kind = block[0]
         if kind == "h":
-            out.append("#" * block[1] + " " + block[2])
+            anchor = f'<a id="{block[3]}"></a>\n' if len(block) > 3 else ""
+            out.append(anchor + "#" * block[1] + " " + block[2])
         elif kind == "p":
             out.append(block[1])
         elif kind == "table":
@@ -394,42 +563,63 @@ def render_markdown(blocks: list[Block]) -> str:
 
 
 def _inline_html(text: Any) -> str:
-    """Escape text, then render **bold** and `code`."""
+    """Escape text, then render **bold**, `code` and [links](#within-the-page)."""
     s = html.escape(str(text))
     s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
+    s = re.sub(r"\[([^\]]+)\]\((#[\w-]+)\)", r'<a href="\2">\1</a>', s)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
 
 
 CSS = """
-body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1200px; margin: 2em auto;
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1200px; margin: 1.2em auto;
        padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { border-bottom: 2px solid #444; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.8em; }
+h1 { border-bottom: 2px solid #444; margin: 0 0 0.2em; font-size: 1.7em; }
+h2 { border-bottom: 1px solid #ccc; margin-top: 1.8em; }
+h2#findings, h2#verdicts { font-size: 1.1em; border: none; margin: 0.6em 0 0.2em; }
+p.lead { font-size: 1.02em; margin: 0.2em 0 0.4em; }
+p.note { font-size: 0.85em; color: #555; margin: 0.2em 0; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.88em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; } tr:nth-child(even) td { background: #fafafa; }
+table.verdicts { margin: 0.3em 0; font-size: 0.82em; } table.verdicts td { padding: 1px 6px; }
 code { background: #f3f3f3; padding: 0 3px; border-radius: 3px; }
 figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.88em; color: #555; }
+.lead-grid { display: flex; gap: 1.2em; align-items: flex-start; flex-wrap: wrap; }
+.lead-grid > div { flex: 1 1 420px; min-width: 0; } .lead-grid > div:first-child { flex: 1.7 1 560px; }
+.lead-grid figure { margin: 0.3em 0; } table.verdicts td:nth-child(n+3) { white-space: nowrap; }
 """
 
 
+def _html_block(block: Block, images: dict[str, bytes]) -> str:
+    kind = block[0]
+    if kind == "h":
+        anchor = f' id="{html.escape(block[3])}"' if len(block) > 3 else ""
+        return f"<h{block[1]}{anchor}>{_inline_html(block[2])}</h{block[1]}>"
+    if kind == "p":
+        css = f' class="{html.escape(block[2])}"' if len(block) > 2 else ""
+        return f"<p{css}>{_inline_html(block[1])}</p>"
+    if kind == "table":
+        head = "".join(f"<th>{_inline_html(h)}</th>" for h in block[1])
+        rows = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in block[2])
+        css = ' class="verdicts"' if block[1][:1] == ["claim"] else ""
+        return f"<table{css}><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    if kind == "img":
+        data = base64.b64encode(images[block[1]]).decode("ascii")
+        return (f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{_inline_html(block[2])}</figcaption></figure>")
+    return ""
+
+
 def render_html(blocks: list[Block], images: dict[str, bytes]) -> str:
-    """Blocks as one self-contained HTML page (PNGs embedded as base64 data URIs)."""
-    body = []
-    for block in blocks:
-        kind = block[0]
-        if kind == "h":
-            body.append(f"<h{block[1]}>{_inline_html(block[2])}</h{block[1]}>")
-        elif kind == "p":
-            body.append(f"<p>{_inline_html(block[1])}</p>")
-        elif kind == "table":
-            head = "".join(f"<th>{_inline_html(h)}</th>" for h in block[1])
-            rows = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in block[2])
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        elif kind == "img":
-            data = base64.b64encode(images[block[1]]).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{_inline_html(block[2])}</figcaption></figure>")
+    """Blocks as one self-contained HTML page (PNGs embedded as base64 data URIs). The verdict table and the
+    headline figure sit side by side on a wide screen, so that the first screen holds the answer."""
+    body = [_html_block(b, images) for b in blocks]
+    verdicts = next((i for i, b in enumerate(blocks) if b[0] == "h" and b[3:4] == ("verdicts",)), None)
+    figure = next((i for i, b in enumerate(blocks) if b[0] == "img" and b[1] == "headline.png"), None)
+    if verdicts is not None and figure is not None and figure > verdicts:
+        body[verdicts:figure + 1] = ['<div class="lead-grid"><div>' + "\n".join(body[verdicts:figure])
+                                     + "</div><div>" + body[figure] + "</div></div>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<title>tapioca study report</title>\n<style>" + CSS + "</style>\n</head>\n<body>\n"
             + "\n".join(body) + "\n</body>\n</html>\n")
@@ -448,14 +638,15 @@ def build_report(run_dir: str | Path) -> tuple[list[Block], dict[str, bytes]]:
         blocks, figures = build_scales_report(multi)
         return blocks, {name: _png(fig) for name, fig in figures.items()}
     results = load_results(run_dir)
-    figures = make_plots(results, load_profiles(run_dir), load_full_evaluation(run_dir))
-    images = {name: _png(fig) for name, fig in figures.items()}
-    blocks = (section_header(results, _optional_yaml(run_dir / "config.yaml"),
-                             _optional_json(run_dir / "environment.json"), _optional_json(run_dir / "timings.json"))
-              + section_quality(results) + section_claims(results) + section_protocols(results)
-              + section_comparisons(results) + section_calibration(results) + section_geometry(results)
-              + section_interventions(results)
-              + section_plots(images))
+    figures = {"headline.png": plot_headline(results),
+               **make_plots(results, load_profiles(run_dir), load_full_evaluation(run_dir))}
+    images = {name: _png(fig) for name, fig in figures.items() if fig is not None}
+    lead = section_title(results) + section_lead(results, images)
+    claims = section_each_claim(results, images)
+    placed = {b[1] for b in lead + claims if b[0] == "img"}
+    blocks = (lead + claims + section_detail(results, images, placed)
+              + section_setup(results, _optional_yaml(run_dir / "config.yaml"),
+                              _optional_json(run_dir / "environment.json"), _optional_json(run_dir / "timings.json")))
     return blocks, images
 
 

@@ -24,6 +24,10 @@ def format_quality(results: dict[str, Any]) -> str:
             f"(per seed {', '.join(f'{v:.4f}' for v in m['per_seed'].values())}); references: {refs}")
 
 
+def _or_dash(x: Any) -> str:
+    return "—" if x is None else str(x)
+
+
 def _p(x: Any) -> str:
     return f"{x:8.3g}" if isinstance(x, (int, float)) else f"{'—':>8}"
 
@@ -33,8 +37,9 @@ def format_protocol(results: dict[str, Any], protocol: str, metric: str = "nmse"
     protocol, scored on the selection examples the blocks were chosen on)."""
     delta = results["protocols"][protocol]["delta"]
     removed = results["removed"]
-    split = "in-sample (selection examples)" if protocol == "in-sample" else "held-out"
-    lines = [f"protocol {protocol} — {split} {metric} (Δ = pruned − full, paired bootstrap CI, Holm over shifts)",
+    split = "the selection examples (the paper's protocol)" if protocol == "in-sample" else "held-out examples"
+    lines = [f"protocol {protocol} — {metric} on {split} (Δ = pruned − full, paired bootstrap CI, Holm over "
+             "shifts)",
              f"{'distribution':>14} {'full':>10} {'pruned':>10} {'Δ':>10} {'CI':>23} {'p_holm':>8}  verdict   removed"]
     for dist, row in delta.items():
         d = row[metric]
@@ -70,7 +75,7 @@ def format_claims(results: dict[str, Any]) -> str:
                          f"({in_sample[name]['evidence']})")
         if claim.get("mde") is not None:
             lines.append(f"  {'':2} {'':>12}  MDE at 80% power {claim['mde']:.4g} (n = {claim.get('n', '?')}); "
-                         f"n needed for the smallest effect of interest: {claim.get('n_needed', '—')}")
+                         f"n needed for the smallest effect of interest: {_or_dash(claim.get('n_needed'))}")
         if claim.get("settle_case"):
             lines.append(f"  {'':2} {'':>12}  WHAT WOULD SETTLE IT: {claim['settle_case']}")
     return "\n".join(lines)
