@@ -85,12 +85,6 @@ def removal_gates(removed: Sequence[int]) -> dict[int, float]:
     return {int(i): 0.0 for i in removed}
 
 
-def skipped_through(gates: Gates, block: int) -> dict[int, float]:
-    """``gates`` with blocks 0..``block`` skipped as well: a run that resumes from ``block``'s recorded input
-    (see :func:`injected_input`)."""
-    return {**gates, **removal_gates(range(block + 1))}
-
-
 @contextmanager
 def gated(
     blocks: nn.ModuleList,

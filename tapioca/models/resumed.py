@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tapioca.models.base import BlockModel, RunOutput, chunks, concat_outputs
-from tapioca.models.gates import Gates, Recorded, check_gates, injected_input, recorded_inputs
+from tapioca.models.gates import Gates, Recorded, check_gates, injected_input, recorded_inputs, removal_gates
 
 
 MAX_BYTES = 2 * 2**30  # block inputs a ResumedRuns may keep
@@ -27,6 +27,16 @@ def nbytes(inputs: list[Recorded]) -> int:
     """Bytes held by one chunk's recorded block inputs (a tensor shared by several blocks counted once)."""
     tensors = {id(t): t for rec in inputs for t in rec}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def run_from(model: BlockModel, batch: Any, inputs: list[Recorded], start: int, gates: Gates,
+             capture: bool = False) -> RunOutput:
+    """``model.run(batch, gates)`` resumed at block ``start`` from ``inputs`` (every block's recorded input of a
+    pass that agrees with ``gates`` below ``start``): blocks below ``start`` are skipped, not recomputed; block
+    ``start`` runs with its own gate. The one mechanism every resumed run uses (held-out runs, residual-scaling
+    sweeps, TALE's prefix-reusing and racing rounds)."""
+    with injected_input(model.blocks, start, inputs[start]):
+        return model.run(batch, {**gates, **removal_gates(range(start))}, capture=capture)
 
 
 class ResumedRuns:
@@ -72,11 +82,8 @@ class ResumedRuns:
             self.passes += 1
             return concat_outputs([self.model.run(sub, gates, capture=capture) for sub in self.chunks])
         start = min(active)
-        skipped = {**gates, **{j: 0.0 for j in range(start)}}
-        outputs = []
-        for sub, inputs in zip(self.chunks, self._inputs):
-            with injected_input(self.model.blocks, start, inputs[start]):
-                outputs.append(self.model.run(sub, skipped, capture=capture))
+        outputs = [run_from(self.model, sub, inputs, start, gates, capture)
+                   for sub, inputs in zip(self.chunks, self._inputs)]
         self.passes += 1
         out = concat_outputs(outputs)
         if capture:

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from tapioca.models.base import BlockModel
-from tapioca.models.gates import injected_input, recorded_inputs, removal_gates, skipped_through
+from tapioca.models.gates import recorded_inputs, removal_gates
+from tapioca.models.resumed import run_from
 
 PredictionScorer = Any  # (predictions, batch) -> per-example scores (B,); see tapioca.pruning.searches
 
@@ -85,7 +86,6 @@ class RacingRounds:
         with recorded_inputs(self.model.blocks) as inputs:
             self.model.run(sub, base)
         for b in alive:
-            with injected_input(self.model.blocks, b, inputs[b]):
-                out = self.model.run(sub, skipped_through(base, b))
+            out = run_from(self.model, sub, inputs, b, {**base, b: 0.0})
             scores[b].append(self.score_predictions(out.predictions, sub).detach().cpu())
         self.example_runs += len(sub) * len(alive)

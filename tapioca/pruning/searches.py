@@ -20,9 +20,8 @@ from tapioca.errors import ConfigError, DataError, check_finite
 from tapioca.analysis.geometry import distortion, profile, query_states
 from tapioca.io import read_json, write_json
 from tapioca.models.base import BlockModel, chunks, run_in_chunks
-from tapioca.models.resumed import nbytes
-from tapioca.models.gates import (Gates, Recorded, injected_input, recorded_inputs, removal_gates,
-                                  skipped_through)
+from tapioca.models.resumed import nbytes, run_from
+from tapioca.models.gates import Gates, Recorded, recorded_inputs, removal_gates
 from tapioca.pruning.racing import RacingRounds
 from tapioca.pruning.sleb import sleb_search
 
@@ -240,11 +239,11 @@ class PrefixRounds:
         scores: dict[int, float] = {}
         for b in candidates:
             start, below = (c, earlier.pop(b)) if c is not None and b < c and b in earlier else (b, base)
-            gates = skipped_through(removal_gates(removed), start)  # start >= b: b is skipped too
+            gates = removal_gates([*removed, b])  # start >= b: resumed at or above the candidate
             preds, recorded = [], []
             for sub, inputs in zip(self.chunks, below):
-                with recorded_inputs(self.model.blocks) as got, injected_input(self.model.blocks, start, inputs[start]):
-                    preds.append(self.model.run(sub, gates).predictions)
+                with recorded_inputs(self.model.blocks) as got:
+                    preds.append(run_from(self.model, sub, inputs, start, gates).predictions)
                 recorded.append(inputs[: start + 1] + got[start + 1:])
             scores[b] = self._mean(preds)
             self.passes.append((sorted({*removed, b}), start + 1))
@@ -264,8 +263,7 @@ class PrefixRounds:
             with recorded_inputs(self.model.blocks) as inputs:
                 self.model.run(sub, base)
             for b in candidates:
-                with injected_input(self.model.blocks, b, inputs[b]):
-                    preds[b].append(self.model.run(sub, skipped_through(base, b)).predictions)
+                preds[b].append(run_from(self.model, sub, inputs, b, {**base, b: 0.0}).predictions)
         return {b: self._mean(p) for b, p in preds.items()}
 
     def _mean(self, preds: list[torch.Tensor]) -> float:
