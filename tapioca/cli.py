@@ -1,4 +1,4 @@
-"""Command line: ``tapioca train|prune|evaluate|study|report``. A thin layer over the Python API."""
+"""Command line: ``tapioca train|prune|evaluate|study|report|stability``. A thin layer over the Python API."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate": "score a model, full and pruned, on ID and every shift with bootstrap CIs",
         "study": "train/load -> prune (both protocols, every target) -> evaluate -> profile -> intervene -> report",
         "report": "rebuild report.md, report.html and the plots of a finished run directory",
+        "stability": "how many selection examples a stable TALE selection needs: resampled searches per size",
     }
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "none = start local Ray)")
         if name == "evaluate":
             p.add_argument("--pruning", help="pruning.json whose blocks to remove for the pruned model")
+        if name == "stability":
+            p.add_argument("--sizes", metavar="N,N,...",
+                           help="selection sizes, comma-separated, each >= 8 (default: 16,32,64,128,256)")
+            p.add_argument("--repeats", type=int, default=5, metavar="R", help="resamples per size (default: 5)")
+            p.add_argument("--dists", metavar="D,D,...",
+                           help="distributions (default: testbed id,x_scale_2,degree_4; language model all)")
     add_models_command(sub)
     return parser
 
@@ -178,11 +185,23 @@ def cmd_study(args: argparse.Namespace, cfg: Config, say: Callable[[str], None])
     say(f"report: {write_report(cfg.run.out) / 'report.html'}")
 
 
+def cmd_stability(args: argparse.Namespace, cfg: Config, say: Callable[[str], None]) -> None:
+    from tapioca.study.stability import parse_sizes, run_stability
+
+    sizes = parse_sizes(args.sizes) if args.sizes is not None else None
+    dists = [d.strip() for d in args.dists.split(",") if d.strip()] if args.dists else None
+    out = Path(cfg.run.out)
+    results = run_stability(cfg, out, sizes, args.repeats, dists, progress=not args.quiet, log=say)
+    say(results["answer"])
+    say(f"results: {out / 'stability.json'}, {out / 'stability.md'}, {out / 'stability.png'}")
+
+
 def cmd_report(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     say(f"report: {write_report(args.run_dir) / 'report.html'}")
 
 
-COMMANDS = {"train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "study": cmd_study}
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "study": cmd_study,
+            "stability": cmd_stability}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
