@@ -66,3 +66,12 @@ def test_robust_summary_names_the_prompts_that_dominate_the_mean():
     row = robust_summary(evaluation(full, seeds), evaluation(full * 0.5, seeds), "d", "nmse", 500, 0.95)
     assert row["dominant"][0] == {"seed": 1, "index": 3, "share": pytest.approx(100 / 101.9)}
     assert row["median_full"] == pytest.approx(0.1) and row["mean_log_ratio"]["mean"] == pytest.approx(math.log(0.5))
+
+
+def test_a_destructive_candidate_keeps_its_harm_and_does_not_inflate_the_null():
+    rng = np.random.default_rng(5)
+    c, n = 6, 300
+    diffs = rng.standard_normal((c, n)) * 0.1
+    plain = placebo_null([diffs], draws=2000)
+    diffs_with_destroyer = np.vstack([diffs, -5.0 + 20.0 * rng.standard_normal((1, n))])  # removing block 0
+    assert placebo_null([diffs_with_destroyer], draws=2000).mean() == pytest.approx(plain.mean(), rel=0.05)

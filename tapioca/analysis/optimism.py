@@ -7,9 +7,10 @@ candidate scores exceeds its true value (the winner's curse). Here
   a bootstrap CI (the two samples are independent: selection and held-out examples are disjoint);
 * its **null reference** is a *placebo search*: the in-sample gain that picking the best of the candidates
   produces when no block truly helps. Each candidate's per-example differences on the selection examples
-  (removal of one block − full model) are centred (true effect set to zero), multiplied by one shared random
-  sign per example (which keeps the candidates' correlation and each example's spread), and the best
-  candidate's mean is taken; repeated ``draws`` times, pooled over seeds like the real gain. Sign flips are
+  (removal of one block − full model) are centred (true effect set to zero; a clearly harmful removal keeps
+  its harmful mean), multiplied by one shared random sign per example (which keeps the candidates'
+  correlation and each example's spread), and the best candidate's mean is taken; repeated ``draws`` times,
+  pooled over seeds like the real gain. Sign flips are
   chosen over cross-fitting because they need no extra search: the one-block removals are one resumed pass
   each, and the null is exact for TALE's first round (deeper rounds only add choices, so it is a lower bound
   of the full search's optimism under the null).
@@ -30,18 +31,27 @@ def oriented(full: np.ndarray, pruned: np.ndarray, higher_is_better: bool) -> np
     return pruned - full if higher_is_better else full - pruned
 
 
+HARMFUL_Z = 1.96  # a candidate whose mean gain lies this many standard errors below 0 keeps its (harmful) mean
+
+
 def placebo_null(diffs: list[np.ndarray], draws: int = 2000, seed: int = 0) -> np.ndarray:
     """Null distribution (draws,) of the seed-pooled in-sample gain of the best candidate when no candidate
     truly helps. ``diffs``: per seed, the candidates' per-example gains (C, n_seed) on that seed's selection
-    examples; the pooled gain of a draw is the example-weighted mean over seeds of each seed's best centred,
-    sign-flipped candidate mean."""
+    examples. Each candidate's true gain is set to 0, except that a clearly harmful one (mean more than
+    :data:`HARMFUL_Z` standard errors below 0, e.g. removing an essential block) keeps its mean: "no block
+    helps" does not make a destructive removal harmless, and its large spread would otherwise dominate the
+    maximum. The pooled gain of a draw is the example-weighted mean over seeds of each seed's best candidate."""
     rng = np.random.default_rng(seed)
     total = sum(d.shape[1] for d in diffs)
     null = np.zeros(draws)
     for d in diffs:
-        centred = d - d.mean(1, keepdims=True)  # (C, n)
-        signs = rng.choice([-1.0, 1.0], size=(draws, d.shape[1]))  # (draws, n), shared by the candidates
-        null += (signs @ centred.T / d.shape[1]).max(1) * (d.shape[1] / total)  # best candidate per draw
+        n = d.shape[1]
+        mean = d.mean(1)
+        se = d.std(1, ddof=1) / np.sqrt(n) if n > 1 else np.zeros_like(mean)
+        truth = np.where(mean < -HARMFUL_Z * se, mean, 0.0)  # (C,)
+        centred = d - mean[:, None]  # (C, n)
+        signs = rng.choice([-1.0, 1.0], size=(draws, n))  # (draws, n), shared by the candidates
+        null += (truth[None, :] + signs @ centred.T / n).max(1) * (n / total)  # best candidate per draw
     return null
 
 
