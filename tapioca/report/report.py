@@ -21,9 +21,8 @@ from tapioca.config import NOT_FOR_LM
 from tapioca.errors import CheckpointError
 from tapioca.analysis.evaluation import Evaluation
 from tapioca.io import atomic_write_bytes
-from tapioca.study.scales import is_multi_scale
 from tapioca.report.render import Block, render_html, render_markdown
-from tapioca.report.scales_report import build_scales_report
+from tapioca.report.scales_report import build_scales_report, is_multi_scale
 from tapioca.report.headline import (CLAIMS, NOT_COMPUTED, findings, headline_caption, plot_headline, primary,
                                      verdict_table)
 from tapioca.report.plots import (IN_SAMPLE, METHOD_ORDER, METRIC_LABELS, _ci, _dig, _lower_is_better, _main_metric,

@@ -14,6 +14,11 @@ Block = tuple
 CLAIM_IDS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9")
 
 
+def is_multi_scale(results: dict) -> bool:
+    """True for a multi-scale study's results.json (it has ``scales`` and no single-model ``full``)."""
+    return isinstance(results.get("scales"), dict) and "full" not in results
+
+
 def _by_depth(scales: dict[str, dict]) -> list[tuple[str, dict]]:
     return sorted(scales.items(), key=lambda kv: (kv[1].get("n_blocks", 0), kv[0]))
 

@@ -57,8 +57,3 @@ def run_scales(cfg: Config, out: Path, progress: bool, log: Log, run_study: Call
     results = {"kind": kind, "scales": summaries, "claims": {"C6": c6_scales({"kind": kind, "scales": summaries})}}
     write_json(out / "results.json", results)
     return results
-
-
-def is_multi_scale(results: dict) -> bool:
-    """True for a multi-scale study's results.json (it has ``scales`` and no single-model ``full``)."""
-    return isinstance(results.get("scales"), dict) and "full" not in results
