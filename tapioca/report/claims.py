@@ -369,13 +369,21 @@ def c9_needs_layer_removal(results: dict) -> dict:
     TALE improved nowhere or no control ran."""
     improved = _improved_shifts(results)
     comparisons = results.get("comparisons") or {}
-    cases = [(s, m) for s in improved if s in comparisons for m in ("magnitude", "wanda") if m in comparisons[s]]
+    metric = primary_metric(results)
+    ran = [(s, m) for s in comparisons for m in ("magnitude", "wanda") if m in comparisons[s]]
+    also_anywhere = [f"{s}/{m}" for s, m in ran if comparisons[s][m][metric]["improved"]]
+    cases = [(s, m) for s, m in ran if s in improved]
     if not cases:
-        return _verdict(INCONCLUSIVE, "TALE improved no shift (or no weight-pruning control ran)")
-    also = [(s, m) for s, m in cases if comparisons[s][m][primary_metric(results)]["improved"]]
+        why = "TALE improved no shift" if ran else "no weight-pruning control ran"
+        extra = f"; weight pruning alone improved {', '.join(also_anywhere)}" if also_anywhere else ""
+        return _verdict(INCONCLUSIVE, f"{why}: nothing to compare{extra}", also_improved_anywhere=also_anywhere)
+    also = [(s, m) for s, m in cases if comparisons[s][m][metric]["improved"]]
+    mdes = [comparisons[s][m][metric]["mde"] for s, m in cases if "mde" in comparisons[s][m][metric]]
     verdict = REFUTED if len(also) > len(cases) / 2 else SUPPORTED
-    return _verdict(verdict, f"weight pruning at TALE's budget also improved {len(also)}/{len(cases)} "
-                    f"(shift, method) cases where TALE did", also_improved=also, cases=cases)
+    out = _verdict(verdict, f"weight pruning at TALE's budget also improved {len(also)}/{len(cases)} "
+                   f"(shift, method) cases where TALE did", also_improved=also, cases=cases)
+    out.update(mde=float(np.median(mdes)) if mdes else None, n=comparisons[cases[0][0]][cases[0][1]][metric].get("n"))
+    return out
 
 
 CLAIMS = {"C1": c1_no_id_benefit, "C2": c2_ood_improves, "C3": c3_ood_distorts, "C4": c4_realigns,
