@@ -26,7 +26,7 @@ class HeldoutRuns:
     calls by distribution for the most reuse."""
 
     def __init__(self, wl: Any, seed: int, n: int, role: str = "heldout") -> None:
-        check_split_size(n, "evaluation.n_heldout")
+        check_split_size(n, "pruning.n_select" if role == "select" else "evaluation.n_heldout")
         self.wl, self.seed, self.n, self.role = wl, seed, n, role
         self.memo: dict[tuple[str, tuple[int, ...]], Evaluation] = {}
         self._dist: str | None = None

@@ -153,15 +153,15 @@ def draw_selection(wl: Workload, dist: str, seed: int, repeat: int, n: int, cap:
 
 
 class FixedSelection:
-    """``task`` whose "select" and "heldout" roles of ``dist`` are ``draw.examples``: a search on a workload
-    holding it selects on them, and :class:`HeldoutRuns` on it scores them (the in-sample evaluation). Every
-    other split, and every other attribute, is the task's own."""
+    """``task`` whose "select" role of ``dist`` is ``draw.examples``: a search on a workload holding it selects
+    on them, and :class:`HeldoutRuns` with role "select" scores them (the in-sample evaluation). Every other
+    split, and every other attribute, is the task's own."""
 
     def __init__(self, task: Any, dist: str, draw: Draw) -> None:
         self.task, self.dist, self.draw = task, dist, draw
 
     def data(self, distribution: str, role: str, seed: int, n: int) -> Any:
-        if distribution == self.dist and role in ("select", "heldout"):
+        if distribution == self.dist and role == "select":
             if n != self.draw.n:
                 raise ValueError(f"the fixed selection holds {self.draw.n} examples, {n} were asked for")
             return self.draw.examples
@@ -172,7 +172,7 @@ class FixedSelection:
 
 
 def on_selection(wl: Workload, dist: str, draw: Draw) -> Workload:
-    """``wl`` whose selection (and held-out) split of ``dist`` is ``draw``."""
+    """``wl`` whose selection split of ``dist`` is ``draw``."""
     sizes = dataclasses.replace(wl.sizes, n_select=draw.n)
     return dataclasses.replace(wl, task=FixedSelection(wl.task, dist, draw), sizes=sizes)  # type: ignore
 
@@ -205,7 +205,7 @@ def unit_evaluation(wl: Workload, runs: HeldoutRuns, search: dict, seed: int, di
         in_full = in_pruned = None
         if removed:
             draw = draw_selection(wl, dist, seed, repeat, n)
-            own = HeldoutRuns(on_selection(wl, dist, draw), seed, draw.n)
+            own = HeldoutRuns(on_selection(wl, dist, draw), seed, draw.n, role="select")
             in_full, in_pruned = (own.one(r, dist).mean(dist, metric) for r in ([], removed))
         heldout = signed_gain(full, pruned, up)
         in_sample = signed_gain(in_full, in_pruned, up) if removed else 0.0

@@ -204,7 +204,7 @@ def in_sample(cfg: Config, wl: Workload, seed: int, searches: dict[str, PruneRes
     path = folder / "in-sample-candidates.npz"
     if not path.is_file():
         gains = {}
-        if cfg.evaluation.placebo_draws and wl.split("id", "select", seed, n) is not None:
+        if cfg.evaluation.placebo_draws and wl.one_pass:
             metric, up = wl.primary_metric, wl.metrics[wl.primary_metric]
             for d in dists:
                 base = runs.one([], d).values[d][metric]

@@ -78,6 +78,7 @@ class Workload(Protocol):
     regression: bool  # predictions are real numbers (a prediction-shrinkage slope means something)
     norm_matching: str  # "position" (every token, equal prompt lengths) or "last_token"
     sizes: Sizes
+    one_pass: bool  # every split's held-out metrics come from one forward pass (``split`` never returns None)
 
     @property
     def search_info(self) -> dict[str, Any]:

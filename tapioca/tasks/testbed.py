@@ -36,6 +36,7 @@ class TestbedWorkload:
     primary_metric: str = "nmse"
     regression: bool = True
     intervention_metric: str = "nmse"
+    one_pass: bool = True
     norm_matching: str = "position"
 
     @classmethod

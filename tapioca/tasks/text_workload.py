@@ -82,6 +82,10 @@ class TextWorkload:
         return self.task.distributions
 
     @property
+    def one_pass(self) -> bool:
+        return self.task.kind == "multiple_choice"  # short answers are scored by generation
+
+    @property
     def search_info(self) -> dict[str, Any]:
         return {"task_kind": self.task.kind, "mc_format": self.task.cfg.mc_format,
                 "length_normalize": self.length_normalize}
@@ -112,7 +116,7 @@ class TextWorkload:
                          unlabelled_parts=(self.model, *prompt_loglik_parts(self.model, sel.prompts)))
 
     def split(self, dist: str, role: str, seed: int, n: int) -> ScoredSplit | None:
-        if self.task.kind != "multiple_choice":
+        if not self.one_pass:
             return None
         examples = self.task.data(dist, role, seed, n)
         conts, labels = task_choices(examples, self.task.cfg.mc_format)
