@@ -180,6 +180,69 @@ class LMConfig:
 
 
 @dataclass(frozen=True)
+class GNNConfig:
+    """The graph classifier (:mod:`tapioca.models.gnn`): ``n_layer`` residual GIN blocks of ``width`` features."""
+
+    n_layer: int = _range(6, ge=1)
+    width: int = _range(64, ge=2)
+    mlp_ratio: int = _range(2, ge=1)  # hidden features of each block's MLP = mlp_ratio * width
+    pool: Literal["mean", "sum"] = "mean"
+    in_dim: int = _range(1, ge=1)  # node feature size (the motif testbed: one constant feature)
+    n_classes: int = _range(3, ge=2)
+
+
+@dataclass(frozen=True)
+class GraphTrainConfig:
+    """ERM training of the graph classifier on a fixed set of ID graphs (minibatches drawn with replacement)."""
+
+    n_train: int = _range(3000, ge=8)  # ID training graphs (the "train" role)
+    steps: int = _range(2000, ge=1)
+    batch_size: int = _range(64, ge=1)
+    lr: float = _range(1e-3, gt=0)
+    weight_decay: float = _range(0.0, ge=0)
+    warmup_steps: int = _range(100, ge=0)
+    grad_clip: float = _range(1.0, gt=0)
+    checkpoint_every: int = _range(500, ge=1)
+
+
+@dataclass(frozen=True)
+class EdgePruningConfig:
+    """PrunE (Yao et al., NeurIPS 2025): an edge selector GNN learns hard Gumbel-softmax edge masks that feed
+    the classifier, under a graph-size constraint (kept-edge ratio toward ``eta``) and an epsilon-probability
+    alignment of the ``align_fraction`` lowest-probability edges, after ``warmup_steps`` of ERM."""
+
+    warmup_steps: int = _range(500, ge=0)  # ERM steps before the edge selector is trained
+    steps: int = _range(1500, ge=1)  # PrunE steps after the warm-up
+    eta: float = _range(0.75, gt=0, le=1)  # target share of kept edges (graph-size constraint)
+    epsilon: float = _range(0.01, gt=0, le=0.5)  # alignment target probability of the lowest edges
+    align_fraction: float = _range(0.1, gt=0, le=1)  # share of each graph's edges aligned to epsilon
+    lambda_size: float = _range(1.0, ge=0)  # weight of the graph-size constraint
+    lambda_align: float = _range(1.0, ge=0)  # weight of the epsilon-probability alignment
+    tau: float = _range(1.0, gt=0)  # Gumbel-softmax temperature
+    selector_layers: int = _range(2, ge=1)  # message-passing layers of the edge selector
+    lr: float = _range(1e-3, gt=0)
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """A study on a graph classifier and the motif graph-OOD testbed (:mod:`tapioca.tasks.graph_data`) instead
+    of the polynomial testbed. ``task``: :class:`~tapioca.tasks.graph_data.GraphTaskConfig` fields (sampler and
+    named shifts). One classifier is trained per replicate seed (``evaluation.seeds``); ``checkpoint`` (with
+    ``{seed}``) loads one instead. ``metric``: TALE's selection score (acc, prob or loglik of the true class)."""
+
+    task: dict[str, Any] = field(default_factory=dict)
+    model: GNNConfig = field(default_factory=GNNConfig)
+    train: GraphTrainConfig = field(default_factory=GraphTrainConfig)
+    edges: EdgePruningConfig = field(default_factory=EdgePruningConfig)
+    checkpoint: str | None = None
+    metric: Literal["acc", "prob", "loglik"] = "acc"
+    n_select: int = _range(256, ge=8)
+    n_heldout: int = _range(1000, ge=8)
+    n_profile: int = _range(256, ge=4)
+    batch_size: int = _range(256, ge=1)  # graphs per forward pass
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how a run executes."""
 
@@ -207,6 +270,7 @@ class Config:
     # {"L4": {"model": {"n_layer": 4}}}. Empty: one scale (this config). See tapioca/study/scales.py.
     scales: dict[str, Any] = field(default_factory=dict)
     lm: LMConfig | None = None  # set: the study runs on a causal LM and a text task (see LMConfig)
+    graph: GraphConfig | None = None  # set: the study runs on a graph classifier (see GraphConfig)
 
     def __post_init__(self) -> None:
         if self.lm is not None and not self.lm.model:
@@ -224,7 +288,10 @@ class Config:
             )
         for name in self.scales:
             scale_config(self, name)  # every scale must be a valid config on its own
-        _check_unused_by_lm(self)
+        if self.lm is not None and self.graph is not None:
+            raise ConfigError("graph: a config studies a language model (lm:) or a graph classifier (graph:), not both")
+        _check_unused(self, "lm", NOT_FOR_LM, "a language model (lm: section)")
+        _check_unused(self, "graph", NOT_FOR_GRAPH, "a graph classifier (graph: section)")
 
 
 # config keys (or whole sections) a study on a language model does not read -> what to set instead
@@ -238,17 +305,27 @@ NOT_FOR_LM: dict[str, str] = {
 }
 
 
-def _check_unused_by_lm(cfg: "Config") -> None:
-    """A key a study on a language model would ignore is an error when it differs from its default."""
-    if cfg.lm is None:
+# ... and on a graph classifier
+NOT_FOR_GRAPH: dict[str, str] = {
+    "model": "set graph.model instead", "task": "graph.task describes the graph task",
+    "train": "set graph.train instead", "pruning.metric": "set graph.metric instead",
+    "pruning.n_select": "set graph.n_select instead", "pruning.batch_size": "set graph.batch_size instead",
+    "evaluation.n_heldout": "set graph.n_heldout instead", "evaluation.batch_size": "set graph.batch_size instead",
+    "geometry.n_prompts": "set graph.n_profile instead",
+}
+
+
+def _check_unused(cfg: "Config", section: str, unused: Mapping[str, str], what: str) -> None:
+    """A key a study on ``section``'s model kind would ignore is an error when it differs from its default."""
+    if getattr(cfg, section) is None:
         return
     mine, default = to_dict(cfg), to_dict(Config())
-    for key, instead in NOT_FOR_LM.items():
+    for key, instead in unused.items():
         a, b = mine, default
         for part in key.split("."):
             a, b = a[part], b[part]
         if a != b:
-            raise ConfigError(f"{key}: not used by a study on a language model (lm: section); {instead}")
+            raise ConfigError(f"{key}: not used by a study on {what}; {instead}")
 
 
 SCALE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -467,8 +544,8 @@ def _apply(tree: dict[str, Any], keys: list[str], value: Any) -> None:
 
 def _is_open_mapping(keys: list[str]) -> bool:
     """Keys below ``task.shifts`` and ``scales`` are user-chosen names, so overrides may create them; the
-    optional ``lm`` section (None by default) is created by its first override."""
-    return (len(keys) == 3 and keys[:2] == ["task", "shifts"]) or keys[0] == "scales" or keys == ["lm"]
+    optional ``lm`` and ``graph`` sections (None by default) are created by its first override."""
+    return (len(keys) == 3 and keys[:2] == ["task", "shifts"]) or keys[0] in ("scales", "lm", "graph")
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

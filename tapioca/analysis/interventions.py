@@ -66,7 +66,8 @@ def residual_scaling_sweep(
 
 
 def position_norms(model: BlockModel, batch: Any) -> Tensor:
-    """Mean hidden-state norm per block output and token position over ``batch``: (L, T)."""
+    """Mean hidden-state norm per block output and token position over ``batch``: (L, T); for blocks that see
+    node states (N, D) (graphs) the mean node norm per block output, (L,)."""
     norms: list[Tensor | None] = [None] * model.n_blocks
 
     def recorder(index: int) -> Callable:
@@ -87,13 +88,14 @@ def position_norms(model: BlockModel, batch: Any) -> Tensor:
 @contextmanager
 def norm_matched(model: BlockModel, target_norms: Mapping[int, Tensor]) -> Iterator[None]:
     """Rescale the output of each block l in ``target_norms`` so that every token's hidden state has norm
-    ``target_norms[l][t]`` (a (T,) tensor of per-position norms, e.g. ID means from :func:`position_norms`).
-    Directions are kept; only norms are forced onto the target profile."""
+    ``target_norms[l][t]`` (a (T,) tensor of per-position norms, e.g. ID means from :func:`position_norms`), or,
+    for a model whose blocks see node states (N, D) without positions (graphs), every state to the 0-d
+    ``target_norms[l]``. Directions are kept; only norms are forced onto the target profile."""
     def matcher(target: Tensor) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             hidden = output if isinstance(output, Tensor) else output[0]
-            t = target[: hidden.shape[1]].to(hidden)
-            scaled = hidden * (t[None, :, None] / hidden.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            t = target.to(hidden) if target.ndim == 0 else target[: hidden.shape[1]].to(hidden)[None, :, None]
+            scaled = hidden * (t / hidden.norm(dim=-1, keepdim=True).clamp_min(1e-12))
             return scaled if isinstance(output, Tensor) else (scaled, *output[1:])
         return hook
 

@@ -174,8 +174,11 @@ def verify_weights(folder: str | Path, meta: dict[str, Any]) -> None:
                               f"(recorded in {META_FILE}), got {actual[:12]}...")
 
 
-def read_meta(folder: str | Path) -> dict[str, Any]:
-    """The checkpoint's ``model.json``, with clear errors when it is missing or corrupt."""
+FORMAT_NAMES = {"tapioca-icl": "tapioca ICL", "tapioca-gnn": "tapioca graph"}
+
+
+def read_meta(folder: str | Path, fmt: str = "tapioca-icl") -> dict[str, Any]:
+    """The checkpoint's ``model.json`` (of format ``fmt``), with clear errors when it is missing or corrupt."""
     path = Path(folder) / META_FILE
     if not Path(folder).is_dir():
         raise CheckpointError(f"checkpoint {str(folder)!r} does not exist (expected a folder with {META_FILE})")
@@ -185,8 +188,8 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != "tapioca-icl" or "model" not in meta:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a tapioca ICL model description")
+    if not isinstance(meta, dict) or meta.get("format") != fmt or "model" not in meta:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a {FORMAT_NAMES.get(fmt, fmt)} model description")
     return meta
 
 

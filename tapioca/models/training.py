@@ -9,6 +9,7 @@ import pickle
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -104,21 +105,23 @@ def _train_step(model: ICLModel, opt: torch.optim.Optimizer, cfg: Config, seed: 
     return loss.item()
 
 
-def _save(folder: Path, model: ICLModel, opt: torch.optim.Optimizer, state: dict, fingerprint: dict) -> None:
+def _save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, fingerprint: dict,
+          save: Callable[..., None] = save_model) -> None:
     """Write weights + optimizer into a new ``checkpoint-<step>/`` folder, then atomically point
     ``train_state.json`` at it: a kill at any moment leaves the previous complete set in force."""
     info = {"training": fingerprint | {"steps_done": state["step"], "seconds": state["seconds"]}}
     checkpoint = folder / f"checkpoint-{state['step']}"
-    save_model(model, checkpoint, info)
+    save(model, checkpoint, info)
     torch.save(opt.state_dict(), checkpoint / OPTIMIZER_FILE)
     write_json(folder / STATE_FILE, state | {"fingerprint": fingerprint, "checkpoint": checkpoint.name})
-    save_model(model, folder, info)  # the latest weights, loadable by ``load_model(folder)``
+    save(model, folder, info)  # the latest weights, loadable by ``load(folder)``
     for old in folder.glob("checkpoint-*"):
         if old != checkpoint:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _resume(folder: Path, fingerprint: dict, model: ICLModel, opt: torch.optim.Optimizer, device: torch.device) -> dict:
+def _resume(folder: Path, fingerprint: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+            load: Callable[..., torch.nn.Module] = load_model) -> dict:
     try:
         state = read_json(folder / STATE_FILE)
     except ValueError as err:
@@ -129,7 +132,7 @@ def _resume(folder: Path, fingerprint: dict, model: ICLModel, opt: torch.optim.O
             "use another --out or delete it"
         )
     checkpoint = folder / str(state.get("checkpoint"))
-    model.load_state_dict(load_model(checkpoint, device).state_dict())
+    model.load_state_dict(load(checkpoint, device).state_dict())
     try:
         opt.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, map_location=device, weights_only=True))
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
@@ -139,11 +142,16 @@ def _resume(folder: Path, fingerprint: dict, model: ICLModel, opt: torch.optim.O
 
 def is_trained(folder: str | Path, cfg: Config, seed: int) -> bool:
     """Whether ``folder`` holds a finished training run of exactly this config and seed."""
+    return finished(folder, _fingerprint(cfg, seed), cfg.train.steps)
+
+
+def finished(folder: str | Path, fingerprint: dict, steps: int) -> bool:
+    """Whether ``folder`` holds a finished training run (``steps`` done) with this fingerprint."""
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         return False
     state = read_json(path)
-    return isinstance(state, dict) and state.get("fingerprint") == _fingerprint(cfg, seed) and state.get("step") == cfg.train.steps
+    return isinstance(state, dict) and state.get("fingerprint") == fingerprint and state.get("step") == steps
 
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"  # tapioca/zoo
@@ -151,10 +159,14 @@ ZOO = Path(__file__).resolve().parents[1] / "zoo"  # tapioca/zoo
 
 def find_pretrained(cfg: Config, seed: int, zoo: Path = ZOO) -> Path | None:
     """A shipped checkpoint trained with exactly this model, sampler, training config and seed, if any."""
-    wanted = _fingerprint(cfg, seed)
+    return find_shipped(_fingerprint(cfg, seed), cfg.train.steps, zoo)
+
+
+def find_shipped(wanted: dict, steps: int, zoo: Path = ZOO) -> Path | None:
+    """A shipped checkpoint folder whose recorded training has fingerprint ``wanted`` and ran ``steps`` steps."""
     for meta_path in sorted(zoo.glob("*/model.json")):
         info = read_json(meta_path).get("training", {})
         fingerprint = {k: info.get(k) for k in wanted}
-        if fingerprint == wanted and info.get("steps_done") == cfg.train.steps:
+        if fingerprint == wanted and info.get("steps_done") == steps:
             return meta_path.parent
     return None

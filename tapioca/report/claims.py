@@ -386,14 +386,45 @@ def c9_needs_layer_removal(results: dict) -> dict:
     return out
 
 
+def g1_edge_pruning_realigns(results: dict) -> dict:
+    """Graphs: per (shift, seed), D after (PrunE's classifier on its kept edges, OOD vs its own ID) against D
+    before (the ERM classifier on whole graphs). A change counts only beyond the larger of the two ID-vs-ID
+    noise floors. Supported if D falls beyond the floor in a majority of pairs, refuted if it rises beyond it
+    in a majority, else inconclusive (changes within the noise are no evidence either way)."""
+    per_seed = results["edges"]["per_seed"]
+    pairs, fell, rose, changes = 0, [], [], {}
+    for seed, summary in per_seed.items():
+        geo = summary["geometry"]
+        floor = max(geo["erm"]["noise_floor"], geo["prune"]["noise_floor"])
+        for shift in _shifts(results):
+            before, after = geo["erm"][shift], geo["prune"][shift]
+            pairs += 1
+            changes[f"{shift}/{seed}"] = after - before
+            if after < before - floor:
+                fell.append(f"{shift}/{seed}")
+            elif after > before + floor:
+                rose.append(f"{shift}/{seed}")
+    verdict = SUPPORTED if len(fell) > pairs / 2 else REFUTED if len(rose) > pairs / 2 else INCONCLUSIVE
+    mean = results["edges"]["geometry"]
+    evidence = (f"D fell beyond the noise floor in {len(fell)}/{pairs} (shift, seed) pairs and rose beyond it in "
+                f"{len(rose)}; mean D before → after: " + ", ".join(
+                    f"{s} {mean['erm'][s]:.3f} → {mean['prune'][s]:.3f}" for s in _shifts(results)))
+    return _verdict(verdict, evidence, fell=fell, rose=rose, pairs=pairs, change=changes)
+
+
+GRAPH_CLAIMS = {"G1": g1_edge_pruning_realigns}  # decided only where results.json has an "edges" block
+
 CLAIMS = {"C1": c1_no_id_benefit, "C2": c2_ood_improves, "C3": c3_ood_distorts, "C4": c4_realigns,
           "C5": c5_causal, "C6": c6_scales, "C7": c7_not_tamer, "C8": c8_distortion_predicts,
           "C9": c9_needs_layer_removal}
 
 
 def verdicts(results: dict) -> dict[str, dict]:
-    """All claims' verdicts for a results.json dict (held-out protocol)."""
-    return {name: rule(results) for name, rule in CLAIMS.items()}
+    """All claims' verdicts for a results.json dict (held-out protocol); G1 too for a graph study."""
+    out = {name: rule(results) for name, rule in CLAIMS.items()}
+    if "edges" in results:
+        out.update({name: rule(results) for name, rule in GRAPH_CLAIMS.items()})
+    return out
 
 
 def verdicts_in_sample(results: dict) -> dict[str, dict]:

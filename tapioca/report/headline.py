@@ -28,6 +28,7 @@ CLAIMS = {
     "C8": "the distortion metric predicts the OOD drop",
     "C9": "the gain needs whole-layer removal (weight pruning gives no OOD gain)",
 }
+GRAPH_CLAIM_TEXT = {"G1": "edge pruning (PrunE) realigns OOD profiles toward ID"}  # graph studies only
 NOT_COMPUTED = "not computed by this run"
 HELD_OUT_COLOR, IN_SAMPLE_COLOR = "#2471a3", "#dd8452"
 
@@ -164,7 +165,7 @@ def verdict_table(results: dict) -> list[Block]:
     rows = []
     for cid in list(CLAIMS) + [c for c in claims if c not in CLAIMS]:
         c = claims.get(cid) if isinstance(claims.get(cid), dict) else {}
-        row = [f"[{cid}](#{cid.lower()})", CLAIMS.get(cid, ""), f"**{c.get('verdict', 'not assessed')}**"]
+        row = [f"[{cid}](#{cid.lower()})", CLAIMS.get(cid, GRAPH_CLAIM_TEXT.get(cid, "")), f"**{c.get('verdict', 'not assessed')}**"]
         if in_sample:
             row.append(_verdict(in_sample, cid) or "—")
         if power:

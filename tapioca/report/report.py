@@ -21,6 +21,7 @@ from tapioca.config import NOT_FOR_LM
 from tapioca.errors import CheckpointError
 from tapioca.analysis.evaluation import Evaluation
 from tapioca.io import atomic_write_bytes
+from tapioca.report.edges_report import GRAPH_CLAIM_TEXT, edges_plot, section_edges
 from tapioca.report.render import Block, render_html, render_markdown
 from tapioca.report.scales_report import build_scales_report, is_multi_scale
 from tapioca.report.headline import (CLAIMS, NOT_COMPUTED, findings, headline_caption, plot_headline, primary,
@@ -378,6 +379,9 @@ def section_each_claim(results: dict, images: dict) -> list[Block]:
     for cid, details in CLAIM_SECTIONS.items():
         blocks += [("h", 2, f"{cid} — {CLAIMS[cid]}", cid.lower()), *claim_verdict(results, cid),
                    *details(results, images)]
+    if "edges" in results:
+        blocks += [("h", 2, f"G1 — {GRAPH_CLAIM_TEXT['G1']}", "g1"), *claim_verdict(results, "G1"),
+                   *section_edges(results, images)]
     return blocks
 
 
@@ -527,6 +531,7 @@ PLOT_TEXT = {  # file -> (title, caption)
                         "model, seeds pooled), with y = x and the shrinkage slope."),
     "calibration.png": ("Calibration", "Reliability diagrams (accuracy vs confidence, 15 equal-width bins) per "
                         "distribution, full model vs target-protocol pruned model, with each one's ECE."),
+    "edges.png": ("Edge pruning", "Held-out accuracy of ERM, PrunE and edge controls, and edge retention."),
     "attribution.png": ("Distortion attribution", "Per-block distortion attribution a_l (shifts × blocks, full "
                         "model, mean over seeds)."),
 }
@@ -541,7 +546,8 @@ def build_report(run_dir: str | Path) -> tuple[list[Block], dict[str, bytes]]:
         return blocks, {name: _png(fig) for name, fig in figures.items()}
     results = load_results(run_dir)
     figures = {"headline.png": plot_headline(results),
-               **make_plots(results, load_profiles(run_dir), load_full_evaluation(run_dir))}
+               **make_plots(results, load_profiles(run_dir), load_full_evaluation(run_dir)),
+               "edges.png": edges_plot(results)}
     images = {name: _png(fig) for name, fig in figures.items() if fig is not None}
     lead = section_title(results) + section_lead(results, images)
     claims = section_each_claim(results, images)
