@@ -209,18 +209,23 @@ class GraphTrainConfig:
 class EdgePruningConfig:
     """PrunE (Yao et al., NeurIPS 2025): an edge selector GNN learns hard Gumbel-softmax edge masks that feed
     the classifier, under a graph-size constraint (kept-edge ratio toward ``eta``) and an epsilon-probability
-    alignment of the ``align_fraction`` lowest-probability edges, after ``warmup_steps`` of ERM."""
+    alignment of each graph's ``align_fraction`` lowest-probability edges, after ERM (a study starts PrunE from
+    the seed's ERM-trained classifier; ``warmup_steps`` of ERM run only without one). Defaults: the authors'
+    GOOD-Motif settings (eta 0.85, K 90 %, lambda_1 10, lambda_2 0.001, tau 0.2, epsilon 1/|E|, 2-layer
+    selector, lr 1e-3). ``readout``: which edges a trained selector keeps at test time ("top_eta": each graph's
+    top eta share by keep probability, the budget the objective targets; "threshold": keep probability > 0.5)."""
 
-    warmup_steps: int = _range(500, ge=0)  # ERM steps before the edge selector is trained
+    warmup_steps: int = _range(200, ge=0)  # ERM steps before the edge selector is trained (no ERM classifier given)
     steps: int = _range(1500, ge=1)  # PrunE steps after the warm-up
-    eta: float = _range(0.75, gt=0, le=1)  # target share of kept edges (graph-size constraint)
-    epsilon: float = _range(0.01, gt=0, le=0.5)  # alignment target probability of the lowest edges
-    align_fraction: float = _range(0.1, gt=0, le=1)  # share of each graph's edges aligned to epsilon
-    lambda_size: float = _range(1.0, ge=0)  # weight of the graph-size constraint
-    lambda_align: float = _range(1.0, ge=0)  # weight of the epsilon-probability alignment
-    tau: float = _range(1.0, gt=0)  # Gumbel-softmax temperature
+    eta: float = _range(0.85, gt=0, le=1)  # target share of kept edges (graph-size constraint)
+    epsilon: float | None = _range(None, gt=0, le=0.5)  # alignment target probability (None: 1/|E_g| per graph)
+    align_fraction: float = _range(0.9, gt=0, le=1)  # share K of each graph's edges aligned to epsilon
+    lambda_size: float = _range(10.0, ge=0)  # weight of the graph-size constraint
+    lambda_align: float = _range(0.001, ge=0)  # weight of the epsilon-probability alignment
+    tau: float = _range(0.2, gt=0)  # Gumbel-softmax temperature
     selector_layers: int = _range(2, ge=1)  # message-passing layers of the edge selector
     lr: float = _range(1e-3, gt=0)
+    readout: Literal["top_eta", "threshold"] = "top_eta"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from tapioca.models.gnn import GraphNet, load_gnn, save_gnn
 from tapioca.models.training import (
     STATE_FILE, ZOO, _INIT_LOCK, _resume, _save, find_shipped, finished, learning_rate,
 )
+from tapioca.pruning.edges import take_graphs
 from tapioca.tasks.graph_data import GraphBatch, GraphMotifTask, GraphTaskConfig
 from tapioca.tasks.polyreg import split_seed
 
@@ -36,8 +37,7 @@ def training_graphs(task: GraphMotifTask, cfg: GraphConfig, seed: int) -> GraphB
 def minibatch(graphs: GraphBatch, size: int, seed: int, step: int) -> GraphBatch:
     """``size`` graphs drawn with replacement; they depend only on (seed, step), so a resumed run is exact."""
     gen = torch.Generator().manual_seed(split_seed(seed, f"graph-step-{step}", "train"))
-    rows = torch.randint(len(graphs), (size,), generator=gen)
-    return GraphBatch.concat([graphs.slice(int(i), int(i) + 1) for i in rows])
+    return take_graphs(graphs, torch.randint(len(graphs), (size,), generator=gen))
 
 
 def train_graph_model(cfg: GraphConfig, task: GraphMotifTask, seed: int, out: str | Path | None = None,

@@ -52,6 +52,7 @@ class SeedOutputs:
     candidates: dict[str, np.ndarray]  # per distribution: one-block removals' in-sample gains (L, n_select)
     methods: dict[str, dict[str, Evaluation]] = field(default_factory=dict)
     causal: dict[str, dict] = field(default_factory=dict)
+    edges: dict | None = None  # graphs: PrunE's evaluations and summary (tapioca.study.edges)
 
 
 def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True, log: Log = print) -> dict:
@@ -81,12 +82,15 @@ def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True,
 def seed_steps(cfg: Config) -> list[str]:
     """The per-seed steps, in order (the progress bar counts them)."""
     return ["model", "prune", "evaluate", "in-sample", "geometry",
-            *(("comparisons", "interventions") if cfg.geometry.controls else ())]
+            *(("comparisons", "interventions") if cfg.geometry.controls else ()),
+            *(("edges",) if cfg.graph is not None else ())]
 
 
 def open_workloads(cfg: Config, out: Path, timer: Timer, progress: bool, log: Log) -> Callable[[int], Workload]:
     """seed -> the study's workload for that seed: the testbed model of replicate ``seed``, or the one language
     model (loaded once, its data checked for every seed before any model work)."""
+    if cfg.graph is not None:
+        return graph_workloads(cfg, out, timer, progress, log)
     if cfg.lm is None:
         from tapioca.tasks.testbed import TestbedWorkload
 
@@ -100,6 +104,33 @@ def open_workloads(cfg: Config, out: Path, timer: Timer, progress: bool, log: Lo
         f"distributions {wl.distributions}")
     wl.check_data(list(cfg.evaluation.seeds))
     return lambda seed: wl
+
+
+def graph_workloads(cfg: Config, out: Path, timer: Timer, progress: bool, log: Log) -> Callable[[int], Workload]:
+    """seed -> the graph workload of replicate ``seed``: ``graph.checkpoint`` (``{seed}`` substituted), a shipped
+    classifier trained with this exact config, or one trained now into ``out/models/seed<seed>``."""
+    from tapioca.models.gnn import load_gnn
+    from tapioca.models.graph_training import find_shipped_graph_model, is_graph_trained, train_graph_model
+    from tapioca.tasks.graph_workload import GraphWorkload, load_graph_task
+
+    g = cfg.graph
+    assert g is not None
+    task, device = load_graph_task(g), resolve_device(cfg.run.device)
+
+    def model(seed: int) -> Any:
+        if g.checkpoint is not None:
+            return load_gnn(g.checkpoint.format(seed=seed), device)
+        shipped = find_shipped_graph_model(g, task.cfg, seed)
+        if shipped is not None:
+            log(f"seed {seed}: using the shipped graph classifier {shipped.name} (trained with this exact config)")
+            return load_gnn(shipped, device)
+        folder = out / "models" / f"seed{seed}"
+        if is_graph_trained(folder, g, task.cfg, seed):
+            return load_gnn(folder, device)
+        with timer("train"):
+            return train_graph_model(g, task, seed, folder, progress, device)
+
+    return lambda seed: GraphWorkload.from_config(cfg, model(seed), task)
 
 
 def model_for_seed(cfg: Config, seed: int, out: Path, timer: Timer, progress: bool, log: Log) -> ICLModel:
@@ -152,6 +183,12 @@ def run_seed(cfg: Config, wl: Workload, seed: int, out: Path, timer: Timer, step
                                lambda t=t: controls.interventions(cfg, wl, seed, t, searches[t].removed, id_profiles))
                 for t in wl.distributions if t != "id" and searches[t].removed}
         steps.done(seed, "interventions")
+    if cfg.graph is not None:
+        from tapioca.study.edges import edge_pruning_seed
+
+        with timer("edges"):
+            outputs.edges = edge_pruning_seed(wl, cfg.graph, seed, out / "edges" / f"seed{seed}", steps.inner)  # type: ignore[arg-type]
+        steps.done(seed, "edges")
     log(f"seed {seed}: ID {wl.primary_metric} {full.mean('id', wl.primary_metric):.4f}; TALE removed (target=id) "
         f"{searches['id'].removed}; " + ", ".join(f"{d} {searches[d].removed}" for d in wl.distributions if d != "id"))
     return outputs
@@ -288,6 +325,10 @@ def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) 
         results["robust"] = {d: robust_summary(full, target, d, wl.primary_metric, ev.n_bootstrap, ev.confidence)
                              for d in dists}
     results.update(wl.extra_results(full, target, from_id))
+    if cfg.graph is not None:
+        from tapioca.study.edges import edge_results
+
+        results["edges"] = edge_results(cfg, wl, {s: o.edges for s, o in per_seed.items()})  # type: ignore[arg-type]
     results["claims"] = verdicts(results)
     results["claims_in_sample"] = verdicts_in_sample(results)
     results["paper_pattern"] = paper_pattern(results)
