@@ -8,6 +8,7 @@ Every function takes a :class:`~tapioca.tasks.base.Workload`, or a model and its
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tapioca.analysis.evaluation import Evaluation, check_split_size
-from tapioca.config import Config, PruningConfig, from_dict, to_dict
+from tapioca.config import Config, PruningConfig, from_dict, load_config, to_dict
 from tapioca.errors import ConfigError
 from tapioca.models.gates import Gates
 from tapioca.models.icl import ICLModel, load_model
@@ -182,3 +183,49 @@ def evaluate(
     return Evaluation.concat([base.evaluate(wl, gates, dist, seed, n)
                               for dist in tqdm(dists, disable=not progress, desc="evaluate", leave=False)
                               for seed in seeds])
+
+
+def save_pruned(model: Any, removed: Sequence[int] | PruneResult, path: str | Path,
+                provenance: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a workload, a causal LM :class:`~tapioca.models.hf.HFModel` or a testbed model) without
+    the ``removed`` blocks (a list, or a :class:`PruneResult` whose chosen blocks and search are recorded) to
+    the folder ``path``. A language model becomes a normal Hugging Face folder
+    (:func:`tapioca.models.hf_save.save_pruned`, with ``tapioca_pruning.json``); a testbed model a
+    ``tapioca load``-able folder of its sliced blocks. Returns ``path``."""
+    model = getattr(model, "model", model) if hasattr(model, "selection") else model  # a workload's model
+    if isinstance(removed, PruneResult):
+        provenance = {"search": removed.search, "selection_score": removed.selection_score,
+                      "baseline_score": removed.baseline_score, "removed_in_order": list(removed.removed),
+                      "search_info": removed.info, **(provenance or {})}
+        removed = removed.removed
+    if isinstance(model, ICLModel):
+        from tapioca.models.icl import save_model
+
+        from tapioca.models.hf_structure import _kept
+
+        _kept(model.n_blocks, list(removed))  # one-line errors for bad indices or removing every block
+        folder = Path(path)
+        save_model(model.slice_blocks(list(removed)), folder,
+                   {"pruning": {"removed": sorted(int(r) for r in removed), "n_blocks_original": model.n_blocks,
+                                **(provenance or {})}})
+        return folder
+    from tapioca.models.hf_save import save_pruned as save_hf
+
+    if not hasattr(model, "pruned_copy"):
+        raise ConfigError(f"cannot save a pruned {type(model).__name__}: expected a causal LM (HFModel), a testbed "
+                          "model or a workload of one")
+    return save_hf(model, removed, path, provenance)
+
+
+def check(base: Any, pruned: Any, cfg: Config | str | Path, out: str | Path | None = "runs/check",
+          progress: bool = False) -> dict[str, Any]:
+    """The three tests of ``tapioca check`` on two causal LMs (folders, installed names or HFModels; the pruned
+    one from any tool): held-out ID accuracy, OOD accuracy per shift and calibration, with paired-bootstrap
+    CIs, MDEs and a verdict per test (:mod:`tapioca.study.check`). ``cfg``: a Config or YAML path whose
+    ``lm.task`` is the text task. Returns the ``check.json`` data; writes it with the report into ``out``."""
+    from tapioca.study.check import run_check
+
+    if not isinstance(cfg, Config):
+        name = getattr(getattr(base, "source", None), "path", None) or (base if isinstance(base, (str, Path)) else "base")
+        cfg = load_config(cfg, [f"lm.model={json.dumps(str(name))}"])
+    return run_check(cfg, base, pruned, out, progress)

@@ -1,4 +1,4 @@
-"""Command line: ``tapioca train|prune|evaluate|study|report|stability``. A thin layer over the Python API."""
+"""Command line: ``tapioca train|prune|evaluate|study|report|stability|check``. A thin layer over the Python API."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from tapioca.api import evaluate, load_task, prune, resolve_device
+from tapioca.api import evaluate, load_task, prune, resolve_device, save_pruned
 from tapioca.config import Config, load_config, to_dict
 from tapioca.errors import CheckpointError, ConfigError, TapiocaError
 from tapioca.analysis.evaluation import Evaluation, compare
@@ -27,11 +27,11 @@ from tapioca.models.training import train
 from tapioca.tasks.base import Workload
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, out_default: str = "run.out") -> None:
     parser.add_argument("--config", help="YAML config file (default: the built-in testbed study)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.steps=2000 (repeatable)")
-    parser.add_argument("--out", help="run directory (default: run.out)")
+    parser.add_argument("--out", help=f"run directory (default: {out_default})")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: run.device)")
     parser.add_argument("--seed", type=int, help="seed (default: run.seed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "study": "train/load -> prune (both protocols, every target) -> evaluate -> profile -> intervene -> report",
         "report": "rebuild report.md, report.html and the plots of a finished run directory",
         "stability": "how many selection examples a stable TALE selection needs: resampled searches per size",
+        "check": "is a pruned model not worse where it matters? ID, OOD and calibration tests against its base",
     }
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--quiet", action="store_true", help="no messages")
             p.add_argument("--debug", action="store_true", help="show full tracebacks")
             continue
-        _common(p)
+        _common(p, "runs/check" if name == "check" else "run.out")
         if name in ("prune", "evaluate"):
             p.add_argument("--model", help="model folder (default: model.checkpoint; with an lm: section, lm.model)")
         if name == "prune":
@@ -65,8 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ray-address", metavar="ADDR",
                            help='join a Ray cluster: "auto" or "ray://host:port" (default: pruning.ray_address; '
                                 "none = start local Ray)")
+            p.add_argument("--save", metavar="DIR",
+                           help="also write the pruned model to DIR: a Hugging Face folder (save_pretrained, "
+                                "tokenizer, tapioca_pruning.json) for a language model, a testbed model folder "
+                                "otherwise")
         if name == "evaluate":
             p.add_argument("--pruning", help="pruning.json whose blocks to remove for the pruned model")
+        if name == "check":
+            p.add_argument("--base", required=True, metavar="DIR", help="the original model (Hugging Face folder)")
+            p.add_argument("--pruned", required=True, metavar="DIR",
+                           help="the pruned model (Hugging Face folder; pruned by tapioca or any other tool)")
         if name == "stability":
             p.add_argument("--sizes", metavar="N,N,...",
                            help="selection sizes, comma-separated, each >= 8 (default: 16,32,64,128,256)")
@@ -78,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FLAG_KEYS = (("out", "run.out"), ("device", "run.device"), ("seed", "run.seed"), ("workers", "pruning.workers"),
-             ("ray_address", "pruning.ray_address"))  # command-line flag -> the config key it overrides
+             ("ray_address", "pruning.ray_address"), ("base", "lm.model"))  # command-line flag -> the config key it overrides
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -137,6 +146,8 @@ def cmd_prune(args: argparse.Namespace, cfg: Config, say: Callable[[str], None])
     if p.workers and p.search != "tale":
         raise ConfigError(f"pruning.workers: {p.workers} applies only to pruning.search=tale (its candidate "
                           f"rounds); {p.search!r} runs in-process: use --workers 0")
+    if args.save and Path(args.save).resolve() == Path(cfg.run.out).resolve():
+        raise ConfigError(f"--save: {args.save!r} is the run directory (--out); give the pruned model its own folder")
     wl = _workload(args, cfg)
     out = _start(cfg)
     result = prune(wl, None, p.search, p.protocol, p.target, cfg=p, seed=cfg.run.seed,
@@ -144,6 +155,9 @@ def cmd_prune(args: argparse.Namespace, cfg: Config, say: Callable[[str], None])
     write_json(out / "pruning.json", result.to_dict())
     say(f"{p.search} ({p.protocol}, selected on {result.info['selected_on']}): removed {result.removed}; "
         f"selection score {result.baseline_score:.4f} -> {result.selection_score:.4f}")
+    if args.save:
+        folder = save_pruned(wl.model, result, args.save, {"config": args.config})
+        say(f"pruned model ({wl.model.n_blocks - len(result.removed)} of {wl.model.n_blocks} blocks): {folder}")
 
 
 def cmd_evaluate(args: argparse.Namespace, cfg: Config, say: Callable[[str], None]) -> None:
@@ -196,12 +210,22 @@ def cmd_stability(args: argparse.Namespace, cfg: Config, say: Callable[[str], No
     say(f"results: {out / 'stability.json'}, {out / 'stability.md'}, {out / 'stability.png'}")
 
 
+def cmd_check(args: argparse.Namespace, cfg: Config, say: Callable[[str], None]) -> None:
+    from tapioca.study.check import run_check, verdict_lines
+
+    out = Path(args.out or "runs/check")
+    data = run_check(cfg, args.base, args.pruned, out, progress=not args.quiet, log=say)
+    for line in verdict_lines(data):
+        say(line)
+    say(f"results: {out / 'check.json'}; report: {out / 'report.html'}")
+
+
 def cmd_report(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     say(f"report: {write_report(args.run_dir) / 'report.html'}")
 
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "study": cmd_study,
-            "stability": cmd_stability}
+            "stability": cmd_stability, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import shutil
 from contextlib import contextmanager, nullcontext
@@ -525,13 +526,16 @@ class HFModel:
             clone = copy.deepcopy(self.model)
         return HFModel(clone, self.tokenizer, chat=self.chat)
 
-    def save(self, path: str | Path) -> Path:
-        """Write model (safetensors) and tokenizer to ``path`` via ``save_pretrained``; replaces atomically."""
+    def save(self, path: str | Path, extra_json: dict[str, Any] | None = None) -> Path:
+        """Write model (safetensors) and tokenizer to ``path`` via ``save_pretrained``, and each
+        ``extra_json`` {file name: data} as JSON beside them; replaces atomically."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
+        for name, data in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             path.rename(old)
