@@ -18,6 +18,9 @@ def row(mean=0.0, low=-0.01, high=0.01, full=1.0, improved=False, worse=False):
                      "p_holm": 0.5, "n": 100, "improved": improved, "worse": worse}}
 
 
+ALL = ("id", *SHIFTS)  # the ID search and every shift's search removed blocks
+
+
 def build(improved=(), d_full=None, d_pruned=None, removed=("s1",), drop=None):
     """A minimal results.json: 6 shifts, 2 seeds, full-model NMSE = 1 + drop, D = d_full per shift."""
     d_full = d_full or {s: 1.0 for s in SHIFTS}
@@ -41,7 +44,7 @@ def build(improved=(), d_full=None, d_pruned=None, removed=("s1",), drop=None):
 
 
 def test_c1_separates_no_benefit_from_not_enough_data():
-    results = build()  # ID NMSE 0.1: the smallest effect of interest is 5 % of it, 0.005
+    results = build(removed=ALL)  # ID NMSE 0.1: the smallest effect of interest is 5 % of it, 0.005
     delta = results["protocols"]["target"]["delta"]
     delta["id"] = row(0.0, -0.001, 0.001, full=0.1)  # the CI excludes a gain of 0.005
     assert c1_no_id_benefit(results)["verdict"] == SUPPORTED
@@ -55,7 +58,7 @@ def test_c1_separates_no_benefit_from_not_enough_data():
 
 
 def test_c1_uses_the_tost_interval_and_reports_power():
-    results = build()
+    results = build(removed=ALL)
     results["smallest_effect"] = {"relative": 0.05, "points": 0.01}
     r = row(0.0, -0.006, 0.006, full=0.1)  # 95 % CI reaches a gain of 0.006 > δ ...
     r["nmse"].update(low_tost=-0.004, high_tost=0.004, sd=0.02, mde=0.0056)  # ... the 90 % one does not
@@ -67,15 +70,25 @@ def test_c1_uses_the_tost_interval_and_reports_power():
 
 
 def test_c2_needs_evidence_against_a_gain_to_refute():
-    assert c2_ood_improves(build(improved=SHIFTS[:4]))["verdict"] == SUPPORTED
-    assert c2_ood_improves(build(improved=SHIFTS[:2]))["verdict"] == INCONCLUSIVE
-    verdict = c2_ood_improves(build())  # every shift: gain CI [-0.01, 0.01] excludes δ = 0.05 of NMSE 1
+    assert c2_ood_improves(build(improved=SHIFTS[:4], removed=ALL))["verdict"] == SUPPORTED
+    assert c2_ood_improves(build(improved=SHIFTS[:2], removed=ALL))["verdict"] == INCONCLUSIVE
+    verdict = c2_ood_improves(build(removed=ALL))  # every shift: gain CI [-0.01, 0.01] excludes δ = 0.05 of NMSE 1
     assert verdict["verdict"] == REFUTED and "gain on 0/6" in verdict["evidence"]
-    wide = build()
+    wide = build(removed=ALL)
     for s in SHIFTS:
         wide["protocols"]["target"]["delta"][s] = row(0.0, -0.2, 0.2)  # no significant change, CI too wide
     verdict = c2_ood_improves(wide)
     assert verdict["verdict"] == INCONCLUSIVE and verdict["numbers"]["undecided"] == SHIFTS
+
+
+def test_c1_and_c2_do_not_count_searches_that_removed_nothing():
+    results = build(removed=("s1",))  # the ID search and five shifts' searches kept every block
+    results["protocols"]["target"]["delta"]["id"] = row(0.0, 0.0, 0.0, full=0.1)
+    c1 = c1_no_id_benefit(results)
+    assert c1["verdict"] == INCONCLUSIVE and "never tested" in c1["evidence"]
+    c2 = c2_ood_improves(results)  # s1 alone is tested: its CI excludes a gain of δ
+    assert c2["verdict"] == REFUTED and c2["numbers"]["untested"] == SHIFTS[1:]
+    assert c2_ood_improves(build(removed=()))["verdict"] == INCONCLUSIVE
 
 
 def test_c3_compares_distortion_with_the_noise_floor():

@@ -203,3 +203,33 @@ def test_init_classifier_is_copied_and_skips_the_warm_up(graphs: GraphBatch) -> 
     pruner = E.train_edge_pruning(cfg, TRAIN, MODEL, graphs, seed=0, init=init, progress=False)
     assert all(torch.equal(v, init.state_dict()[k]) for k, v in before.items())
     assert not all(torch.equal(v, pruner.classifier.state_dict()[k]) for k, v in before.items())
+
+
+def test_top_share_mask_keeps_each_graphs_most_probable_edges(graphs: GraphBatch) -> None:
+    batch = graphs.slice(0, 12)
+    pruner = fresh_pruner()
+    p = pruner.selector.keep_probability(batch).detach()
+    keep = E.top_share_mask(batch, p, 0.6)
+    reverse = E.reverse_edges(batch)
+    assert torch.equal(keep, keep[reverse])  # both directions together
+    for g in range(len(batch)):
+        lo, hi = int(batch.edge_ptr[g]), int(batch.edge_ptr[g + 1])
+        n_undirected = (hi - lo) // 2
+        assert int(keep[lo:hi].sum()) == 2 * -(-n_undirected * 6 // 10)  # ceil(0.6 n) undirected edges
+        if keep[lo:hi].any() and (~keep[lo:hi]).any():
+            assert p[lo:hi][keep[lo:hi]].min() >= p[lo:hi][~keep[lo:hi]].max()
+    budgeted = dataclasses.replace(pruner, budget=0.6)
+    assert torch.equal(budgeted.keep_mask(batch), keep)
+
+
+def test_erm_only_control_trains_the_classifier_without_masks(graphs: GraphBatch, tmp_path) -> None:
+    torch.manual_seed(5)
+    init = GraphNet(MODEL)
+    cfg = EdgePruningConfig(steps=3)
+    control = E.train_edge_pruning(cfg, TRAIN, MODEL, graphs, seed=0, init=init, progress=False,
+                                   out=tmp_path / "c", erm_only=True)
+    history = E.training_history(tmp_path / "c")
+    assert [r["phase"] for r in history] == ["erm"] * 3 and all(r["kept"] == 1.0 for r in history)
+    with pytest.raises(CheckpointError):  # the PrunE objective is another training: not resumed from the control
+        E.train_edge_pruning(cfg, TRAIN, MODEL, graphs, seed=0, init=init, progress=False, out=tmp_path / "c")
+    assert control.classifier is not init

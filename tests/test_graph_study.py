@@ -72,7 +72,7 @@ def test_rerun_skips_finished_steps_and_the_report_renders(finished):
     assert again["timings_seconds"]["train"] == results["timings_seconds"]["train"]  # nothing retrained
     folder = write_report(out)
     text = (folder / "report.md").read_text()
-    assert "G1 — edge pruning (PrunE)" in text and "motif kept" in text
+    assert "G1 — edge pruning (PrunE)" in text and "motif edges kept" in text
     assert (folder / "edges.png").is_file()
 
 

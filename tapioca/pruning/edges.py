@@ -275,7 +275,8 @@ def fingerprint(cfg: EdgePruningConfig, train: GraphTrainConfig, model_cfg: GNNC
                 seed: int, init: GraphNet | None) -> dict[str, Any]:
     """What must match for a PrunE checkpoint to be resumed (everything that changes the trained weights)."""
     used = {k: getattr(train, k) for k in ("batch_size", "weight_decay", "grad_clip")}
-    return {"kind": "prune", "edges": to_dict(cfg), "train": used, "model": to_dict(model_cfg), "seed": seed,
+    edges = {k: v for k, v in to_dict(cfg).items() if k != "readout"}  # the readout does not change the weights
+    return {"kind": "prune", "edges": edges, "train": used, "model": to_dict(model_cfg), "seed": seed,
             "init": None if init is None else _digest_tensors(init.state_dict()), "data": _graphs_digest(graphs)}
 
 
@@ -329,14 +330,17 @@ def _optimizer(pruner: EdgePruner, cfg: EdgePruningConfig, train: GraphTrainConf
 
 def train_edge_pruning(cfg: EdgePruningConfig, train: GraphTrainConfig, model_cfg: GNNConfig, graphs: GraphBatch,
                        seed: int, init: GraphNet | None = None, out: str | Path | None = None,
-                       progress: bool = True, device: str | torch.device | None = None) -> EdgePruner:
+                       progress: bool = True, device: str | torch.device | None = None,
+                       erm_only: bool = False) -> EdgePruner:
     """Train PrunE on ``graphs`` (the ID training set); return the pruner in eval mode.
 
     ``init``: an ERM-trained classifier to start from (copied, not modified; its training is the warm-up);
     None: ``cfg.warmup_steps`` of ERM from a seeded fresh classifier first. Minibatches of ``train.batch_size``
     graphs are drawn with replacement, and the Gumbel noise too, from (seed, step). ``out``: checkpoints every
     ``train.checkpoint_every`` steps; a run with the same settings resumes there (a finished one loads without
-    training), one with other settings raises :class:`CheckpointError`. ``device``: default ``init``'s, else CPU."""
+    training), one with other settings raises :class:`CheckpointError`. ``device``: default ``init``'s, else CPU.
+    ``erm_only``: the control that trains the classifier by plain ERM through the same steps, optimiser and
+    minibatches (no masks, no penalties): what continued training alone does to it."""
     if init is not None and init.cfg != model_cfg:
         raise ConfigError(f"train_edge_pruning: init's model config {init.cfg} differs from model_cfg {model_cfg}")
     if len(graphs) == 0:
@@ -344,7 +348,7 @@ def train_edge_pruning(cfg: EdgePruningConfig, train: GraphTrainConfig, model_cf
     device = torch.device(device if device is not None else (init.device if init is not None else "cpu"))
     warm = 0 if init is not None else cfg.warmup_steps
     total = warm + cfg.steps
-    wanted = fingerprint(cfg, train, model_cfg, graphs, seed, init)
+    wanted = fingerprint(cfg, train, model_cfg, graphs, seed, init) | ({"objective": "erm"} if erm_only else {})
     pruner = _build(cfg, model_cfg, seed, init, device)
     opt = _optimizer(pruner, cfg, train)
     state: dict[str, Any] = {"step": 0, "history": [], "seconds": 0.0}
@@ -356,7 +360,7 @@ def train_edge_pruning(cfg: EdgePruningConfig, train: GraphTrainConfig, model_cf
     pruner.selector.train()
     started = time.perf_counter()
     for step in range(state["step"], total):
-        record = _train_step(pruner, opt, cfg, train, graphs, seed, step, erm=step < warm)
+        record = _train_step(pruner, opt, cfg, train, graphs, seed, step, erm=erm_only or step < warm)
         state["history"].append(record)
         bar.update(1)
         if step % 10 == 0 or step + 1 == total:

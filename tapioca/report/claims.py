@@ -112,6 +112,10 @@ def c1_no_id_benefit(results: dict, protocol: str = "target") -> dict:
     ci = (f"ID gain in {metric} {gain['mean']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}] "
           f"(full {row['full']:.4f}; δ {delta:.4f}; MDE {_fmt(power['mde'])} at n={power['n']})")
     numbers = dict(row, margin=delta)
+    if not _removed_any(results, "id"):
+        return _verdict_with_power(INCONCLUSIVE, "the ID search removed no block in any seed (every removal cost "
+                                   f"more than ε): Δ is 0 by construction, so pruning's effect on ID was never "
+                                   f"tested: {ci}", power, **numbers)
     if gain["low"] > delta:
         return _verdict_with_power(REFUTED, f"selecting on ID improves ID by more than δ: {ci}", power, **numbers)
     if gain["high_tost"] < delta:
@@ -122,14 +126,17 @@ def c1_no_id_benefit(results: dict, protocol: str = "target") -> dict:
 
 
 def shift_outcomes(results: dict, protocol: str = "target") -> dict[str, str]:
-    """Per shift under ``protocol``: "gain" (CI excludes 0 on the good side, Holm), "worse" (likewise on the bad
-    side), "no gain ≥ δ" (the TOST interval's upper end is below +δ) or "undecided"."""
+    """Per shift under ``protocol``: "nothing removed" (the search kept every block in every seed: Δ is 0 by
+    construction, so it says nothing about pruning), "gain" (CI excludes 0 on the good side, Holm), "worse"
+    (likewise on the bad side), "no gain ≥ δ" (the TOST interval's upper end is below +δ) or "undecided"."""
     metric = primary_metric(results)
     delta_rows = results["protocols"][protocol]["delta"]
     out = {}
     for s in _shifts(results):
         row = delta_rows[s][metric]
-        if row["improved"]:
+        if not _removed_any(results, s):
+            out[s] = "nothing removed"
+        elif row["improved"]:
             out[s] = "gain"
         elif row["worse"]:
             out[s] = "worse"
@@ -152,6 +159,8 @@ def c2_ood_improves(results: dict, protocol: str = "target") -> dict:
     better = [s for s, o in outcomes.items() if o == "gain"]
     against = [s for s, o in outcomes.items() if o in ("worse", "no gain ≥ δ")]
     undecided = [s for s, o in outcomes.items() if o == "undecided"]
+    untested = [s for s, o in outcomes.items() if o == "nothing removed"]
+    shifts = [s for s in shifts if s not in untested]
     from_id = results["protocols"]["from-id"]["delta"]
     better_from_id = [s for s in shifts if from_id[s][metric]["improved"]]
     mdes = [rows[s][metric].get("mde") for s in shifts if rows[s][metric].get("mde") is not None]
@@ -161,6 +170,10 @@ def c2_ood_improves(results: dict, protocol: str = "target") -> dict:
         needed = [_power(rows[s][metric], smallest_effect(results, metric, rows[s][metric]["full"]))["n_needed"]
                   for s in undecided]
         power["n_needed"] = max((n for n in needed if n), default=None)
+    if not shifts:
+        return _verdict_with_power(INCONCLUSIVE, f"the search removed no block on any shift ({', '.join(untested)}): "
+                                   "every removal cost more than ε on the shift's own selection split, so pruning's "
+                                   "effect on OOD was never tested", power, untested=untested, outcomes=outcomes)
     if len(better) > len(shifts) / 2:
         verdict = SUPPORTED
     elif not better and len(against) > len(shifts) / 2:
@@ -171,8 +184,10 @@ def c2_ood_improves(results: dict, protocol: str = "target") -> dict:
                 f"gain on {len(against)} ({sum(o == 'worse' for o in outcomes.values())} significantly worse); "
                 f"undecided {len(undecided)}" + (f" (median MDE {power['mde']:.4f} at n={power['n']}; "
                                                   f"n≈{power['n_needed']} needed for δ)" if undecided and mdes else "")
-                + f"; from-ID selection gained on {len(better_from_id)}/{len(shifts)}")
+                + f"; from-ID selection gained on {len(better_from_id)}/{len(shifts)}"
+                + (f"; no block removed (not counted) on {', '.join(untested)}" if untested else ""))
     return _verdict_with_power(verdict, evidence, power, improved=better, against=against, undecided=undecided,
+                               untested=untested,
                                outcomes=outcomes, improved_from_id=better_from_id, n_shifts=len(shifts))
 
 

@@ -17,10 +17,12 @@ from tapioca.report.render import Block  # noqa: E402
 
 METHOD_TEXT = {
     "erm": "ERM classifier, whole graphs",
-    "prune": "PrunE: its classifier on the edges its selector keeps",
+    "prune": "PrunE: its classifier on the edges its selector keeps (keep probability > 0.5)",
+    "prune_at_eta": "PrunE's classifier on each graph's top η share of edges by keep probability",
     "prune_random": "PrunE's classifier, as many edges per graph kept at random",
     "erm_random": "ERM classifier, the same random edges",
     "erm_on_kept": "ERM classifier on PrunE's kept edges (no retraining)",
+    "erm_continued": "ERM classifier trained on by plain ERM through PrunE's steps (no masks): continued training alone",
 }
 PAPER_NOTE = ("PrunE's paper reports, on GOOD-Motif, about 9 in 10 invariant (motif) edges kept where earlier "
               "graph-OOD methods keep about 5 in 10, and a 24.19 % OOD gain; the numbers here are measured on "
@@ -50,8 +52,9 @@ def edges_plot(results: dict) -> Any:
     left.set_title("ERM vs PrunE and edge controls (95% CI)")
     retention = edges["retention"]
     x = np.arange(len(dists))
-    for offset, (who, colour) in zip((-0.2, 0.2), (("prune", "#2471a3"), ("random", "#999999"))):
-        right.bar(x + offset, [retention[d][who]["motif"] for d in dists], 0.38, color=colour,
+    masks = (("prune", "#2471a3"), ("prune_at_eta", "#7fb3d5"), ("random", "#999999"))
+    for offset, (who, colour) in zip((-0.27, 0.0, 0.27), masks):
+        right.bar(x + offset, [retention[d][who]["motif"] for d in dists], 0.26, color=colour,
                   label=f"{who}: motif edges kept")
         right.plot(x + offset, [retention[d][who]["base"] for d in dists], "k_", ms=14, mew=2)
     right.set_xticks(range(len(dists)), dists)
@@ -83,10 +86,14 @@ def section_edges(results: dict, images: dict) -> list[Block]:
                ("table", ["method", "distribution", "accuracy [95% CI]", "Δ vs ERM [95% CI]", "Holm p", "outcome"],
                 rows)]
     retention = edges["retention"]
-    blocks.append(("table", ["distribution", "PrunE: motif kept", "PrunE: base kept", "PrunE: all kept",
-                             "random: motif kept", "random: base kept"],
-                   [[d, _num(r["prune"]["motif"]), _num(r["prune"]["base"]), _num(r["prune"]["kept"]),
-                     _num(r["random"]["motif"]), _num(r["random"]["base"])] for d, r in retention.items()]))
+    blocks.append(("table", ["distribution", "mask", "motif edges kept", "base edges kept", "all edges kept"],
+                   [[d, who, _num(r[who]["motif"]), _num(r[who]["base"]), _num(r[who]["kept"])]
+                    for d, r in retention.items() for who in r]))
+    training = _dig(edges, "training") or {}
+    if training:
+        blocks.append(("p", f"PrunE's training, last 100 steps (mean over seeds): kept-edge share "
+                            f"{_num(training.get('kept'))} (target η = {_num(_dig(edges, 'settings', 'eta'))}), "
+                            f"classification loss {_num(training.get('ce'))}.", "note"))
     geo = edges["geometry"]
     shifts = [k for k in geo["erm"] if k != "noise_floor"]
     blocks.append(("table", ["view", "ID-vs-ID noise floor", *[f"D {s}" for s in shifts]],

@@ -4,7 +4,11 @@ Per replicate seed (each cached in ``<run>/edges/seed<seed>/``):
 
 * PrunE is trained from the seed's ERM classifier (that training is PrunE's ERM warm-up);
 * held-out evaluation, on the very graphs the layer study evaluates, of: ``erm`` (the classifier on whole
-  graphs), ``prune`` (PrunE's classifier on the graphs its selector keeps), ``prune_random`` (PrunE's classifier
+  graphs), ``prune`` (PrunE's classifier on the graphs its selector keeps: keep probability > 0.5, the
+  deterministic counterpart of the sampled masks it was trained on; ``graph.edges.readout``), ``prune_at_eta``
+  (the same classifier on each graph's top eta share of edges by keep probability), ``erm_continued`` (the ERM
+  classifier trained on by plain ERM through PrunE's steps, optimiser and minibatches: what continued training
+  alone does), ``prune_random`` (PrunE's classifier
   with as many edges per graph kept at random), ``erm_random`` (the ERM classifier on those random graphs) and
   ``erm_on_kept`` (the ERM classifier on PrunE's kept edges);
 * invariant-edge retention: the share of motif edges and of base edges PrunE keeps, and random keeps;
@@ -26,12 +30,12 @@ from tapioca.analysis.geometry import distortion, profile, query_states
 from tapioca.config import Config, GraphConfig
 from tapioca.models.base import BlockModel, run_in_chunks
 from tapioca.models.graph_training import training_graphs
-from tapioca.pruning.edges import EdgePruner, random_edge_mask, retention, train_edge_pruning
+from tapioca.pruning.edges import EdgePruner, random_edge_mask, retention, train_edge_pruning, training_history
 from tapioca.study.rundir import cached_evaluation, cached_json
 from tapioca.tasks.graph_data import GraphBatch
 from tapioca.tasks.graph_workload import GraphWorkload, graph_measure
 
-METHODS = ("erm", "prune", "prune_random", "erm_random", "erm_on_kept")
+METHODS = ("erm", "prune", "prune_at_eta", "prune_random", "erm_random", "erm_on_kept", "erm_continued")
 RANDOM_SEED_OFFSET = 104_729  # random edge masks: their own stream, per seed
 
 
@@ -41,9 +45,11 @@ def edge_pruning_seed(wl: GraphWorkload, g: GraphConfig, seed: int, folder: Path
     folder.mkdir(parents=True, exist_ok=True)
     pruner = train_edge_pruning(g.edges, g.train, g.model, training_graphs(wl.task, g, seed), seed, init=wl.model,
                                 out=folder / "prune", progress=progress)
+    continued = train_edge_pruning(g.edges, g.train, g.model, training_graphs(wl.task, g, seed), seed, init=wl.model,
+                                   out=folder / "erm-continued", progress=progress, erm_only=True).classifier
     pruner.eval()
     pruner.budget = g.edges.eta if g.edges.readout == "top_eta" else None
-    views = graph_views(wl.model, pruner, seed)
+    views = graph_views(wl.model, pruner, seed, g.edges.eta) | {"erm_continued": (continued, lambda batch: batch)}
     chunk = wl.sizes.eval_chunk
     evaluations = {}
     for method in METHODS:
@@ -52,9 +58,11 @@ def edge_pruning_seed(wl: GraphWorkload, g: GraphConfig, seed: int, folder: Path
             [evaluate_view(model, view(wl.task.data(d, "heldout", seed, wl.sizes.n_heldout)), d, seed, chunk)
              for d in wl.distributions]))
     summary = cached_json(folder / "edges.json", lambda: {
-        "retention": {d: seed_retention(pruner, wl.task.data(d, "heldout", seed, wl.sizes.n_heldout), seed, chunk)
+        "retention": {d: seed_retention(pruner, wl.task.data(d, "heldout", seed, wl.sizes.n_heldout), seed, chunk,
+                              g.edges.eta)
                       for d in wl.distributions},
         "geometry": edge_geometry(wl, views, seed),
+        "training": training_record(folder / "prune"),
     })
     return {"evaluations": evaluations, "summary": summary}
 
@@ -62,16 +70,22 @@ def edge_pruning_seed(wl: GraphWorkload, g: GraphConfig, seed: int, folder: Path
 View = Callable[[GraphBatch], GraphBatch]
 
 
-def graph_views(erm: BlockModel, pruner: EdgePruner, seed: int) -> dict[str, tuple[BlockModel, View]]:
+def graph_views(erm: BlockModel, pruner: EdgePruner, seed: int, eta: float) -> dict[str, tuple[BlockModel, View]]:
     """Each method's (classifier, graphs it sees)."""
+    at_eta = dataclasses.replace(pruner, budget=eta)
+
     def kept(batch: GraphBatch) -> GraphBatch:
         return batch.with_edges(pruner.keep_mask(batch))
+
+    def kept_at_eta(batch: GraphBatch) -> GraphBatch:
+        return batch.with_edges(at_eta.keep_mask(batch))
 
     def random(batch: GraphBatch) -> GraphBatch:
         return batch.with_edges(random_edge_mask(batch, pruner.keep_mask(batch), seed + RANDOM_SEED_OFFSET))
 
     whole: View = lambda batch: batch  # noqa: E731
-    return {"erm": (erm, whole), "prune": (pruner.classifier, kept), "prune_random": (pruner.classifier, random),
+    return {"erm": (erm, whole), "prune": (pruner.classifier, kept), "prune_at_eta": (pruner.classifier, kept_at_eta),
+            "prune_random": (pruner.classifier, random),
             "erm_random": (erm, random), "erm_on_kept": (erm, kept)}
 
 
@@ -82,16 +96,28 @@ def evaluate_view(model: BlockModel, batch: GraphBatch, dist: str, seed: int, ch
     return single_evaluation(dist, seed, metrics, preds, targets, where="graph classifier")
 
 
-def seed_retention(pruner: EdgePruner, batch: GraphBatch, seed: int, chunk: int) -> dict[str, dict[str, float]]:
-    """Share of motif (invariant) edges, of base edges and of all edges kept by PrunE and by random masks at
-    the same per-graph budget, over ``batch`` (computed in chunks of graphs)."""
-    masks: dict[str, list[torch.Tensor]] = {"prune": [], "random": []}
+def seed_retention(pruner: EdgePruner, batch: GraphBatch, seed: int, chunk: int,
+                   eta: float) -> dict[str, dict[str, float]]:
+    """Share of motif (invariant) edges, of base edges and of all edges kept by PrunE (its readout), by PrunE's
+    top ``eta`` share of each graph's edges, and by random masks at PrunE's per-graph budget, over ``batch``."""
+    at_eta = dataclasses.replace(pruner, budget=eta)
+    masks: dict[str, list[torch.Tensor]] = {"prune": [], "prune_at_eta": [], "random": []}
     for i in range(0, len(batch), chunk):
         sub = batch.slice(i, min(i + chunk, len(batch)))
         keep = pruner.keep_mask(sub).cpu()
         masks["prune"].append(keep)
+        masks["prune_at_eta"].append(at_eta.keep_mask(sub).cpu())
         masks["random"].append(random_edge_mask(sub, keep, seed + RANDOM_SEED_OFFSET).cpu())
     return {name: retention(batch, torch.cat(parts)) for name, parts in masks.items()}
+
+
+def training_record(folder: Path, last: int = 100) -> dict[str, float]:
+    """PrunE's training at its end: mean kept-edge share, classification loss and both penalties over the last
+    ``last`` steps (the size constraint pulls the kept share toward eta; this says how close it got)."""
+    rows = [r for r in training_history(folder) if r.get("phase") == "prune"][-last:]
+    if not rows:
+        return {}
+    return {k: float(np.mean([r[k] for r in rows])) for k in ("kept", "ce", "size", "align") if k in rows[0]}
 
 
 def edge_geometry(wl: GraphWorkload, views: dict[str, tuple[BlockModel, View]], seed: int) -> dict[str, Any]:
@@ -123,6 +149,7 @@ def edge_results(cfg: Config, wl: GraphWorkload, extras: dict[int, dict]) -> dic
     return {"methods": list(METHODS), "summary": summaries, "delta_vs_erm": deltas,
             "retention": _mean_over_seeds({s: v["retention"] for s, v in per_seed.items()}),
             "geometry": _mean_over_seeds({s: v["geometry"] for s, v in per_seed.items()}),
+            "training": _mean_over_seeds({s: v.get("training", {}) for s, v in per_seed.items()}),
             "per_seed": per_seed, "settings": dataclasses.asdict(cfg.graph.edges) if cfg.graph else {}}
 
 
