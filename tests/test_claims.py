@@ -82,12 +82,14 @@ def test_c2_needs_evidence_against_a_gain_to_refute():
 
 
 def test_c1_and_c2_do_not_count_searches_that_removed_nothing():
-    results = build(removed=("s1",))  # the ID search and five shifts' searches kept every block
+    results = build(removed=("s1", "s2"))  # the ID search and four shifts' searches kept every block
     results["protocols"]["target"]["delta"]["id"] = row(0.0, 0.0, 0.0, full=0.1)
     c1 = c1_no_id_benefit(results)
     assert c1["verdict"] == INCONCLUSIVE and "never tested" in c1["evidence"]
-    c2 = c2_ood_improves(results)  # s1 alone is tested: its CI excludes a gain of δ
-    assert c2["verdict"] == REFUTED and c2["numbers"]["untested"] == SHIFTS[1:]
+    c2 = c2_ood_improves(results)  # s1 and s2 alone are tested: their CIs exclude a gain of δ
+    assert c2["verdict"] == REFUTED and c2["numbers"]["untested"] == SHIFTS[2:]
+    one = c2_ood_improves(build(improved=("s1",), removed=("s1",)))  # one tested shift, even with a gain
+    assert one["verdict"] == INCONCLUSIVE and "too few" in one["evidence"]
     assert c2_ood_improves(build(removed=()))["verdict"] == INCONCLUSIVE
 
 

@@ -23,6 +23,7 @@ MONOTONE_RHO = -0.8  # C5: Spearman rho(D, score) over the alpha sweep at most t
 SLOPE_TOLERANCE = 0.05  # C7: a pruned model's shrinkage slope may fall by at most this much
 MIN_SCALES = 3  # C6: testbed scales needed (REFERENCE §1)
 MIN_LMS = 2  # C6: real LMs needed (REFERENCE §1)
+MIN_TESTED_SHIFTS = 2  # C2: shifts where the search removed blocks, needed before "consistently" can be decided
 SCALE_CLAIMS = ("C1", "C2", "C3", "C4")  # C6: the claims that must hold at every scale
 
 
@@ -150,7 +151,8 @@ def shift_outcomes(results: dict, protocol: str = "target") -> dict[str, str]:
 def c2_ood_improves(results: dict, protocol: str = "target") -> dict:
     """"Task-aware pruning improves OOD", target-selected searches under ``protocol``. Supported when a
     majority of shifts gain significantly (Holm). Refuted when a majority show evidence against a gain (a
-    significant loss, or an equivalence bound excluding a gain of δ) and none gains. Otherwise inconclusive,
+    significant loss, or an equivalence bound excluding a gain of δ) and none gains. Shifts where the search
+    removed no block are not counted; fewer than two counted shifts is inconclusive. Otherwise inconclusive,
     naming the undecided shifts and their minimal detectable effects. from-ID counts are reported beside."""
     metric = primary_metric(results)
     outcomes = shift_outcomes(results, protocol)
@@ -174,7 +176,9 @@ def c2_ood_improves(results: dict, protocol: str = "target") -> dict:
         return _verdict_with_power(INCONCLUSIVE, f"the search removed no block on any shift ({', '.join(untested)}): "
                                    "every removal cost more than ε on the shift's own selection split, so pruning's "
                                    "effect on OOD was never tested", power, untested=untested, outcomes=outcomes)
-    if len(better) > len(shifts) / 2:
+    if len(shifts) < MIN_TESTED_SHIFTS:
+        verdict = INCONCLUSIVE  # one tested shift cannot say "consistently", whatever it shows
+    elif len(better) > len(shifts) / 2:
         verdict = SUPPORTED
     elif not better and len(against) > len(shifts) / 2:
         verdict = REFUTED
@@ -185,7 +189,9 @@ def c2_ood_improves(results: dict, protocol: str = "target") -> dict:
                 f"undecided {len(undecided)}" + (f" (median MDE {power['mde']:.4f} at n={power['n']}; "
                                                   f"n≈{power['n_needed']} needed for δ)" if undecided and mdes else "")
                 + f"; from-ID selection gained on {len(better_from_id)}/{len(shifts)}"
-                + (f"; no block removed (not counted) on {', '.join(untested)}" if untested else ""))
+                + (f"; no block removed (not counted) on {', '.join(untested)}" if untested else "")
+                + (f"; fewer than {MIN_TESTED_SHIFTS} shifts had blocks removed, too few to decide 'consistently'"
+                   if len(shifts) < MIN_TESTED_SHIFTS else ""))
     return _verdict_with_power(verdict, evidence, power, improved=better, against=against, undecided=undecided,
                                untested=untested,
                                outcomes=outcomes, improved_from_id=better_from_id, n_shifts=len(shifts))

@@ -85,6 +85,13 @@ def section_edges(results: dict, images: dict) -> list[Block]:
                 "note"),
                ("table", ["method", "distribution", "accuracy [95% CI]", "Δ vs ERM [95% CI]", "Holm p", "outcome"],
                 rows)]
+    objective = edges.get("prune_vs_erm_continued")
+    if isinstance(objective, dict):
+        blocks.append(("p", "What PrunE's objective adds to the same training: Δ = `prune` − `erm_continued` (the "
+                            "same steps, optimiser and minibatches of plain ERM, no masks)."))
+        blocks.append(("table", ["distribution", "erm_continued", "prune", "Δ [95% CI]", "Holm p", "outcome"],
+                       [[d, _num(r["acc"]["full"]), _num(r["acc"]["pruned"]), _ci(r["acc"], signed=True),
+                         _p(r["acc"].get("p_holm")), _outcome(r["acc"])] for d, r in objective.items()]))
     retention = edges["retention"]
     blocks.append(("table", ["distribution", "mask", "motif edges kept", "base edges kept", "all edges kept"],
                    [[d, who, _num(r[who]["motif"]), _num(r[who]["base"]), _num(r[who]["kept"])]

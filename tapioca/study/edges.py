@@ -138,7 +138,8 @@ def edge_geometry(wl: GraphWorkload, views: dict[str, tuple[BlockModel, View]], 
 
 def edge_results(cfg: Config, wl: GraphWorkload, extras: dict[int, dict]) -> dict[str, Any]:
     """results.json's ``edges`` block: per method the held-out summary and Δ against ERM with paired-bootstrap
-    CIs (seeds as groups), retention and G1 geometry per seed and averaged."""
+    CIs (seeds as groups); Δ of PrunE against continued ERM (what the objective adds to the same training);
+    retention and G1 geometry per seed and averaged."""
     ev = cfg.evaluation
     merged = {m: Evaluation.concat([x["evaluations"][m] for x in extras.values()]) for m in METHODS}
     erm = merged["erm"]
@@ -146,7 +147,10 @@ def edge_results(cfg: Config, wl: GraphWorkload, extras: dict[int, dict]) -> dic
     deltas = {m: compare(erm, merged[m], wl.distributions, ev.n_bootstrap, ev.confidence, wl.metrics)
               for m in METHODS if m != "erm"}
     per_seed = {str(s): x["summary"] for s, x in extras.items()}
+    objective = compare(merged["erm_continued"], merged["prune"], wl.distributions, ev.n_bootstrap, ev.confidence,
+                        wl.metrics)  # PrunE's objective against the same steps of plain ERM
     return {"methods": list(METHODS), "summary": summaries, "delta_vs_erm": deltas,
+            "prune_vs_erm_continued": objective,
             "retention": _mean_over_seeds({s: v["retention"] for s, v in per_seed.items()}),
             "geometry": _mean_over_seeds({s: v["geometry"] for s, v in per_seed.items()}),
             "training": _mean_over_seeds({s: v.get("training", {}) for s, v in per_seed.items()}),
