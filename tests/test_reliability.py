@@ -16,6 +16,7 @@ from tapioca.cli import main
 from tapioca.config import load_config
 from tapioca.errors import CheckpointError, DataError, check_finite
 from tapioca.io import write_json
+from tapioca.models.gnn import load_gnn
 from tapioca.models.icl import load_model, save_model, sha256_of
 from tapioca.models.training import find_pretrained
 from tapioca.pruning.searches import ScoreCache, SearchContext, _tale_outputs, get_search
@@ -123,9 +124,22 @@ def test_folders_without_a_checksum_still_load(tiny_model, tmp_path):
 def test_every_shipped_checkpoint_has_a_checksum_and_loads(folder):
     meta = json.loads((ZOO / folder / "model.json").read_text())
     assert meta["sha256"] == sha256_of(ZOO / folder / "model.safetensors")
-    model = load_model(ZOO / folder)  # verifies the checksum again, then the weights against model.json
+    load = load_gnn if meta["format"] == "tapioca-gnn" else load_model  # graph classifiers or testbed models
+    model = load(ZOO / folder)  # verifies the checksum again, then the weights against model.json
     assert model.n_blocks == meta["model"]["n_layer"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_shipped_graph_classifiers_are_found_for_the_graph_config():
+    from tapioca.models.graph_training import find_shipped_graph_model
+    from tapioca.tasks.graph_workload import load_graph_task
+
+    cfg = load_config("configs/graph-motif.yaml", [])
+    task = load_graph_task(cfg.graph)
+    assert find_shipped_graph_model(cfg.graph, task.cfg, 1) == ZOO / "graph-motif-seed1"
+    other = load_config("configs/graph-motif.yaml", ["graph.train.steps=1999"])
+    assert find_shipped_graph_model(other.graph, task.cfg, 1) is None
+    assert find_pretrained(load_config(None, []), 1) == ZOO / "testbed-L8-D64-seed1"  # graphs never match the testbed
 
 
 def test_the_zoo_is_not_empty_and_found_by_default():
