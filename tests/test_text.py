@@ -305,7 +305,7 @@ def test_config_defaults_and_wiring_through_from_dict() -> None:
     assert cfg.splits == {"id": ["stem"], "humanities": ["humanities"], "social_sciences": ["social_sciences"]}
     assert cfg.role_fractions["fewshot"] == 0.02 and cfg.role_fractions["select"] == 0.4
     assert from_dict(TextTaskConfig, to_dict(cfg)) == cfg  # a saved (resolved) config loads back unchanged
-    assert set(SOURCES) == {"basic_arithmetic", "chain_sum", "gsm_symbolic", "mmlu", "jsonl", "csv", "hf"}
+    assert set(SOURCES) == {"basic_arithmetic", "chain_sum", "gsm_symbolic", "mmlu", "jsonl", "csv", "hf", "lm_eval"}
 
 
 @pytest.mark.parametrize("kwargs, message", [

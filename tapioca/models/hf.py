@@ -83,11 +83,14 @@ class TokenBatch:
 
 @dataclass
 class LMRunOutput(RunOutput):
-    """:class:`RunOutput` plus token_logprobs (B, T): log p of each target token (0 elsewhere), and
-    query_logprobs (B, V): the next-token distribution after the prompt (log-probabilities)."""
+    """:class:`RunOutput` plus token_logprobs (B, T): log p of each target token (0 elsewhere), query_logprobs
+    (B, V): the next-token distribution after the prompt (log-probabilities), and next_token (B,) long: the
+    greedy next token after the prompt (argmax of the raw logits, ties to the lowest id, as greedy generation
+    picks its first token)."""
 
     token_logprobs: Tensor | None = None
     query_logprobs: Tensor | None = None
+    next_token: Tensor | None = None
 
 
 def _sliding_window(cfg: Any) -> int | None:
@@ -353,6 +356,7 @@ class HFModel:
             pass_ = self._packed_pass if packed else self._padded_pass
             logits, states = pass_(batch, shared, positions, cache, capture)  # (B, S, V), (L + 1, B, D) or None
         query_logprobs = logits[:, 0].log_softmax(-1)
+        next_token = logits[:, 0].argmax(-1)
         token_logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
         if logits.shape[1] > 1:
             predicted = positions[:, 1:]  # (B, S - 1): the token each predictor position scores
@@ -360,7 +364,7 @@ class HFModel:
             picked = logits[:, :-1].gather(-1, nxt[..., None]).squeeze(-1) - logits[:, :-1].logsumexp(-1)
             scored = batch.target_mask.gather(1, predicted) & (predicted > positions[:, :-1])
             token_logprobs.scatter_add_(1, predicted, torch.where(scored, picked, 0.0))  # clamped repeats add 0
-        return LMRunOutput(token_logprobs.sum(1), states, token_logprobs, query_logprobs)
+        return LMRunOutput(token_logprobs.sum(1), states, token_logprobs, query_logprobs, next_token)
 
     def packs(self, batch: TokenBatch) -> bool:
         """Does :meth:`run` pack ``batch``'s rows? Needs ``pack_tokens`` > 0, two rows or more, an output head,
@@ -452,6 +456,23 @@ class HFModel:
         return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                                 pad_token_id=self.pad_id, eos_token_id=eos)
 
+    def eos_ids(self) -> list[int]:
+        """The token ids that end a greedy generation (the model's generation config, else the tokenizer's)."""
+        eos = self._generation_config(1).eos_token_id
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+
+    def generation_prefix(self, rows: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+        """Tokens every row of ``rows`` starts with that greedy generation runs once into a KV cache before the
+        rows' left-padded rest (0: no sharing). Off with ``share_prefix`` False, one row, fewer than
+        ``min_shared`` tokens, or a sliding window the padding in between would take slots of; each row keeps at
+        least one token after it."""
+        window = _sliding_window(text_config(self.model))
+        fits_window = window is None or max(len(r) for r in rows) + max_new_tokens <= window
+        if not (self.share_prefix and len(rows) > 1 and fits_window):
+            return 0
+        shared = min(common_prefix([list(r) for r in rows]), min(len(r) for r in rows) - 1)
+        return shared if shared >= self.min_shared else 0
+
     def generate(
         self, prompts: Sequence[str], gates: Gates | None = None, max_new_tokens: int = 32, batch_size: int = 8,
     ) -> list[str]:
@@ -492,12 +513,8 @@ class HFModel:
         """ids (B, T), attention mask (B, T) and a KV cache (or None) for generating from token ``rows``: the
         prefix every row shares (see :meth:`shared_prefix`) is run once into the cache, and the rows' rest is
         left-padded after it (positions follow the mask, so the padding in between is invisible)."""
-        shared = 0
-        window = _sliding_window(text_config(self.model))
-        fits_window = window is None or max(len(r) for r in rows) + max_new_tokens <= window
-        if self.share_prefix and len(rows) > 1 and fits_window:  # else padding in between would take window slots
-            shared = min(common_prefix(rows), min(len(r) for r in rows) - 1)
-        if shared < self.min_shared:
+        shared = self.generation_prefix(rows, max_new_tokens)
+        if not shared:
             ids, mask = _pad(rows, self.pad_id, left=True)
             return ids.to(self.device), mask.to(self.device), None
         rest, rest_mask = _pad([r[shared:] for r in rows], self.pad_id, left=True)

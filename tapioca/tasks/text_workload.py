@@ -142,7 +142,7 @@ class TextWorkload:
             return responses
 
         scores = score_short_answer(generate, examples, self.task.prompts(examples, seed),
-                                    max_new_tokens=self.max_new_tokens)
+                                    max_new_tokens=self.max_new_tokens, check=self.task.check)
         correct = scores.correct.astype(np.float64)
         confidence = np.concatenate(confidences)
         values = {"acc": correct, "score": scores.score, "confidence": confidence,
