@@ -19,16 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from tapioca.config import GNNConfig, from_dict
-from tapioca.errors import CheckpointError, ConfigError
+from tapioca.config import GNNConfig
 from tapioca.io import write_json
 from tapioca.models.base import RunOutput
 from tapioca.models.gates import Gates, gated
-from tapioca.models.icl import WEIGHTS_FILE, read_meta, sha256_of, verify_weights
+from tapioca.models.icl import WEIGHTS_FILE, load_checked, sha256_of
 from tapioca.tasks.graph_data import GraphBatch
 
 FORMAT = "tapioca-gnn"
@@ -132,32 +130,9 @@ def save_gnn(model: nn.Module, folder: str | Path, info: dict[str, Any] | None =
                                        **(info or {}), "sha256": digest})
 
 
-def load_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``model.json`` and the verified safetensors state of a folder written by :func:`save_gnn`."""
-    meta = read_meta(folder, FORMAT)
-    weights = Path(folder) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"checkpoint {str(folder)!r} has no {WEIGHTS_FILE}")
-    verify_weights(folder, meta)
-    try:
-        return meta, load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint weights {str(weights)!r} are corrupt: {err}") from None
-
-
 def load_gnn(folder: str | Path, device: str | torch.device = "cpu") -> GraphNet:
     """A :class:`GraphNet` saved by :func:`save_gnn` (safetensors only, sha256 checked)."""
-    meta, state = load_state(folder)
-    try:
-        cfg = from_dict(GNNConfig, meta["model"], "model")
-    except ConfigError as err:
-        raise CheckpointError(f"checkpoint {str(folder)!r} has an invalid model config: {err}") from None
-    model = GraphNet(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {str(folder)!r}: weights do not match its model.json: {err}") from None
-    return model.to(device).eval()
+    return load_checked(folder, FORMAT, GNNConfig, GraphNet, device)
 
 
-__all__ = ["GNNConfig", "GINBlock", "GraphNet", "pool_nodes", "save_gnn", "load_gnn", "load_state"]
+__all__ = ["GNNConfig", "GINBlock", "GraphNet", "pool_nodes", "save_gnn", "load_gnn"]

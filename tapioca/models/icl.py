@@ -196,9 +196,17 @@ def read_meta(folder: str | Path, fmt: str = "tapioca-icl") -> dict[str, Any]:
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ICLModel:
     """Load a model saved by :func:`save_model` (safetensors only; no pickle), checking the weights' sha256
     when ``model.json`` records one."""
-    meta = read_meta(folder)
+    return load_checked(folder, "tapioca-icl", ModelConfig, ICLModel, device)
+
+
+def load_checked(folder: str | Path, fmt: str, config_class: type, build: Any,
+                 device: str | torch.device = "cpu") -> Any:
+    """``build(config)`` with the safetensors weights of a checkpoint folder of format ``fmt``: the config
+    (``model`` in ``model.json``, as ``config_class``) and the weights' sha256 are checked, and every problem is
+    a one-line :class:`CheckpointError`."""
+    meta = read_meta(folder, fmt)
     try:
-        cfg = from_dict(ModelConfig, meta["model"], "model")
+        cfg = from_dict(config_class, meta["model"], "model")
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {str(folder)!r} has an invalid model config: {err}") from None
     weights = Path(folder) / WEIGHTS_FILE
@@ -209,7 +217,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ICLMod
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint weights {str(weights)!r} are corrupt: {err}") from None
-    model = ICLModel(cfg)
+    model = build(cfg)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
