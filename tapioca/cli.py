@@ -1,4 +1,4 @@
-"""Command line: ``tapioca train|prune|evaluate|study|report|stability|check``. A thin layer over the Python API."""
+"""Command line: ``tapioca train|prune|evaluate|study|report|stability|check|transfer``. A thin layer over the Python API."""
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report": "rebuild report.md, report.html and the plots of a finished run directory",
         "stability": "how many selection examples a stable TALE selection needs: resampled searches per size",
         "check": "is a pruned model not worse where it matters? ID, OOD and calibration tests against its base",
+        "transfer": "prune for each task, score every pruned model on every task's ID and shifts: the transfer matrix",
     }
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--debug", action="store_true", help="show full tracebacks")
             continue
         _common(p, "runs/check" if name == "check" else "run.out")
+        if name == "transfer":
+            p.description = (help_text + "; with no --config the built-in testbed default (configs/transfer.yaml: "
+                             "polynomials and sinusoids over one mixture-trained model per seed)")
         if name in ("prune", "evaluate"):
             p.add_argument("--model", help="model folder (default: model.checkpoint; with an lm: section, lm.model)")
         if name == "prune":
@@ -220,6 +224,28 @@ def cmd_check(args: argparse.Namespace, cfg: Config, say: Callable[[str], None])
     say(f"results: {out / 'check.json'}; report: {out / 'report.html'}")
 
 
+def cmd_transfer(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    """``tapioca transfer``: its own config resolution, since no --config means the built-in transfer default."""
+    from tapioca.report.transfer_report import matrix_lines
+    from tapioca.study.transfer import load_transfer_config, run_transfer
+
+    overrides = list(args.overrides)
+    for flag, key in FLAG_KEYS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    cfg = load_transfer_config(args.config, overrides)
+    resolve_device(cfg.run.device)
+    if cfg.run.threads is not None:
+        torch.set_num_threads(cfg.run.threads)
+    out = Path(cfg.run.out)
+    results = run_transfer(cfg, out, progress=not args.quiet, log=say)
+    for line in matrix_lines(results):
+        say(line)
+    say(results["summary"]["answer"])
+    say(f"results: {out / 'transfer.json'}; report: {out / 'report' / 'report.html'}")
+
+
 def cmd_report(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     say(f"report: {write_report(args.run_dir) / 'report.html'}")
 
@@ -235,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "report":
             cmd_report(args, say)
+        elif args.command == "transfer":
+            cmd_transfer(args, say)
         elif args.command == "models":
             main_models(args)
         else:

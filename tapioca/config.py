@@ -7,6 +7,7 @@ The default :class:`Config` (no YAML file) is the built-in polynomial testbed st
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -26,6 +27,18 @@ def _range(default: Any, *, ge: float | None = None, gt: float | None = None, le
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
 
 
+OMIT_AT_DEFAULT = "omit_at_default"  # field metadata: left out of :func:`to_dict` while at its default
+
+
+def _added_later(default: Any) -> Any:
+    """A field added after checkpoints and run directories were written: :func:`to_dict` leaves it out while it
+    holds its default, so their recorded configs and training fingerprints (``tapioca/zoo``) still match."""
+    return field(default=default, metadata={OMIT_AT_DEFAULT: True})
+
+
+FAMILIES = ("polynomial", "sinusoid")  # function families of the testbed sampler (tapioca.tasks.polyreg)
+
+
 @dataclass(frozen=True)
 class SamplerParams:
     """Parameters of the polynomial prompt sampler; an OOD shift overrides some of them."""
@@ -37,6 +50,9 @@ class SamplerParams:
     degrees: tuple[int, ...] = (1, 2, 3)  # each prompt draws its degree uniformly from these
     noise_std: float = _range(0.0, ge=0)  # Gaussian noise on every y
     n_points: int = _range(41, ge=2)  # (x, y) pairs per prompt, the last one being the query
+    # function families; each prompt draws one uniformly: "polynomial" (sum_j c_j x^j) or "sinusoid"
+    # (sum_{k<=d} a_k sin(k x + phi_k), unit variance); two or more make a training mixture
+    families: tuple[Literal["polynomial", "sinusoid"], ...] = _added_later(("polynomial",))
 
 
 DEFAULT_SHIFTS: dict[str, dict[str, Any]] = {
@@ -264,6 +280,21 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    """``tapioca transfer`` (:mod:`tapioca.study.transfer`): prune for each task, then evaluate every pruned model
+    on every task's ID and shifts. ``tasks``: task name -> section overrides merged into the config for that task
+    (like ``scales``): on the testbed ``task`` (the task's ID sampler, e.g. one family of the training mixture in
+    ``task.sampler``, and its own shifts) and ``pruning``; on a language model ``lm`` (``lm.task``, ``lm.metric``,
+    ``lm.n_*``; ``lm.model`` is shared) and ``pruning`` (e.g. ``epsilon`` in the task's selection-metric units).
+    One model serves every task: the testbed trains one per seed of ``evaluation.seeds`` on the top-level
+    ``task.sampler`` (e.g. a mixture of families). ``target``: the distribution each task's search selects on
+    (protocol target): "id" or a shift every task has."""
+
+    tasks: dict[str, Any] = field(default_factory=dict)
+    target: str = "id"
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole tapioca run."""
 
@@ -279,6 +310,7 @@ class Config:
     scales: dict[str, Any] = field(default_factory=dict)
     lm: LMConfig | None = None  # set: the study runs on a causal LM and a text task (see LMConfig)
     graph: GraphConfig | None = None  # set: the study runs on a graph classifier (see GraphConfig)
+    transfer: TransferConfig | None = _added_later(None)  # set: `tapioca transfer` tasks (see TransferConfig)
 
     def __post_init__(self) -> None:
         if self.lm is not None and not self.lm.model:
@@ -300,6 +332,8 @@ class Config:
             raise ConfigError("graph: a config studies a language model (lm:) or a graph classifier (graph:), not both")
         _check_unused(self, "lm", NOT_FOR_LM, "a language model (lm: section)")
         _check_unused(self, "graph", NOT_FOR_GRAPH, "a graph classifier (graph: section)")
+        if self.transfer is not None:
+            _check_transfer(self)
 
 
 # config keys (or whole sections) a study on a language model does not read -> what to set instead
@@ -361,6 +395,63 @@ def scale_config(cfg: Config, name: str) -> Config:
         raise ConfigError(f"scales.{name}: {err}") from None
 
 
+TRANSFER_SECTIONS = {"testbed": ("task", "pruning"), "lm": ("lm", "pruning")}  # what a transfer task may override
+SHARED_LM_KEYS = ("model", "dtype", "chat")  # lm keys every transfer task shares (one model serves them all)
+
+
+def _check_transfer(cfg: Config) -> None:
+    """Every transfer task must be a valid config of its own over the same model, with ``transfer.target``."""
+    t = cfg.transfer
+    assert t is not None
+    if cfg.scales or cfg.graph is not None:
+        raise ConfigError("transfer: not combined with scales: or graph:; transfer runs on the testbed or a "
+                          "language model (lm:)")
+    if len(t.tasks) < 2:
+        raise ConfigError(f"transfer.tasks: {sorted(t.tasks)} is not allowed; give two or more tasks, e.g. "
+                          "{polynomial: {task: {sampler: {families: [polynomial]}}}, sinusoid: ...}")
+    for name in t.tasks:
+        sub = transfer_config(cfg, name)
+        if sub.lm is None and t.target not in distributions(sub.task):
+            raise ConfigError(f"transfer.target: {t.target!r} is not a distribution of task {name!r}; allowed: "
+                              f"{distributions(sub.task)} (the target must be 'id' or a shift every task has)")
+
+
+def transfer_config(cfg: Config, name: str) -> Config:
+    """The config of transfer task ``name``: ``cfg`` without ``transfer``, updated by that task's section
+    overrides (``task``/``pruning`` on the testbed, ``lm``/``pruning`` on a language model), its search
+    selecting on ``transfer.target``."""
+    t = cfg.transfer
+    if t is None or name not in t.tasks:
+        raise ConfigError(f"unknown transfer task {name!r}; allowed: {sorted(t.tasks) if t else []}")
+    if not SCALE_NAME.match(name):
+        raise ConfigError(f"transfer.tasks.{name}: the name must be letters, digits, '-', '_' or '.' (it names a folder)")
+    override = t.tasks[name]
+    kind = "lm" if cfg.lm is not None else "testbed"
+    allowed = TRANSFER_SECTIONS[kind]
+    if not isinstance(override, Mapping) or not all(isinstance(v, Mapping) for v in override.values()):
+        raise ConfigError(f"transfer.tasks.{name}: {override!r} is not allowed; give section overrides among "
+                          f"{list(allowed)}, e.g. {{{allowed[0]}: {{...}}}}")
+    for section in override:
+        if section not in allowed:
+            raise ConfigError(f"transfer.tasks.{name}.{section}: not allowed on a {kind} transfer (every task "
+                              f"shares the model and the evaluation); allowed: {list(allowed)}")
+    for key in ("target", "protocol"):
+        if key in override.get("pruning", {}):
+            raise ConfigError(f"transfer.tasks.{name}.pruning.{key}: set transfer.target instead (every task's "
+                              "search selects on it, protocol target)")
+    for key in SHARED_LM_KEYS:
+        if key in override.get("lm", {}):
+            raise ConfigError(f"transfer.tasks.{name}.lm.{key}: every transfer task shares one model; set lm.{key} "
+                              "at the top level")
+    tree = to_dict(cfg)
+    tree.pop("transfer", None)
+    tree["pruning"] = {**tree["pruning"], "protocol": "target", "target": t.target}
+    try:
+        return from_dict(Config, _merge(tree, override))
+    except ConfigError as err:
+        raise ConfigError(f"transfer.tasks.{name}: {err}") from None
+
+
 def shift_params(task: TaskConfig, name: str) -> SamplerParams:
     """Sampler parameters of distribution ``name`` ("id" or a shift name)."""
     if name == "id":
@@ -376,7 +467,14 @@ def distributions(task: TaskConfig) -> list[str]:
     return ["id", *task.shifts]
 
 
+def _check_families(params: SamplerParams, path: str) -> None:
+    if not params.families or len(set(params.families)) != len(params.families):
+        raise ConfigError(f"{path}.families: {list(params.families)!r} is not allowed; give one or more distinct "
+                          f"families of {list(FAMILIES)}")
+
+
 def _check_shifts(task: TaskConfig) -> None:
+    _check_families(task.sampler, "task.sampler")
     allowed = [f.name for f in dataclasses.fields(SamplerParams)]
     for name, override in task.shifts.items():
         if name == "id":
@@ -391,7 +489,7 @@ def _check_shifts(task: TaskConfig) -> None:
                 raise ConfigError(
                     f"task.shifts.{name}.{key}: unknown sampler parameter {key!r}; allowed: {allowed}"
                 )
-        shift_params(task, name)
+        _check_families(shift_params(task, name), f"task.shifts.{name}")
 
 
 def _check_positions(cfg: Config) -> None:
@@ -500,13 +598,20 @@ def _check_range(meta: Mapping[str, Any], value: Any, path: str) -> None:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain-data form of a config (tuples become lists), suitable for YAML/JSON."""
     def plain(x: Any) -> Any:
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x) if not _omitted(f, x)}
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
         return x
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)
+
+
+def _omitted(f: dataclasses.Field, obj: Any) -> bool:
+    """A field marked :data:`OMIT_AT_DEFAULT` that holds its default."""
+    return bool(f.metadata.get(OMIT_AT_DEFAULT)) and getattr(obj, f.name) == f.default
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -553,7 +658,7 @@ def _apply(tree: dict[str, Any], keys: list[str], value: Any) -> None:
 def _is_open_mapping(keys: list[str]) -> bool:
     """Keys below ``task.shifts`` and ``scales`` are user-chosen names, so overrides may create them; the
     optional ``lm`` and ``graph`` sections (None by default) are created by its first override."""
-    return (len(keys) == 3 and keys[:2] == ["task", "shifts"]) or keys[0] in ("scales", "lm", "graph")
+    return (len(keys) == 3 and keys[:2] == ["task", "shifts"]) or keys[0] in ("scales", "lm", "graph", "transfer")
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -581,6 +686,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         keys, value = parse_override(text)
         _apply(tree, keys, value)
     return from_dict(Config, tree)
+
+
+def config_from_tree(tree: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """The default config updated by the plain-data ``tree`` (as a YAML file would give it), then by ``key=value``
+    overrides (a built-in config, e.g. the default of ``tapioca transfer``)."""
+    merged = _merge(to_dict(Config()), copy.deepcopy(dict(tree)))  # overrides must not edit the caller's tree
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply(merged, keys, value)
+    return from_dict(Config, merged)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

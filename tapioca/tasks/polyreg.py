@@ -1,7 +1,10 @@
 """Polynomial in-context regression: a prompt of (x, f(x)) pairs, then a query x.
 
-f(x) = sum_{j=0..d} c_j x^j with c_j ~ N(0, coef_scale^2). Every distribution (ID or a named OOD shift) is a
-:class:`~tapioca.config.SamplerParams`; a shift is never a code branch.
+f(x) = sum_{j=0..d} c_j x^j with c_j ~ N(0, coef_scale^2) (family "polynomial", the default). Family
+"sinusoid": f(x) = sum_{k=1..d} a_k sin(k x + phi_k) with a_k ~ N(0, 2 coef_scale^2 / d) and phi_k ~ U(0, 2 pi),
+so Var f(x) = coef_scale^2 for every x and degree d >= 1 (a trigonometric polynomial of degree d). With several
+``families`` each prompt draws one uniformly (a training mixture). Every distribution (ID or a named OOD shift)
+is a :class:`~tapioca.config.SamplerParams`; a shift is never a code branch.
 """
 
 from __future__ import annotations
@@ -60,7 +63,28 @@ def sample_x(params: SamplerParams, shape: tuple[int, ...], gen: torch.Generator
 
 
 def sample_prompts(params: SamplerParams, n: int, gen: torch.Generator) -> PolyBatch:
-    """``n`` prompts of ``params.n_points`` pairs each, degrees drawn uniformly from ``params.degrees``."""
+    """``n`` prompts of ``params.n_points`` pairs each, degrees drawn uniformly from ``params.degrees`` and
+    functions from one of ``params.families`` (uniformly per prompt when there are several). The polynomial
+    family alone draws exactly the random numbers it always drew (same prompts as before families existed)."""
+    families = tuple(params.families)
+    if not families:
+        raise DataError("sampler families is empty; give one or more of 'polynomial', 'sinusoid'")
+    if len(families) == 1:
+        return FAMILY_SAMPLERS[families[0]](params, n, gen)
+    which = torch.randint(len(families), (n,), generator=gen)  # (n,) family index of each prompt
+    xs = torch.empty((n, params.n_points))
+    ys = torch.empty((n, params.n_points))
+    degrees = torch.empty(n, dtype=torch.long)
+    for f, family in enumerate(families):
+        rows = (which == f).nonzero().flatten()
+        if len(rows):
+            part = FAMILY_SAMPLERS[family](params, len(rows), gen)
+            xs[rows], ys[rows], degrees[rows] = part.xs, part.ys, part.degrees
+    return PolyBatch(xs, ys, degrees)
+
+
+def polynomial_prompts(params: SamplerParams, n: int, gen: torch.Generator) -> PolyBatch:
+    """``n`` polynomial prompts: f(x) = sum_{j<=d} c_j x^j, c_j ~ N(0, coef_scale^2). xs, ys: (n, n_points)."""
     k = params.n_points
     degree_choices = torch.tensor(params.degrees, dtype=torch.long)
     degrees = degree_choices[torch.randint(len(degree_choices), (n,), generator=gen)]
@@ -73,6 +97,31 @@ def sample_prompts(params: SamplerParams, n: int, gen: torch.Generator) -> PolyB
     if params.noise_std > 0:
         ys = ys + params.noise_std * torch.randn((n, k), generator=gen)
     return PolyBatch(xs, ys, degrees)
+
+
+def sinusoid_prompts(params: SamplerParams, n: int, gen: torch.Generator) -> PolyBatch:
+    """``n`` sinusoid prompts: f(x) = sum_{k=1..d} a_k sin(k x + phi_k), a_k ~ N(0, 2 coef_scale^2 / d),
+    phi_k ~ U(0, 2 pi), so Var f(x) = coef_scale^2 at every x (degree 0: f = 0). xs, ys: (n, n_points)."""
+    k = params.n_points
+    degree_choices = torch.tensor(params.degrees, dtype=torch.long)
+    degrees = degree_choices[torch.randint(len(degree_choices), (n,), generator=gen)]
+    max_degree = max(int(degree_choices.max()), 1)
+    harmonics = torch.arange(1, max_degree + 1)  # (H,)
+    scale = params.coef_scale * torch.sqrt(2.0 / degrees.clamp(min=1).double()).float()  # (n,)
+    amps = torch.randn((n, max_degree), generator=gen) * scale[:, None]
+    amps = amps * (harmonics[None, :] <= degrees[:, None])  # zero above each prompt's degree
+    phases = torch.rand((n, max_degree), generator=gen) * (2 * math.pi)
+    xs = sample_x(params, (n, k), gen)
+    ys = (amps[:, None, :] * torch.sin(xs[..., None] * harmonics + phases[:, None, :])).sum(-1)
+    if params.noise_std > 0:
+        ys = ys + params.noise_std * torch.randn((n, k), generator=gen)
+    return PolyBatch(xs, ys, degrees)
+
+
+FAMILY_SAMPLERS: dict[str, Callable[[SamplerParams, int, torch.Generator], PolyBatch]] = {
+    "polynomial": polynomial_prompts,
+    "sinusoid": sinusoid_prompts,
+}
 
 
 class PolyRegTask:
@@ -130,9 +179,24 @@ def _double_factorial(n: int) -> int:
 
 
 def y_variance(params: SamplerParams) -> float:
-    """Var(y) of one sampled point: coefficients are independent with mean 0, so
-    Var(y) = mean over degrees d of coef_scale^2 * sum_{j<=d} E[x^(2j)], plus noise_std^2."""
+    """Var(y) of one sampled point. Polynomials: coefficients are independent with mean 0, so
+    Var(y) = mean over degrees d of coef_scale^2 * sum_{j<=d} E[x^(2j)], plus noise_std^2. Sinusoids: the phases
+    are uniform, so Var(y) = coef_scale^2 (0 at degree 0) whatever x, plus noise_std^2. A mixture of families
+    (each mean 0): the mean of the families' variances."""
+    families = tuple(params.families)
+    if families == ("polynomial",):
+        return _polynomial_variance(params)
+    per_family = [_polynomial_variance(params) if f == "polynomial" else _sinusoid_variance(params) for f in families]
+    return sum(per_family) / len(per_family)
+
+
+def _polynomial_variance(params: SamplerParams) -> float:
     per_degree = [sum(x_moment(params, 2 * j) for j in range(d + 1)) for d in params.degrees]
+    return params.coef_scale**2 * sum(per_degree) / len(per_degree) + params.noise_std**2
+
+
+def _sinusoid_variance(params: SamplerParams) -> float:
+    per_degree = [1.0 if d >= 1 else 0.0 for d in params.degrees]
     return params.coef_scale**2 * sum(per_degree) / len(per_degree) + params.noise_std**2
 
 
