@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tapioca.config import GNNConfig
-from tapioca.io import write_json
 from tapioca.models.base import RunOutput
 from tapioca.models.gates import Gates, gated
-from tapioca.models.icl import WEIGHTS_FILE, load_checked, sha256_of
+from tapioca.models.icl import load_checked, save_checked
 from tapioca.tasks.graph_data import GraphBatch
 
 FORMAT = "tapioca-gnn"
@@ -114,20 +112,10 @@ class GraphNet(nn.Module):
         return clone.to(self.device).eval()
 
 
-def save_gnn(model: nn.Module, folder: str | Path, info: dict[str, Any] | None = None,
-             extra: dict[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` and ``model.json`` (format, the :class:`GNNConfig` as ``model``, ``info``,
-    ``extra`` config blocks and the weights' sha256) atomically into ``folder``. ``model`` is a
-    :class:`GraphNet` or any module with a ``cfg`` whose state dict is saved as is."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp))
-    digest = sha256_of(tmp)
-    tmp.replace(folder / WEIGHTS_FILE)
-    write_json(folder / "model.json", {"format": FORMAT, "model": dataclasses.asdict(model.cfg), **(extra or {}),
-                                       **(info or {}), "sha256": digest})
+def save_gnn(model: GraphNet, folder: str | Path, info: dict[str, Any] | None = None) -> None:
+    """Write ``model.safetensors`` and ``model.json`` (format, the :class:`GNNConfig` as ``model``, ``info`` and
+    the weights' sha256) atomically into ``folder``."""
+    save_checked(model, folder, FORMAT, info)
 
 
 def load_gnn(folder: str | Path, device: str | torch.device = "cpu") -> GraphNet:

@@ -151,6 +151,12 @@ def sha256_of(path: str | Path) -> str:
 def save_model(model: ICLModel, folder: str | Path, info: dict[str, Any] | None = None) -> None:
     """Write ``model.safetensors`` and ``model.json`` (model config + ``info`` + the weights' ``sha256``)
     atomically into ``folder``."""
+    save_checked(model, folder, "tapioca-icl", info)
+
+
+def save_checked(model: nn.Module, folder: str | Path, fmt: str, info: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s state as ``model.safetensors`` and ``model.json`` (format ``fmt``, ``model.cfg`` as
+    ``model``, ``info`` and the weights' ``sha256``) atomically into ``folder``: what :func:`load_checked` reads."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -158,7 +164,7 @@ def save_model(model: ICLModel, folder: str | Path, info: dict[str, Any] | None 
     save_file(state, str(tmp))
     digest = sha256_of(tmp)
     tmp.replace(folder / WEIGHTS_FILE)
-    write_json(folder / META_FILE, {"format": "tapioca-icl", "model": dataclasses.asdict(model.cfg), **(info or {}),
+    write_json(folder / META_FILE, {"format": fmt, "model": dataclasses.asdict(model.cfg), **(info or {}),  # type: ignore[call-overload]
                                     "sha256": digest})
 
 
