@@ -67,7 +67,8 @@ def test_lm_study_finds_the_planted_block_and_decides_every_claim(planted_run) -
     assert wide["pruned"] > wide["full"] and wide["improved"]
     assert set(results["claims"]) == set(CLAIMS)
     assert {c["verdict"] for c in results["claims"].values()} <= {"supported", "refuted", "inconclusive"}
-    assert results["claims"]["C2"]["verdict"] == "supported"  # the one shift improved
+    c2 = results["claims"]["C2"]  # the one shift improved, but one shift cannot say "consistently"
+    assert c2["verdict"] == "inconclusive" and c2["numbers"]["improved"] == ["wide"] and "too few" in c2["evidence"]
     assert results["claims"]["C1"]["verdict"] == "refuted"  # ID improves too: the planted block hurts everywhere
     assert "calibration" in results and "delta_ece" in results["calibration"]["target"]["wide"]
     sweep = results["interventions"]["wide"]["sweep_removed"]["0"]
