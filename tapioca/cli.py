@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "report":
-            p.add_argument("run_dir", help="a run directory written by `tapioca study`")
+            p.add_argument("run_dir", help="a run directory written by `tapioca study` or `tapioca transfer`")
             p.add_argument("--quiet", action="store_true", help="no messages")
             p.add_argument("--debug", action="store_true", help="show full tracebacks")
             continue
@@ -247,6 +247,12 @@ def cmd_transfer(args: argparse.Namespace, say: Callable[[str], None]) -> None:
 
 
 def cmd_report(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    """Rebuild the report of a study run directory, or of a transfer one (it holds transfer.json)."""
+    if (Path(args.run_dir) / "transfer.json").is_file() and not (Path(args.run_dir) / "results.json").is_file():
+        from tapioca.report.transfer_report import write_transfer_report
+
+        say(f"report: {write_transfer_report(args.run_dir) / 'report.html'}")
+        return
     say(f"report: {write_report(args.run_dir) / 'report.html'}")
 
 

@@ -296,6 +296,17 @@ def test_report_leads_with_the_answer(tiny_run) -> None:
 
 
 @pytest.mark.e2e
+def test_tapioca_report_rebuilds_a_transfer_report(tiny_run, capsys) -> None:
+    out, _, _ = tiny_run
+    (out / "report" / "report.md").unlink()
+    from tapioca.cli import main
+
+    assert main(["report", str(out)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    assert (out / "report" / "report.md").read_text().startswith("# tapioca transfer")
+
+
+@pytest.mark.e2e
 def test_cli_transfer_resumes_and_prints_the_matrix(tiny_run, capsys) -> None:
     out, results, _ = tiny_run
     args = ["transfer", *(a for o in TINY for a in ("--set", o)), "--out", str(out)]
