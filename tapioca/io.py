@@ -39,6 +39,25 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_result(path: str | Path, what: str, missing_hint: str, corrupt_hint: str = "") -> dict[str, Any]:
+    """The JSON mapping a run wrote at ``path`` (``what``: e.g. "results"); a one-line
+    :class:`~tapioca.errors.CheckpointError` naming the file when it is missing (with ``missing_hint``), not
+    JSON or not a mapping (with ``corrupt_hint``)."""
+    from tapioca.errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; {missing_hint}")
+    hint = f"; {corrupt_hint}" if corrupt_hint else ""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt {what} file ({err}){hint}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: corrupt {what} file (top level is {type(data).__name__}, not a mapping)")
+    return data
+
+
 def write_yaml(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as YAML (key order kept)."""
     atomic_write_bytes(path, yaml.safe_dump(obj, sort_keys=False).encode())

@@ -4,7 +4,6 @@ pruned model kept, then gives accuracy, calibration and geometry with their tabl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tapioca.errors import CheckpointError
-from tapioca.io import atomic_write_bytes
+from tapioca.io import atomic_write_bytes, read_result
 from tapioca.report.plots import _ci, _figure, _finish_grid, _num, _panel_grid, _panel_style, _png
 from tapioca.report.render import Block, render_html, render_markdown
 
@@ -24,13 +23,8 @@ PLOTS = ("accuracy.png", "reliability.png", "profiles.png")
 def load_check(folder: str | Path) -> dict[str, Any]:
     """``folder/check.json``; CheckpointError naming the file when it is missing or corrupt."""
     path = Path(folder) / "check.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found; run tapioca check --out {Path(folder)} first")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt check file ({err})") from None
-    if not isinstance(data, dict) or data.get("kind") != "check":
+    data = read_result(path, "check", f"run tapioca check --out {Path(folder)} first")
+    if data.get("kind") != "check":
         raise CheckpointError(f"{path}: not a tapioca check result")
     return data
 

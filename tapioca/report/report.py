@@ -20,7 +20,7 @@ import yaml
 from tapioca.config import NOT_FOR_LM
 from tapioca.errors import CheckpointError
 from tapioca.analysis.evaluation import Evaluation
-from tapioca.io import atomic_write_bytes
+from tapioca.io import atomic_write_bytes, read_result
 from tapioca.report.edges_report import GRAPH_CLAIM_TEXT, edges_plot, section_edges
 from tapioca.report.render import Block, render_html, render_markdown
 from tapioca.report.scales_report import build_scales_report, is_multi_scale
@@ -43,14 +43,8 @@ REQUIRED_KEYS = ("quality", "full", "protocols")
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     """``run_dir/results.json`` as a dict; CheckpointError naming the file when missing or corrupt."""
     path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found; finish the study first (tapioca study --out {Path(run_dir)})")
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: corrupt results file ({exc}); re-run the study's statistics step") from exc
-    if not isinstance(results, dict):
-        raise CheckpointError(f"{path}: corrupt results file (top level is {type(results).__name__}, not a mapping)")
+    results = read_result(path, "results", f"finish the study first (tapioca study --out {Path(run_dir)})",
+                          "re-run the study's statistics step")
     missing = [key for key in REQUIRED_KEYS if not isinstance(results.get(key), dict)]
     if missing:
         raise CheckpointError(f"{path}: corrupt results file (missing {', '.join(missing)})")

@@ -5,7 +5,6 @@ task under both protocols (held-out and in-sample), the blocks removed, the full
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from tapioca.errors import CheckpointError
-from tapioca.io import atomic_write_bytes
+from tapioca.io import atomic_write_bytes, read_result
 from tapioca.report.claims import gain_interval
 from tapioca.report.plots import _figure, _png
 from tapioca.report.render import Block, render_html, render_markdown
@@ -27,13 +26,8 @@ TICKS = (1, 3, 15)  # colour-bar ticks at ±1, ±3 and ±15 δ
 def load_transfer(folder: str | Path) -> dict[str, Any]:
     """``folder/transfer.json``; CheckpointError naming the file when it is missing or corrupt."""
     path = Path(folder) / "transfer.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found; run tapioca transfer --out {Path(folder)} first")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt transfer file ({err})") from None
-    if not isinstance(data, dict) or "cells" not in data:
+    data = read_result(path, "transfer", f"run tapioca transfer --out {Path(folder)} first")
+    if "cells" not in data:
         raise CheckpointError(f"{path}: not a tapioca transfer result")
     return data
 
