@@ -102,6 +102,24 @@ def test_losses_are_recorded_and_finite(trained_dir: Path) -> None:
     assert state["seconds"] > 0
 
 
+def test_id_curve_is_recorded_at_every_checkpoint(trained_dir: Path, tiny_cfg: Config) -> None:
+    record = training.training_record(trained_dir)
+    assert record is not None and record["steps_done"] == 12
+    steps = [step for step, _ in record["id_curve"]]
+    assert steps == [4, 8, 12]  # checkpoint_every=4, and the end
+    assert all(math.isfinite(v) and v > 0 for _, v in record["id_curve"])
+    final = training.validation_nmse(load_model(trained_dir), tiny_cfg, tiny_cfg.run.seed)
+    assert record["id_curve"][-1][1] == pytest.approx(final, rel=1e-6)  # the same prompts, the final weights
+    assert record["train_loss"] == read_json(trained_dir / "train_state.json")["losses"]
+
+
+def test_training_record_of_a_folder_without_one(tmp_path: Path, tiny_cfg: Config) -> None:
+    torch.manual_seed(0)
+    save_model(ICLModel(tiny_cfg.model), tmp_path)  # a hand-made checkpoint: no "training" in model.json
+    assert training.training_record(tmp_path) is None
+    assert training.training_record(tmp_path / "absent") is None
+
+
 def test_diverging_loss_stops_training(monkeypatch: pytest.MonkeyPatch, tiny_cfg: Config) -> None:
     monkeypatch.setattr(training, "_train_step", lambda *args: float("nan"))
     with pytest.raises(FloatingPointError, match="diverged at step 0"):

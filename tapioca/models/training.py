@@ -18,10 +18,11 @@ from tapioca.config import Config, SamplerParams, TrainConfig, to_dict
 from tapioca.errors import CheckpointError
 from tapioca.io import read_json, write_json
 from tapioca.models.icl import ICLModel, load_model, save_model
-from tapioca.tasks.polyreg import PolyRegTask, sample_prompts, split_seed
+from tapioca.tasks.polyreg import PolyRegTask, sample_prompts, split_seed, y_variance
 
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+CURVE_PROMPTS = 512  # fixed ID prompts scored at every checkpoint: the training curve
 
 
 def curriculum(train: TrainConfig, sampler: SamplerParams, step: int) -> SamplerParams:
@@ -84,10 +85,23 @@ def train(cfg: Config, out: str | Path | None = None, seed: int | None = None, p
         done = step + 1
         if out is not None and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps):
             state.update(step=done, seconds=state["seconds"] + time.perf_counter() - started)
+            state["id_curve"] = state.get("id_curve", []) + [[done, validation_nmse(model, cfg, seed)]]
             started = time.perf_counter()
             _save(Path(out), model, opt, state, fingerprint)
     bar.close()
     return model.eval()
+
+
+@torch.no_grad()
+def validation_nmse(model: ICLModel, cfg: Config, seed: int, n: int = CURVE_PROMPTS) -> float:
+    """ID query NMSE on ``n`` fixed prompts of the full ID sampler (their own split, never trained on): one
+    point of the training curve. Leaves the model in training mode and the global RNG untouched."""
+    gen = torch.Generator().manual_seed(split_seed(seed, "id", "train-curve"))
+    batch = sample_prompts(cfg.task.sampler, n, gen).to(model.device)
+    model.eval()
+    pred = model(batch.xs, batch.ys)[:, -1]
+    model.train()
+    return float((pred.double() - batch.query_y.double()).square().mean() / y_variance(cfg.task.sampler))
 
 
 def _train_step(model: ICLModel, opt: torch.optim.Optimizer, cfg: Config, seed: int, step: int) -> float:
@@ -109,7 +123,8 @@ def _save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, stat
           save: Callable[..., None] = save_model) -> None:
     """Write weights + optimizer into a new ``checkpoint-<step>/`` folder, then atomically point
     ``train_state.json`` at it: a kill at any moment leaves the previous complete set in force."""
-    info = {"training": fingerprint | {"steps_done": state["step"], "seconds": state["seconds"]}}
+    info = {"training": fingerprint | {"steps_done": state["step"], "seconds": state["seconds"],
+                                       "id_curve": state.get("id_curve", []), "train_loss": state["losses"]}}
     checkpoint = folder / f"checkpoint-{state['step']}"
     save(model, checkpoint, info)
     torch.save(opt.state_dict(), checkpoint / OPTIMIZER_FILE)
@@ -170,3 +185,28 @@ def find_shipped(wanted: dict, steps: int, zoo: Path = ZOO) -> Path | None:
         if fingerprint == wanted and info.get("steps_done") == steps:
             return meta_path.parent
     return None
+
+
+def trained_model_folder(cfg: Config, seed: int, out: Path) -> Path | None:
+    """Where replicate ``seed``'s testbed model already is: ``model.checkpoint`` (``{seed}`` substituted), a
+    shipped checkpoint trained with this exact config, or a finished training in ``out/models/seed<seed>``;
+    None when it must still be trained."""
+    if cfg.model.checkpoint is not None:
+        return Path(cfg.model.checkpoint.format(seed=seed))
+    shipped = find_pretrained(cfg, seed)
+    if shipped is not None:
+        return shipped
+    folder = out / "models" / f"seed{seed}"
+    return folder if is_trained(folder, cfg, seed) else None
+
+
+def training_record(folder: str | Path) -> dict | None:
+    """What a checkpoint folder's ``model.json`` records of its training: steps, seconds, the ID validation
+    curve ``id_curve`` ([[step, NMSE], ...]; empty for checkpoints saved before curves were recorded) and the
+    running training loss; None when the folder has no training record (e.g. a hand-made checkpoint)."""
+    path = Path(folder) / "model.json"
+    info = read_json(path).get("training") if path.is_file() else None
+    if not isinstance(info, dict):
+        return None
+    return {"folder": str(folder), "steps_done": info.get("steps_done"), "seconds": info.get("seconds"),
+            "id_curve": info.get("id_curve", []), "train_loss": info.get("train_loss", [])}

@@ -6,6 +6,7 @@ evidence string. The rules are fixed in advance (never tuned to a result) and do
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -362,26 +363,42 @@ def c8_distortion_predicts(results: dict) -> dict:
     if len(shifts) < 3:
         return _verdict(INCONCLUSIVE, f"only {len(shifts)} shifts; need at least 3 for a rank correlation")
     rho, p = spearman_with_p(d, drop)
-    overlap = _attribution_overlap(results)
+    overlap = attribution_overlap(results)
     verdict = SUPPORTED if rho > 0 and p < 0.05 else REFUTED if not rho > 0 else INCONCLUSIVE
     return _verdict(verdict, f"Spearman ρ(D, OOD drop) = {rho:.2f} (p = {p:.3f}, {len(shifts)} shifts); "
                     f"{overlap['summary']}", rho=rho, p=p, overlap=overlap)
 
 
-def _attribution_overlap(results: dict) -> dict:
-    """How many of TALE's removed blocks are also the top-attribution blocks, vs k*k/L expected at random."""
+def attribution_overlap(results: dict) -> dict:
+    """How many of TALE's removed blocks (target protocol) are also the blocks of largest distortion
+    attribution, summed over seeds × shifts where TALE removed k ≥ 1 blocks, against chance: with k blocks drawn
+    at random from L the hits are hypergeometric (mean k²/L). ``p`` is the exact probability of at least as
+    many hits by chance (independent cases)."""
     n_blocks = results["n_blocks"]
-    hits = expected = 0.0
+    hits, sizes = 0, []
     for seed, per_shift in results["geometry"]["attribution_full"].items():
         for shift, attribution in per_shift.items():
             removed = results["removed"]["target"][shift][seed]
             if removed:
                 top = set(np.argsort(-np.asarray(attribution), kind="stable")[: len(removed)].tolist())
                 hits += len(top & set(removed))
-                expected += len(removed) ** 2 / n_blocks
-    summary = (f"top-attribution blocks matched TALE's removed blocks {hits:.0f} times "
-               f"(random expectation {expected:.1f})") if expected else "TALE removed no block: no overlap to test"
-    return {"hits": hits, "random_expectation": expected, "summary": summary}
+                sizes.append(len(removed))
+    expected = sum(k * k / n_blocks for k in sizes)
+    p = chance_of_overlap(hits, sizes, n_blocks) if sizes else None
+    summary = (f"top-attribution blocks matched TALE's removed blocks {hits} times "
+               f"(random expectation {expected:.1f}, P(≥ {hits} by chance) = {p:.3f})") if sizes else \
+        "TALE removed no block: no overlap to test"
+    return {"hits": hits, "random_expectation": expected, "p": p, "cases": len(sizes), "summary": summary}
+
+
+def chance_of_overlap(hits: int, sizes: list[int], n_blocks: int) -> float:
+    """P(at least ``hits``) for a sum of independent hypergeometric overlaps: in each case k = ``sizes[i]``
+    blocks drawn at random from ``n_blocks``, of which k are marked."""
+    total = np.ones(1)
+    for k in sizes:
+        pmf = np.array([math.comb(k, x) * math.comb(n_blocks - k, k - x) for x in range(k + 1)], dtype=float)
+        total = np.convolve(total, pmf / math.comb(n_blocks, k))
+    return float(min(1.0, total[hits:].sum()))
 
 
 def c9_needs_layer_removal(results: dict) -> dict:

@@ -23,7 +23,7 @@ from tapioca.analysis.evaluation import Evaluation
 from tapioca.io import atomic_write_bytes, read_result
 from tapioca.report.edges_report import GRAPH_CLAIM_TEXT, edges_plot, section_edges
 from tapioca.report.render import Block, render_html, render_markdown
-from tapioca.report.scales_report import build_scales_report, is_multi_scale
+from tapioca.report.scales_report import SCALES_PLOTS, build_scales_report, is_multi_scale
 from tapioca.report.headline import (CLAIMS, NOT_COMPUTED, findings, headline_caption, plot_headline, primary,
                                      verdict_table)
 from tapioca.report.plots import (IN_SAMPLE, METHOD_ORDER, METRIC_LABELS, _ci, _dig, _lower_is_better, _main_metric,
@@ -537,7 +537,7 @@ def build_report(run_dir: str | Path) -> tuple[list[Block], dict[str, bytes]]:
     multi = _optional_json(run_dir / "results.json")
     if isinstance(multi, dict) and is_multi_scale(multi):
         blocks, figures = build_scales_report(multi)
-        return blocks, {name: _png(fig) for name, fig in figures.items()}
+        return blocks, {name: _png(fig) for name, fig in figures.items() if fig is not None}
     results = load_results(run_dir)
     figures = {"headline.png": plot_headline(results),
                **make_plots(results, load_profiles(run_dir), load_full_evaluation(run_dir)),
@@ -565,7 +565,7 @@ def write_report(run_dir: str | Path) -> Path:
     blocks, images = build_report(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    for name in [*PLOT_TEXT, "scales.png"]:
+    for name in [*PLOT_TEXT, *SCALES_PLOTS]:
         if name not in images:
             (out / name).unlink(missing_ok=True)  # a plot from an earlier report whose data is gone
     for name, data in images.items():

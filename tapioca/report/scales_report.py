@@ -7,11 +7,13 @@ from typing import Any
 
 import numpy as np
 
+from tapioca.report.ladders_report import build_ladder_sections
 from tapioca.report.plots import _ci, _figure, _num, _p
 
 Block = tuple
 
 CLAIM_IDS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9")
+SCALES_PLOTS = ("scales.png", "depth.png", "training.png", "training_curves.png")  # every figure this report may draw
 
 
 def is_multi_scale(results: dict) -> bool:
@@ -68,9 +70,11 @@ def section_scale_claims(results: dict) -> list[Block]:
             continue
         rows.append([cid] + [f"**{s['claims'].get(cid, {}).get('verdict', '—')}**" for _, s in ordered])
     c6 = results.get("claims", {}).get("C6", {})
+    depth = results.get("ladders", {}).get("depth")
+    over = f" (decided over the depth ladder: {', '.join(depth)})" if depth else ""
     blocks: list[Block] = [("h", 2, "Verdicts per scale"),
                            ("table", ["claim", *[n for n, _ in ordered]], rows),
-                           ("p", f"**C6 (consistent across model scales): {c6.get('verdict', 'not assessed')}** — "
+                           ("p", f"**C6 (consistent across model scales): {c6.get('verdict', 'not assessed')}**{over} — "
                                  f"{c6.get('evidence', '')}")]
     evidence = [[cid, n, s["claims"][cid].get("evidence", "—")] for cid in ("C1", "C2", "C3", "C4")
                 for n, s in ordered if cid in s["claims"]]
@@ -144,9 +148,11 @@ def plot_scales(results: dict) -> Any:
 
 
 def build_scales_report(results: dict) -> tuple[list[Block], dict[str, Any]]:
-    """The multi-scale report's blocks and figures by file name."""
-    blocks = (section_overview(results) + section_scale_quality(results) + section_scale_claims(results)
-              + section_scale_deltas(results) + section_scale_links(results)
+    """The multi-scale report's blocks and figures by file name: the depth and training-length ladders' answers
+    first (when the scales form ladders), then quality, verdicts and Δ per scale, and the links."""
+    ladder_blocks, figures = build_ladder_sections(results)
+    blocks = (section_overview(results) + ladder_blocks + section_scale_quality(results)
+              + section_scale_claims(results) + section_scale_deltas(results) + section_scale_links(results)
               + [("h", 2, "Across scales"), ("img", "scales.png", "Left: held-out ID NMSE per scale. Right: "
                  "TALE's held-out ΔNMSE per shift and scale, 95% CIs.")])
-    return blocks, {"scales.png": plot_scales(results)}
+    return blocks, {**figures, "scales.png": plot_scales(results)}

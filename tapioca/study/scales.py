@@ -2,8 +2,9 @@
 
 A config with a ``scales`` section (e.g. ``configs/scales.yaml``) runs one complete single-scale study per
 scale into ``<out>/scales/<name>/`` (each resumable and with its own report), then writes a small
-``<out>/results.json`` that gathers every scale's model quality, OOD deltas and C1–C9 verdicts and decides
-C6 ("consistent across model scales") from them.
+``<out>/results.json`` that gathers every scale's model quality, OOD deltas and C1–C9 verdicts, finds the
+depth and training-length ladders among the scales (:mod:`tapioca.study.ladders`) and decides C6 ("consistent
+across model scales") over the depth ladder (over every scale when there is none).
 """
 
 from __future__ import annotations
@@ -11,21 +12,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from tapioca.report.claims import c6_scales, primary_metric
+from tapioca.report.claims import attribution_overlap, c6_scales, primary_metric
 from tapioca.config import Config, scale_config
 from tapioca.io import write_json
+from tapioca.models.training import trained_model_folder, training_record
+from tapioca.study.ladders import ladders
 from tapioca.study.rundir import prepare_run_dir
 
 Log = Callable[[str], None]
 
 
-def scale_summary(cfg: Config, results: dict) -> dict:
-    """What the multi-scale report needs from one scale's results.json: size, quality, TALE's held-out
-    Δ per distribution (main metric, target protocol) and the claims."""
+def scale_summary(cfg: Config, results: dict, out: Path | None = None) -> dict:
+    """What the multi-scale report needs from one scale's results.json (``out``: that scale's run directory):
+    size, quality, TALE's Δ per distribution (main metric, target protocol) held out and in-sample, the claims
+    under both protocols, the attribution overlap and (testbed) each seed's training record."""
     metric = primary_metric(results)
-    deltas = results["protocols"]["target"]["delta"]
+    protocols = results["protocols"]
     lm = cfg.lm is not None
-    return {
+    summary = {
         "kind": "lm" if lm else "testbed",
         "model": cfg.lm.model if lm else None,
         "n_blocks": results.get("n_blocks", cfg.model.n_layer),
@@ -34,11 +38,19 @@ def scale_summary(cfg: Config, results: dict) -> dict:
         "seeds": list(cfg.evaluation.seeds),
         "quality": results["quality"],
         "metric": metric,
-        "target_delta": {d: row[metric] for d, row in deltas.items()},
+        "target_delta": {d: row[metric] for d, row in protocols["target"]["delta"].items()},
+        "in_sample_delta": {d: row[metric] for d, row in protocols.get("in-sample", {}).get("delta", {}).items()},
         "removed": results["removed"]["target"],
         "claims": results["claims"],
+        "claims_in_sample": results.get("claims_in_sample", {}),
         "timings_seconds": results.get("timings_seconds", {}),
     }
+    if "attribution_full" in results.get("geometry", {}):
+        summary["attribution_overlap"] = attribution_overlap(results)
+    if not lm and cfg.graph is None and out is not None:
+        folders = {seed: trained_model_folder(cfg, seed, out) for seed in cfg.evaluation.seeds}
+        summary["training"] = {str(seed): training_record(f) if f is not None else None for seed, f in folders.items()}
+    return summary
 
 
 def run_scales(cfg: Config, out: Path, progress: bool, log: Log, run_study: Callable[..., dict]) -> dict:
@@ -51,9 +63,13 @@ def run_scales(cfg: Config, out: Path, progress: bool, log: Log, run_study: Call
         sub = scale_config(cfg, name)
         what = f"model {sub.lm.model}" if sub.lm is not None else f"{sub.model.n_layer} blocks, width {sub.model.n_embd}"
         log(f"scale {name}: {what} -> {out / 'scales' / name}")
-        summaries[name] = {"run_dir": f"scales/{name}", **scale_summary(sub, run_study(sub, out / "scales" / name,
-                                                                                  progress, log))}
+        folder = out / "scales" / name
+        summaries[name] = {"run_dir": f"scales/{name}", **scale_summary(sub, run_study(sub, folder, progress, log),
+                                                                        folder)}
     kind = "lm" if cfg.lm is not None else "testbed"
-    results = {"kind": kind, "scales": summaries, "claims": {"C6": c6_scales({"kind": kind, "scales": summaries})}}
+    found = ladders(summaries)
+    compared = {n: summaries[n] for n in found["depth"]} if "depth" in found else summaries
+    results = {"kind": kind, "scales": summaries, "ladders": found,
+               "claims": {"C6": c6_scales({"kind": kind, "scales": compared})}}
     write_json(out / "results.json", results)
     return results

@@ -26,7 +26,7 @@ from tapioca.config import Config
 from tapioca.io import save_arrays, write_json
 from tapioca.models.gates import removal_gates
 from tapioca.models.icl import ICLModel, load_model
-from tapioca.models.training import find_pretrained, is_trained, train
+from tapioca.models.training import find_pretrained, train, trained_model_folder
 from tapioca.pruning.searches import PruneResult
 from tapioca.report.claims import paper_pattern, verdicts, verdicts_in_sample
 from tapioca.study import controls
@@ -137,17 +137,13 @@ def model_for_seed(cfg: Config, seed: int, out: Path, timer: Timer, progress: bo
     """The testbed model of replicate ``seed``: ``model.checkpoint`` (``{seed}`` is substituted), a shipped
     checkpoint trained with this exact config, or one trained now into ``out/models/seed<seed>``."""
     device = resolve_device(cfg.run.device)
-    if cfg.model.checkpoint is not None:
-        return load_model(cfg.model.checkpoint.format(seed=seed), device)
-    shipped = find_pretrained(cfg, seed)
-    if shipped is not None:
-        log(f"seed {seed}: using the shipped checkpoint {shipped.name} (trained with this exact config)")
-        return load_model(shipped, device)
-    folder = out / "models" / f"seed{seed}"
-    if is_trained(folder, cfg, seed):
-        return load_model(folder, device)
+    found = trained_model_folder(cfg, seed, out)
+    if found is not None:
+        if found == find_pretrained(cfg, seed):
+            log(f"seed {seed}: using the shipped checkpoint {found.name} (trained with this exact config)")
+        return load_model(found, device)
     with timer("train"):
-        return train(cfg, folder, seed=seed, progress=progress)
+        return train(cfg, out / "models" / f"seed{seed}", seed=seed, progress=progress)
 
 
 def run_seed(cfg: Config, wl: Workload, seed: int, out: Path, timer: Timer, steps: StepProgress, log: Log) -> SeedOutputs:

@@ -1,0 +1,122 @@
+"""Depth and training-length ladders of a multi-scale testbed study.
+
+The scales of a config (e.g. ``configs/depth.yaml``) are grouped by what varies between them: a **depth
+ladder** is a set of scales with one width and training length over several depths; a **training ladder** one
+depth and width over several training lengths. Per ladder this module answers, from the scales' summaries
+(:func:`tapioca.study.scales.scale_summary`) alone: did each model's ID error stop improving, what TALE's OOD Δ
+is under both protocols, where in depth TALE's blocks sit, and whether they are the top-attribution blocks more
+often than chance.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+FLAT_FRACTION = 0.25  # curve_status looks at the last quarter of training ...
+FLAT_TOLERANCE = 0.05  # ... and calls the ID error flat when it improved by less than 5 % (relative) there
+AXES = {"depth": "n_blocks", "training": "train_steps"}  # the quantity each ladder varies
+FIXED = {"depth": ("train_steps", "n_embd"), "training": ("n_blocks", "n_embd")}  # what it holds fixed
+
+
+def ladders(scales: dict[str, dict]) -> dict[str, list[str]]:
+    """``{"depth": names, "training": names}``, each sorted along its axis: the largest group of testbed scales
+    sharing the ladder's fixed quantities over at least two values of its axis (one scale per value: the
+    first by name). A ladder that no group forms is absent; language-model scales form none."""
+    found: dict[str, list[str]] = {}
+    testbed = {n: s for n, s in scales.items() if s.get("kind", "testbed") == "testbed"}
+    for ladder, axis in AXES.items():
+        groups: dict[tuple, dict[Any, str]] = defaultdict(dict)
+        for name in sorted(testbed):
+            s = testbed[name]
+            groups[tuple(s.get(k) for k in FIXED[ladder])].setdefault(s.get(axis), name)
+        best = max(groups.values(), key=len, default={})
+        if len(best) >= 2:
+            found[ladder] = [best[v] for v in sorted(best)]
+    return found
+
+
+def curve_status(curve: list[list[float]]) -> dict[str, Any]:
+    """Whether an ID validation curve ``[[step, NMSE], ...]`` stopped improving: ``flat`` when the best NMSE of
+    the last FLAT_FRACTION of training is less than FLAT_TOLERANCE (relative) below the best before it,
+    ``improving`` otherwise, ``not recorded`` without enough points. ``last_gain`` is that relative gain."""
+    points = [(float(s), float(v)) for s, v in curve or []]
+    if len(points) < 3:
+        return {"status": "not recorded", "last_gain": None}
+    cut = points[-1][0] * (1 - FLAT_FRACTION)
+    before = [v for s, v in points if s <= cut]
+    after = [v for s, v in points if s > cut]
+    if not before or not after:
+        return {"status": "not recorded", "last_gain": None}
+    gain = 1.0 - min(after) / min(before) if min(before) > 0 else 0.0
+    return {"status": "flat" if gain < FLAT_TOLERANCE else "improving", "last_gain": gain}
+
+
+def training_status(summary: dict) -> str:
+    """One scale's training verdict over its seeds: ``flat``, ``improving`` (any seed still improving),
+    ``not recorded`` (no seed has a curve) — with the largest last-quarter gain."""
+    per_seed = [curve_status(r.get("id_curve", [])) for r in (summary.get("training") or {}).values() if r]
+    recorded = [c for c in per_seed if c["status"] != "not recorded"]
+    if not recorded:
+        return "not recorded"
+    worst = max(c["last_gain"] for c in recorded)
+    word = "improving" if any(c["status"] == "improving" for c in recorded) else "flat"
+    return f"{word} ({100 * worst:.1f} % in the last quarter)"
+
+
+def relative_positions(summary: dict) -> list[float]:
+    """Where TALE's removed blocks sit in depth, as (block + 0.5) / L in (0, 1), over seeds and shifts."""
+    n = summary["n_blocks"]
+    return [(b + 0.5) / n for per_seed in summary.get("removed", {}).values() if isinstance(per_seed, dict)
+            for blocks in per_seed.values() for b in blocks]
+
+
+def shift_counts(deltas: dict[str, dict]) -> dict[str, int]:
+    """Over the shifts (not ``id``): how many had a significant gain, a significant harm, or neither."""
+    rows = [d for name, d in deltas.items() if name != "id"]
+    gains = sum(bool(d.get("improved")) for d in rows)
+    harms = sum(bool(d.get("worse")) for d in rows)
+    return {"gain": gains, "harm": harms, "neither": len(rows) - gains - harms, "shifts": len(rows)}
+
+
+def ladder_rows(results: dict, ladder: str) -> list[dict[str, Any]]:
+    """Per scale of one ladder (in order): its axis value, ID quality beside least squares, training status,
+    significant gains/harms under both protocols, attribution overlap vs chance, mean relative position of
+    TALE's blocks and the C1–C4 verdicts."""
+    rows = []
+    for name in results.get("ladders", {}).get(ladder, []):
+        s = results["scales"][name]
+        positions = relative_positions(s)
+        rows.append({
+            "name": name, "value": s.get(AXES[ladder]), "n_blocks": s.get("n_blocks"),
+            "train_steps": s.get("train_steps"), "id_nmse": s["quality"]["model_id_nmse"],
+            "least_squares": s["quality"].get("references_id_nmse", {}).get("least_squares"),
+            "training": training_status(s),
+            "held_out": shift_counts(s["target_delta"]), "in_sample": shift_counts(s.get("in_sample_delta", {})),
+            "overlap": s.get("attribution_overlap"), "positions": positions,
+            "mean_position": float(np.mean(positions)) if positions else None,
+            "claims": {c: s["claims"].get(c, {}).get("verdict") for c in ("C1", "C2", "C3", "C4")},
+            "claims_in_sample": {c: (s.get("claims_in_sample") or {}).get(c, {}).get("verdict") for c in ("C1", "C2")},
+        })
+    return rows
+
+
+def answer(results: dict, ladder: str) -> str:
+    """One sentence stating, as measured, what the ladder answers (OOD effect under both protocols and the
+    attribution overlap), or why it cannot."""
+    rows = ladder_rows(results, ladder)
+    if not rows:
+        return f"No {ladder} ladder in this study (it needs ≥ 2 scales differing only in {AXES[ladder]})."
+    unit = "blocks" if ladder == "depth" else "steps"
+    values = ", ".join(f"{r['value']:,}" for r in rows)
+    held = "; ".join(f"{r['value']:,}: {r['held_out']['gain']}/{r['held_out']['shifts']}" for r in rows)
+    inside = "; ".join(f"{r['value']:,}: {r['in_sample']['gain']}/{r['in_sample']['shifts']}" for r in rows)
+    hits = sum((r["overlap"] or {}).get("hits", 0) for r in rows)
+    expected = sum((r["overlap"] or {}).get("random_expectation", 0.0) for r in rows)
+    c2 = ", ".join(f"{r['value']:,}: {r['claims']['C2']}" for r in rows)
+    overlap = (f"TALE's blocks were the top-attribution blocks {hits} times against {expected:.1f} expected by chance"
+               if expected else "TALE removed no block, so attribution overlap is untested")
+    return (f"Across {values} {unit}: significant OOD gains per shift held out {held}; in-sample (the paper's "
+            f"protocol) {inside}; C2 held out — {c2}. {overlap}.")

@@ -1,0 +1,109 @@
+"""Depth and training-length ladders: grouping scales, training-curve status, attribution overlap against
+chance, and a tiny multi-scale study that forms both ladders, with its report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+
+from tapioca.config import load_config, scale_config
+from tapioca.report.claims import c6_scales, chance_of_overlap
+from tapioca.report.report import write_report
+from tapioca.study.ladders import answer, curve_status, ladders, relative_positions, shift_counts, training_status
+from tapioca.study.steps import run_study
+
+from test_study import TINY, quiet
+
+
+def _scale(blocks: int, steps: int, width: int = 64) -> dict:
+    return {"kind": "testbed", "n_blocks": blocks, "train_steps": steps, "n_embd": width}
+
+
+def test_ladders_group_scales_by_what_varies():
+    scales = {"L4": _scale(4, 5000), "L8": _scale(8, 5000), "L16": _scale(16, 5000),
+              "L4-long": _scale(4, 20000), "L4-short": _scale(4, 2500), "wide": _scale(8, 5000, width=128)}
+    found = ladders(scales)
+    assert found["depth"] == ["L4", "L8", "L16"]  # sorted by depth; the other width is not on it
+    assert found["training"] == ["L4-short", "L4", "L4-long"]  # sorted by steps
+    assert ladders({"a": _scale(4, 5000), "b": _scale(8, 20000)}) == {}  # nothing varies alone
+    assert ladders({"a": {"kind": "lm", "n_blocks": 24}, "b": {"kind": "lm", "n_blocks": 30}}) == {}
+
+
+def test_curve_status_flat_improving_or_not_recorded():
+    flat = [[s, 0.10 if s < 5000 else 0.099] for s in range(500, 10001, 500)]
+    assert curve_status(flat)["status"] == "flat"
+    falling = [[s, 1.0 / s] for s in range(500, 10001, 500)]  # halves when the steps double
+    status = curve_status(falling)
+    assert status["status"] == "improving" and status["last_gain"] == pytest.approx(1 - 7500 / 10000, rel=0.05)
+    assert curve_status([[500, 0.1], [1000, 0.05]])["status"] == "not recorded"
+    assert curve_status([])["status"] == "not recorded"
+    summary = {"training": {"0": {"id_curve": flat}, "1": {"id_curve": falling}, "2": None}}
+    assert training_status(summary).startswith("improving")
+    assert training_status({"training": {"0": {"id_curve": []}}}) == "not recorded"
+
+
+def _brute_force(hits: int, sizes: list[int], n: int) -> float:
+    """P(total overlap >= hits), enumerating every choice of k blocks per case (marked blocks: 0..k-1)."""
+    per_case = [[len(set(c) & set(range(k))) for c in itertools.combinations(range(n), k)] for k in sizes]
+    outcomes = [sum(o) for o in itertools.product(*per_case)]
+    return sum(o >= hits for o in outcomes) / len(outcomes)
+
+
+@pytest.mark.parametrize("hits, sizes, n", [(0, [1, 2], 5), (1, [1, 2], 5), (2, [2, 2], 6), (3, [1, 2, 1], 4),
+                                            (5, [2, 2], 6)])
+def test_chance_of_overlap_is_the_exact_hypergeometric_tail(hits, sizes, n):
+    assert chance_of_overlap(hits, sizes, n) == pytest.approx(_brute_force(hits, sizes, n), abs=1e-12)
+
+
+def test_positions_and_counts():
+    summary = {"n_blocks": 4, "removed": {"x": {"0": [0, 3], "1": []}, "y": {"0": [1]}}}
+    assert sorted(relative_positions(summary)) == [0.125, 0.375, 0.875]
+    deltas = {"id": {"improved": True}, "a": {"improved": True, "worse": False}, "b": {"worse": True},
+              "c": {"improved": False, "worse": False}}
+    assert shift_counts(deltas) == {"gain": 1, "harm": 1, "neither": 1, "shifts": 3}
+
+
+LADDERS = ("scales={d2: {model: {n_layer: 2}}, d3: {model: {n_layer: 3}}, "
+           "d2-long: {model: {n_layer: 2}, train: {steps: 40}}}")
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ladders")
+    cfg = load_config(None, [*TINY, LADDERS, "train.checkpoint_every=5", "geometry.controls=false",
+                             "evaluation.seeds=[0]"])
+    return out, cfg, run_study(cfg, out, progress=False, log=quiet)
+
+
+def test_study_finds_both_ladders_and_decides_c6_on_depth(both):
+    out, cfg, results = both
+    assert results["ladders"] == {"depth": ["d2", "d3"], "training": ["d2", "d2-long"]}
+    depth_only = {n: results["scales"][n] for n in ("d2", "d3")}
+    assert results["claims"]["C6"] == c6_scales({"kind": "testbed", "scales": depth_only})
+    for name in ("d2", "d3", "d2-long"):
+        s = results["scales"][name]
+        single = json.loads((out / "scales" / name / "results.json").read_text())
+        assert s["train_steps"] == scale_config(cfg, name).train.steps
+        assert s["in_sample_delta"] == {d: r["nmse"] for d, r in single["protocols"]["in-sample"]["delta"].items()}
+        assert s["claims_in_sample"] == single["claims_in_sample"]
+        curve = s["training"]["0"]["id_curve"]
+        assert [step for step, _ in curve] == list(range(5, s["train_steps"] + 1, 5))
+        assert all(math.isfinite(v) for _, v in curve)
+        shifts = [d for d in single["removed"]["target"] if d != "id"]  # attribution is measured on shifts
+        assert s["attribution_overlap"]["cases"] == sum(bool(single["removed"]["target"][d]["0"]) for d in shifts)
+
+
+def test_report_answers_each_ladder_with_a_figure(both):
+    out, _, results = both
+    report = write_report(out)
+    md = (report / "report.md").read_text()
+    assert "Depth ladder" in md and "Training-length ladder" in md
+    assert md.count("**Answer (as measured):**") == 2
+    assert answer(results, "depth") in md
+    assert "decided over the depth ladder: d2, d3" in md
+    for name in ("depth.png", "training.png", "training_curves.png", "scales.png"):
+        assert (report / name).stat().st_size > 1000
+    assert md.index("Depth ladder") < md.index("Verdicts per scale")  # the answers lead
