@@ -179,3 +179,14 @@ def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off(monkeypatch):
     monkeypatch.delenv("TAPIOCA_MALLOC")
     import platform
     assert keep_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_train_speed_benchmark_prints_a_row_per_setting() -> None:
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "benchmarks/train_speed.py", "--config", "configs/default.yaml",
+                          "--precision", "fp32", "bf16", "--steps", "1", "--warmup", "0", "--threads", "1"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines() if line.startswith("configs/default.yaml")]
+    assert [r[3] for r in rows] == ["fp32", "bf16"]
+    assert all(float(r[5]) > 0 and "(5,000" in " ".join(r) for r in rows)

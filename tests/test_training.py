@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tapioca.models.training as training
-from tapioca.config import Config, SamplerParams, TrainConfig, replace
+from tapioca.config import Config, SamplerParams, TrainConfig, load_config, replace, to_dict
 from tapioca.errors import CheckpointError, ConfigError
 from tapioca.io import read_json
 from tapioca.models.icl import ICLModel, load_model, read_meta, save_model
@@ -376,3 +376,67 @@ def test_resume_after_kill_between_checkpoint_files_is_exact(monkeypatch, tmp_pa
         train(tiny_cfg, tmp_path, progress=False)
     monkeypatch.undo()
     assert_same_weights(train(tiny_cfg, tmp_path, progress=False), load_model(trained_dir))
+
+
+# ---------------------------------------------------------------- the paper-scale recipe and GPU speed options
+
+
+def test_new_training_options_leave_recorded_configs_and_fingerprints_unchanged(tiny_cfg: Config) -> None:
+    recorded = to_dict(TrainConfig())
+    assert not {"schedule", "precision", "compile"} & set(recorded)  # omitted at their defaults
+    assert to_dict(replace(tiny_cfg, "train.precision=bf16").train)["precision"] == "bf16"
+
+
+def test_constant_schedule_holds_the_rate_after_warm_up() -> None:
+    cfg = TrainConfig(steps=1000, lr=1e-4, warmup_steps=10, schedule="constant")
+    assert learning_rate(cfg, 4) == pytest.approx(5e-5)
+    assert {learning_rate(cfg, s) for s in (10, 500, 999)} == {1e-4}
+
+
+def test_bf16_autocast_trains_to_different_finite_weights_and_is_its_own_fingerprint(tmp_path: Path, trained_dir: Path,
+                                                                                      tiny_cfg: Config) -> None:
+    cfg = replace(tiny_cfg, "train.precision=bf16")
+    model = train(cfg, tmp_path, progress=False)
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in model.state_dict().values())
+    with pytest.raises(AssertionError):
+        assert_same_weights(model, load_model(trained_dir))  # bf16 arithmetic changed the weights
+    shutil.copytree(trained_dir, tmp_path / "fp32")
+    with pytest.raises(CheckpointError, match="different config"):
+        train(cfg, tmp_path / "fp32", progress=False)  # an fp32 run is not resumed in bf16
+
+
+def test_tf32_is_scoped_to_the_training_run(tiny_cfg: Config) -> None:
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    seen = []
+    with training.matmul_precision("tf32"):
+        seen.append(torch.get_float32_matmul_precision())
+    assert seen == ["high"]
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
+    train(replace(tiny_cfg, "train.precision=tf32", "train.steps=2"), None, progress=False)
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
+
+
+def test_compile_option_trains_through_torch_compile(monkeypatch: pytest.MonkeyPatch, tiny_cfg: Config) -> None:
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    model = train(replace(tiny_cfg, "train.compile=true"), None, progress=False)
+    assert compiled == [model]  # the training forward went through torch.compile; weights are the model's own
+    monkeypatch.undo()
+    assert_same_weights(model, train(tiny_cfg, None, progress=False))  # an identity "compiler" changes nothing
+
+
+@pytest.mark.parametrize("path, curriculum", [("configs/paper-scale.yaml", True),
+                                              ("configs/paper-scale-no-curriculum.yaml", False)])
+def test_paper_scale_configs_hold_the_labs_recipe(path: str, curriculum: bool) -> None:
+    cfg = load_config(path)
+    m, t = cfg.model, cfg.train
+    assert (m.n_layer, m.n_embd, m.n_head) == (12, 256, 8)
+    assert (t.batch_size, t.lr, t.steps, t.schedule, cfg.task.sampler.n_points) == (64, 1e-4, 500_000, "constant", 41)
+    start = curriculum_of(cfg, 0)
+    assert (start.n_points < 41) == curriculum and (len(start.degrees) < 3) == curriculum
+    assert curriculum_of(cfg, t.steps - 1) == cfg.task.sampler  # the full ID sampler by the end
+    assert 2 * max(41, *(s.get("n_points", 0) for s in cfg.task.shifts.values())) <= m.n_positions
+
+
+def curriculum_of(cfg: Config, step: int) -> SamplerParams:
+    return curriculum(cfg.train, cfg.task.sampler, step)

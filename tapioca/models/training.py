@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -9,7 +10,7 @@ import pickle
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -38,9 +39,11 @@ def curriculum(train: TrainConfig, sampler: SamplerParams, step: int) -> Sampler
 
 
 def learning_rate(train: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of ``train.lr``."""
+    """Linear warm-up, then cosine decay to 10% of ``train.lr`` (``schedule: constant``: ``train.lr``)."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
+    if train.schedule == "constant":
+        return train.lr
     progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
     return train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -72,22 +75,24 @@ def train(cfg: Config, out: str | Path | None = None, seed: int | None = None, p
         state = _resume(Path(out), fingerprint, model, opt, device)
     bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not progress, desc=f"train seed {seed}")
     model.train()
+    forward = torch.compile(model) if cfg.train.compile else model
     started, running = time.perf_counter(), None
-    for step in range(state["step"], cfg.train.steps):
-        loss = _train_step(model, opt, cfg, seed, step)
-        running = loss if running is None else 0.98 * running + 0.02 * loss
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training diverged at step {step} (loss {loss}); lower train.lr")
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{running:.4f}")
-            state["losses"].append([step, running])
-        done = step + 1
-        if out is not None and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps):
-            state.update(step=done, seconds=state["seconds"] + time.perf_counter() - started)
-            state["id_curve"] = state.get("id_curve", []) + [[done, validation_nmse(model, cfg, seed)]]
-            started = time.perf_counter()
-            _save(Path(out), model, opt, state, fingerprint)
+    with matmul_precision(cfg.train.precision):
+        for step in range(state["step"], cfg.train.steps):
+            loss = _train_step(forward, opt, cfg, seed, step)
+            running = loss if running is None else 0.98 * running + 0.02 * loss
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training diverged at step {step} (loss {loss}); lower train.lr")
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{running:.4f}")
+                state["losses"].append([step, running])
+            done = step + 1
+            if out is not None and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps):
+                state.update(step=done, seconds=state["seconds"] + time.perf_counter() - started)
+                state["id_curve"] = state.get("id_curve", []) + [[done, validation_nmse(model, cfg, seed)]]
+                started = time.perf_counter()
+                _save(Path(out), model, opt, state, fingerprint)
     bar.close()
     return model.eval()
 
@@ -104,14 +109,32 @@ def validation_nmse(model: ICLModel, cfg: Config, seed: int, n: int = CURVE_PROM
     return float((pred.double() - batch.query_y.double()).square().mean() / y_variance(cfg.task.sampler))
 
 
-def _train_step(model: ICLModel, opt: torch.optim.Optimizer, cfg: Config, seed: int, step: int) -> float:
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """``tf32``: float32 matmuls and convolutions may use TF32 (CUDA) inside the block; restored after."""
+    if precision != "tf32":
+        yield
+        return
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config, seed: int, step: int) -> float:
     """One optimiser step on a fresh batch; the batch depends only on (seed, step), so resume is exact."""
     params = curriculum(cfg.train, cfg.task.sampler, step)
     gen = torch.Generator().manual_seed(split_seed(seed, f"train-step-{step}", "train"))
     batch = sample_prompts(params, cfg.train.batch_size, gen).to(model.device)
     for group in opt.param_groups:
         group["lr"] = learning_rate(cfg.train, step)
-    loss = (model(batch.xs, batch.ys) - batch.ys).square().mean()
+    with torch.autocast(batch.xs.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+        pred = model(batch.xs, batch.ys)
+    loss = (pred.float() - batch.ys).square().mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
