@@ -55,7 +55,7 @@ def _brute_force(hits: int, sizes: list[int], n: int) -> float:
 @pytest.mark.parametrize("hits, sizes, n", [(0, [1, 2], 5), (1, [1, 2], 5), (2, [2, 2], 6), (3, [1, 2, 1], 4),
                                             (5, [2, 2], 6)])
 def test_chance_of_overlap_is_the_exact_hypergeometric_tail(hits, sizes, n):
-    assert chance_of_overlap(hits, sizes, n) == pytest.approx(_brute_force(hits, sizes, n), abs=1e-12)
+    assert chance_of_overlap(hits, [[k, n] for k in sizes]) == pytest.approx(_brute_force(hits, sizes, n), abs=1e-12)
 
 
 def test_positions_and_counts():
@@ -93,7 +93,7 @@ def test_study_finds_both_ladders_and_decides_c6_on_depth(both):
         assert [step for step, _ in curve] == list(range(5, s["train_steps"] + 1, 5))
         assert all(math.isfinite(v) for _, v in curve)
         shifts = [d for d in single["removed"]["target"] if d != "id"]  # attribution is measured on shifts
-        assert s["attribution_overlap"]["cases"] == sum(bool(single["removed"]["target"][d]["0"]) for d in shifts)
+        assert len(s["attribution_overlap"]["cases"]) == sum(bool(single["removed"]["target"][d]["0"]) for d in shifts)
 
 
 def test_report_answers_each_ladder_with_a_figure(both):
@@ -107,3 +107,28 @@ def test_report_answers_each_ladder_with_a_figure(both):
     for name in ("depth.png", "training.png", "training_curves.png", "scales.png"):
         assert (report / name).stat().st_size > 1000
     assert md.index("Depth ladder") < md.index("Verdicts per scale")  # the answers lead
+
+
+def _rung(value: int, held: tuple[int, int], inside: int, removed: bool, hits: int = 0) -> dict:
+    counts = lambda gain, harm: {"id": {}, **{f"s{i}": {"improved": i < gain, "worse": gain <= i < gain + harm}
+                                             for i in range(4)}}
+    return {"kind": "testbed", "n_blocks": value, "train_steps": 5000, "n_embd": 64,
+            "quality": {"model_id_nmse": {"mean": 0.1, "low": 0.1, "high": 0.1}}, "claims": {},
+            "target_delta": counts(*held), "in_sample_delta": counts(inside, 0),
+            "removed": {"s0": {"0": [0] if removed else []}},
+            "attribution_overlap": {"hits": hits, "random_expectation": 1 / value, "cases": [[1, value]] if removed
+                                    else [], "p": None}}
+
+
+def test_answer_says_no_effect_not_enough_data_and_the_protocol_gap_plainly():
+    results = {"scales": {"a": _rung(4, (0, 0), 2, True, hits=1), "b": _rung(8, (0, 1), 0, False)}}
+    results["ladders"] = ladders(results["scales"])
+    text = answer(results, "depth")
+    assert text.startswith("No OOD gain held out at any rung (4, 8 blocks)")
+    assert "harmed OOD at 8 blocks (1/4 shifts)" in text
+    assert "in-sample protocol it 'gained' at 4 blocks (2/4 shifts)" in text
+    assert "Not enough data at 8 blocks" in text
+    assert "1 times against 0.2 expected by chance (pooled p = 0.250)" in text
+    results["scales"]["b"] = _rung(8, (3, 0), 0, True)
+    assert answer(results, "depth").startswith("Held out, TALE improved OOD at 8 blocks (3/4 shifts)")
+    assert "No training ladder" in answer(results, "training")

@@ -373,29 +373,34 @@ def attribution_overlap(results: dict) -> dict:
     """How many of TALE's removed blocks (target protocol) are also the blocks of largest distortion
     attribution, summed over seeds × shifts where TALE removed k ≥ 1 blocks, against chance: with k blocks drawn
     at random from L the hits are hypergeometric (mean k²/L). ``p`` is the exact probability of at least as
-    many hits by chance (independent cases)."""
+    many hits by chance (independent cases); ``cases`` lists each case's [k, L]."""
     n_blocks = results["n_blocks"]
-    hits, sizes = 0, []
+    hits, cases = 0, []
     for seed, per_shift in results["geometry"]["attribution_full"].items():
         for shift, attribution in per_shift.items():
             removed = results["removed"]["target"][shift][seed]
             if removed:
                 top = set(np.argsort(-np.asarray(attribution), kind="stable")[: len(removed)].tolist())
                 hits += len(top & set(removed))
-                sizes.append(len(removed))
-    expected = sum(k * k / n_blocks for k in sizes)
-    p = chance_of_overlap(hits, sizes, n_blocks) if sizes else None
+                cases.append([len(removed), n_blocks])
+    return overlap_summary(hits, cases)
+
+
+def overlap_summary(hits: int, cases: list[list[int]]) -> dict:
+    """Hits, chance expectation, exact p and a sentence for overlap cases ``[[k, L], ...]``."""
+    expected = sum(k * k / n for k, n in cases)
+    p = chance_of_overlap(hits, cases) if cases else None
     summary = (f"top-attribution blocks matched TALE's removed blocks {hits} times "
-               f"(random expectation {expected:.1f}, P(≥ {hits} by chance) = {p:.3f})") if sizes else \
+               f"(random expectation {expected:.1f}, P(≥ {hits} by chance) = {p:.3f})") if cases else \
         "TALE removed no block: no overlap to test"
-    return {"hits": hits, "random_expectation": expected, "p": p, "cases": len(sizes), "summary": summary}
+    return {"hits": hits, "random_expectation": expected, "p": p, "cases": cases, "summary": summary}
 
 
-def chance_of_overlap(hits: int, sizes: list[int], n_blocks: int) -> float:
-    """P(at least ``hits``) for a sum of independent hypergeometric overlaps: in each case k = ``sizes[i]``
-    blocks drawn at random from ``n_blocks``, of which k are marked."""
+def chance_of_overlap(hits: int, cases: list[list[int]]) -> float:
+    """P(at least ``hits``) for a sum of independent hypergeometric overlaps: in case [k, L], k blocks drawn at
+    random from L, of which k are marked."""
     total = np.ones(1)
-    for k in sizes:
+    for k, n_blocks in cases:
         pmf = np.array([math.comb(k, x) * math.comb(n_blocks - k, k - x) for x in range(k + 1)], dtype=float)
         total = np.convolve(total, pmf / math.comb(n_blocks, k))
     return float(min(1.0, total[hits:].sum()))

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from tapioca.report.claims import overlap_summary
+
 FLAT_FRACTION = 0.25  # curve_status looks at the last quarter of training ...
 FLAT_TOLERANCE = 0.05  # ... and calls the ID error flat when it improved by less than 5 % (relative) there
 AXES = {"depth": "n_blocks", "training": "train_steps"}  # the quantity each ladder varies
@@ -103,20 +105,36 @@ def ladder_rows(results: dict, ladder: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _at(rows: list[dict], protocol: str, outcome: str, unit: str) -> str:
+    """'8 blocks (2/10 shifts), 16 blocks (1/10 shifts)': the rungs of ``rows`` and their ``outcome`` counts."""
+    return ", ".join(f"{r['value']:,} {unit} ({r[protocol][outcome]}/{r[protocol]['shifts']} shifts)" for r in rows)
+
+
 def answer(results: dict, ladder: str) -> str:
-    """One sentence stating, as measured, what the ladder answers (OOD effect under both protocols and the
-    attribution overlap), or why it cannot."""
+    """The ladder's answer as measured, in plain words: whether TALE improved (or harmed) OOD held out at any
+    rung and what the paper's in-sample protocol shows, rungs where TALE removed nothing (not enough data), and
+    whether its blocks are the top-attribution blocks more often than chance (pooled exact p)."""
     rows = ladder_rows(results, ladder)
     if not rows:
         return f"No {ladder} ladder in this study (it needs ≥ 2 scales differing only in {AXES[ladder]})."
     unit = "blocks" if ladder == "depth" else "steps"
-    values = ", ".join(f"{r['value']:,}" for r in rows)
-    held = "; ".join(f"{r['value']:,}: {r['held_out']['gain']}/{r['held_out']['shifts']}" for r in rows)
-    inside = "; ".join(f"{r['value']:,}: {r['in_sample']['gain']}/{r['in_sample']['shifts']}" for r in rows)
-    hits = sum((r["overlap"] or {}).get("hits", 0) for r in rows)
-    expected = sum((r["overlap"] or {}).get("random_expectation", 0.0) for r in rows)
-    c2 = ", ".join(f"{r['value']:,}: {r['claims']['C2']}" for r in rows)
-    overlap = (f"TALE's blocks were the top-attribution blocks {hits} times against {expected:.1f} expected by chance"
-               if expected else "TALE removed no block, so attribution overlap is untested")
-    return (f"Across {values} {unit}: significant OOD gains per shift held out {held}; in-sample (the paper's "
-            f"protocol) {inside}; C2 held out — {c2}. {overlap}.")
+    gained = [r for r in rows if r["held_out"]["gain"]]
+    harmed = [r for r in rows if r["held_out"]["harm"]]
+    inside = [r for r in rows if r["in_sample"]["gain"]]
+    rungs = ", ".join(f"{r['value']:,}" for r in rows)
+    lead = (f"Held out, TALE improved OOD at {_at(gained, 'held_out', 'gain', unit)}" if gained else
+            f"No OOD gain held out at any rung ({rungs} {unit}): no shift improved significantly")
+    if harmed:
+        lead += f"; it significantly harmed OOD at {_at(harmed, 'held_out', 'harm', unit)}"
+    protocol = (f"Under the paper's in-sample protocol it 'gained' at {_at(inside, 'in_sample', 'gain', unit)}"
+                if inside else "Under the paper's in-sample protocol: no gain at any rung")
+    empty = [f"{r['value']:,}" for r in rows if not r["positions"]]
+    scarce = f" Not enough data at {', '.join(empty)} {unit}: TALE removed no block there." if empty else ""
+    cases = [c for r in rows for c in (r["overlap"] or {}).get("cases", [])]
+    if cases:
+        pooled = overlap_summary(sum((r["overlap"] or {}).get("hits", 0) for r in rows), cases)
+        link = (f" TALE's blocks were the top-attribution blocks {pooled['hits']} times against "
+                f"{pooled['random_expectation']:.1f} expected by chance (pooled p = {pooled['p']:.3f}).")
+    else:
+        link = " Attribution overlap is untested: TALE removed no block."
+    return f"{lead}. {protocol}.{scarce}{link}"
