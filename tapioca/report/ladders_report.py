@@ -1,7 +1,7 @@
 """The depth and training-length sections of a multi-scale report: per ladder the measured answer, a table
 (ID quality beside least squares, whether training flattened, significant OOD gains/harms under both
 protocols, attribution overlap vs chance, where TALE's blocks sit, C1–C4) and one figure; plus the training
-curves. Reads the multi-scale ``results.json`` only (see :mod:`tapioca.study.ladders`)."""
+curves. Reads the multi-scale ``results.json`` only (see :mod:`tapioca.report.ladders`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tapioca.report.plots import _ci, _figure, _num
-from tapioca.study.ladders import AXES, answer, ladder_rows
+from tapioca.report.ladders import AXES, answer, ladder_rows
 
 Block = tuple
 TITLES = {"depth": "Depth ladder: does the effect change as models get deeper?",

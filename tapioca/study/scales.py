@@ -3,7 +3,7 @@
 A config with a ``scales`` section (e.g. ``configs/scales.yaml``) runs one complete single-scale study per
 scale into ``<out>/scales/<name>/`` (each resumable and with its own report), then writes a small
 ``<out>/results.json`` that gathers every scale's model quality, OOD deltas and C1–C9 verdicts, finds the
-depth and training-length ladders among the scales (:mod:`tapioca.study.ladders`) and decides C6 ("consistent
+depth and training-length ladders among the scales (:mod:`tapioca.report.ladders`) and decides C6 ("consistent
 across model scales") over the depth ladder (over every scale when there is none).
 """
 
@@ -16,7 +16,7 @@ from tapioca.report.claims import attribution_overlap, c6_scales, primary_metric
 from tapioca.config import Config, scale_config
 from tapioca.io import write_json
 from tapioca.models.training import trained_model_folder, training_record
-from tapioca.study.ladders import ladders
+from tapioca.report.ladders import ladders
 from tapioca.study.rundir import prepare_run_dir
 
 Log = Callable[[str], None]
