@@ -42,7 +42,7 @@ def learning_rate(train: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to 10% of ``train.lr`` (``schedule: constant``: ``train.lr``)."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
-    if train.schedule == "constant":
+    if getattr(train, "schedule", "cosine") == "constant":  # graph training configs have no schedule option
         return train.lr
     progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
     return train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
