@@ -91,10 +91,8 @@ class TrainConfig:
     curriculum_points_step: int = _range(2, ge=1)
     curriculum_degree_steps: int = _range(1000, ge=0)  # steps over which higher degrees are added
     checkpoint_every: int = _range(500, ge=1)
-    # after warm-up: cosine decay to 10 % of lr, or lr held constant (the recipe of configs/paper-scale.yaml)
-    schedule: Literal["cosine", "constant"] = _added_later("cosine")
-    # matmul precision: fp32; tf32 (CUDA matmuls in TF32); bf16 (forward under bfloat16 autocast, fp32 weights)
-    precision: Literal["fp32", "tf32", "bf16"] = _added_later("fp32")
+    schedule: Literal["cosine", "constant"] = _added_later("cosine")  # after warm-up (see learning_rate)
+    precision: Literal["fp32", "tf32", "bf16"] = _added_later("fp32")  # tf32 matmuls / bf16 autocast forward
     compile: bool = _added_later(False)  # torch.compile the training forward (GPU; needs a C++ compiler on CPU)
 
 
