@@ -285,3 +285,27 @@ def test_headline_plots_improvement_so_that_lower_nmse_is_up():
     gain = {"full": 2.0, "mean": -0.5, "low": -0.8, "high": -0.2, "improved": True}
     assert improvement(gain, "nmse") == pytest.approx((25.0, 10.0, 40.0, True))
     assert improvement({**gain, "mean": 0.05, "low": 0.01, "high": 0.09}, "tol_acc")[:3] == pytest.approx((5, 1, 9))
+
+
+def test_interventions_section_shows_last_token_norm_matching_for_language_models():
+    from tapioca.report.report import section_interventions
+    seeds = {"0": {"ood_full": -1.0, "ood_matched": -0.5, "ood_pruned": -0.8, "id_full": -0.1, "id_pushed": -0.3},
+             "1": {"ood_full": -3.0, "ood_matched": -1.5, "ood_pruned": -1.2, "id_full": -0.3, "id_pushed": -0.5}}
+    results = {"kind": "lm", "interventions": {"more_digits": {"norm_matching": seeds}}}
+    blocks = section_interventions(results)
+    text = " ".join(b[1] for b in blocks if b[0] == "p")
+    assert "not run" not in text and "last token" in text
+    header, rows = next((b[1], b[2]) for b in blocks if b[0] == "table")
+    row = dict(zip(header, rows[0]))
+    assert float(row["OOD norm-matched"]) == pytest.approx(-1.0) and float(row["ID pushed"]) == pytest.approx(-0.4)
+    assert float(row["OOD full"]) == pytest.approx(-2.0)
+
+
+def test_interventions_section_says_which_shifts_could_not_be_norm_matched():
+    from tapioca.report.report import section_interventions
+    skipped = {"0": {"ood_full": -1.0, "ood_pruned": -0.8, "id_full": -0.1, "skipped": "prompt lengths differ"}}
+    blocks = section_interventions({"interventions": {"more_points": {"norm_matching": skipped}}})
+    text = " ".join(b[1] for b in blocks if b[0] == "p")
+    assert "per position" in text and "more_points (prompt lengths differ)" in text
+    row = next(b[2] for b in blocks if b[0] == "table")[0]
+    assert row[2] == "—"

@@ -440,3 +440,12 @@ def test_paper_scale_configs_hold_the_labs_recipe(path: str, curriculum: bool) -
 
 def curriculum_of(cfg: Config, step: int) -> SamplerParams:
     return curriculum(cfg.train, cfg.task.sampler, step)
+
+
+def test_graph_training_shares_the_schedule_option_and_records_it_only_when_set() -> None:
+    from tapioca.config import GraphTrainConfig
+    assert "schedule" not in to_dict(GraphTrainConfig())  # shipped graph checkpoints keep their fingerprint
+    constant = GraphTrainConfig(steps=100, lr=1e-3, warmup_steps=0, schedule="constant")
+    assert to_dict(constant)["schedule"] == "constant"
+    assert learning_rate(constant, 99) == pytest.approx(1e-3)
+    assert learning_rate(GraphTrainConfig(steps=100, lr=1e-3, warmup_steps=0), 99) < 2e-4  # cosine decays

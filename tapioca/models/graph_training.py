@@ -61,7 +61,7 @@ def train_graph_model(cfg: GraphConfig, task: GraphMotifTask, seed: int, out: st
     for step in range(state["step"], tc.steps):
         batch = minibatch(graphs, tc.batch_size, seed, step).to(device)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(tc, step)  # type: ignore[arg-type]
+            group["lr"] = learning_rate(tc, step)
         loss = F.cross_entropy(model(batch), batch.y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

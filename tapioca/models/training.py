@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from tapioca.config import Config, SamplerParams, TrainConfig, to_dict
+from tapioca.config import Config, GraphTrainConfig, SamplerParams, TrainConfig, to_dict
 from tapioca.errors import CheckpointError
 from tapioca.io import read_json, write_json
 from tapioca.models.icl import ICLModel, load_model, save_model
@@ -38,11 +38,11 @@ def curriculum(train: TrainConfig, sampler: SamplerParams, step: int) -> Sampler
     return dataclasses.replace(sampler, n_points=n_points, degrees=tuple(degrees[:n_degrees]))
 
 
-def learning_rate(train: TrainConfig, step: int) -> float:
+def learning_rate(train: TrainConfig | GraphTrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to 10% of ``train.lr`` (``schedule: constant``: ``train.lr``)."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
-    if getattr(train, "schedule", "cosine") == "constant":  # graph training configs have no schedule option
+    if train.schedule == "constant":
         return train.lr
     progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
     return train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))

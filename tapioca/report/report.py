@@ -448,29 +448,29 @@ def section_calibration(results: dict) -> list[Block]:
 
 
 def section_interventions(results: dict) -> list[Block]:
-    """Norm-matching summary (seed means) when ``interventions`` is present; LM runs have no norm matching,
-    so their table holds the sweep's ends (α = 1 and α = 0) only."""
+    """Norm-matching summary (seed means) when ``interventions`` is present. Testbed and graph runs match
+    norms per position (node); LM runs at each prompt's last token, since prompts differ in length."""
     interventions = results.get("interventions")
     if not isinstance(interventions, dict) or not interventions:
         return []
-    lm = results.get("kind") == "lm"
     columns = {"ood_full": "OOD full", "ood_matched": "OOD norm-matched", "ood_pruned": "OOD pruned",
                "id_full": "ID full", "id_pushed": "ID pushed"}
-    if lm:
-        columns = {k: columns[k] for k in ("ood_full", "ood_pruned")}
-    rows = []
+    rows, skipped = [], []
     for shift, data in interventions.items():
         by_seed = _dig(data, "norm_matching")
         if not isinstance(by_seed, dict) or not by_seed:
             continue
-        vals = [[v.get(k) for v in by_seed.values() if isinstance(v, dict) and v.get(k) is not None] for k in columns]
+        seeds = [v for v in by_seed.values() if isinstance(v, dict)]
+        skipped += [f"{shift} ({v['skipped']})" for v in seeds[:1] if v.get("skipped")]
+        vals = [[v[k] for v in seeds if v.get(k) is not None] for k in columns]
         rows.append([shift, *[_num(float(np.mean(v))) if v else "—" for v in vals]])
-    text = "Residual scaling of the removed blocks (α from 1 to 0) against control blocks is plotted above. "
-    text += ("Norm matching is not run on text (prompts differ in length). The table gives the OOD score of the "
-             "sweep at α = 1 (full) and α = 0 (TALE's blocks removed) on the intervention prompts, mean over seeds."
-             if lm else
-             "Norm matching without pruning (scores are mean −NMSE, higher is better; mean over seeds): OOD states "
-             "rescaled to ID norms, and the control that pushes ID states to OOD norms.")
+    where = ("at each prompt's last token (prompts differ in length)" if results.get("kind") == "lm"
+             else "per position")
+    text = ("Residual scaling of the removed blocks (α from 1 to 0) against control blocks is plotted above. "
+            f"Norm matching without pruning, {where} (scores higher is better; mean over seeds): OOD states at "
+            "TALE's blocks rescaled to ID norms, and the control that pushes ID states to OOD norms.")
+    if skipped:
+        text += " Not matched: " + "; ".join(skipped) + "."
     blocks: list[Block] = [("h", 3, "Interventions"), ("p", text)]
     if rows:
         blocks.append(("table", ["shift", *columns.values()], rows))
