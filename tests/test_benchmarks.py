@@ -15,6 +15,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import search_speed as bench  # noqa: E402
+import speed_cost  # noqa: E402
 from naive_tale import naive_tale  # noqa: E402
 
 from tapioca.models.gates import first_tensor  # noqa: E402
@@ -100,7 +101,7 @@ def test_executed_forwards_match_the_blocks_really_run(tiny_case, prefix):
             result = naive_tale(case.scorer(10), case.model.n_blocks, epsilon=math.inf)
     finally:
         counter.close()
-    predicted = len(case.batch) * sum(len(f) for f in bench.executed_forwards(result, prefix))
+    predicted = len(case.batch) * sum(len(f) for f in speed_cost.executed_forwards(result, prefix))
     assert counter.count == predicted
     assert len(result.rounds) == 4
 
@@ -111,7 +112,7 @@ def test_cost_model_counts_matmuls_and_attention(tiny_model):
     assert cost.forward_flops([1]) == cost.block_flops(1) + 2 * 5 * 3
     query_only = dataclasses.replace(cost, last_kv_params=4)  # the last block: K, V for 3 tokens, the rest for 1
     assert query_only.block_flops(1) == 2 * 4 * 3 + 2 * 16 + 4 * 3 * 4 and query_only.block_flops(0) == cost.block_flops(0)
-    icl = bench.model_cost(tiny_model, 16, 81)
+    icl = speed_cost.model_cost(tiny_model, 16, 81)
     assert icl.block_params == (12 * 16 * 16,) * 3  # qkv, out, two MLP matrices
     assert icl.other_params == 2 * 16 + 16  # read-in (2 -> D) and read-out (D -> 1)
 
