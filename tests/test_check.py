@@ -166,6 +166,23 @@ def test_no_id_loss_rule(r, verdict):
         assert "MDE" in got["evidence"]
 
 
+def test_a_base_model_at_chance_or_at_one_makes_no_loss_and_no_gain_inconclusive():
+    at_chance = {"base": 0.25, "pruned": 0.25}
+    assert verdict_no_id_loss(row(0.0, -0.005, 0.005), 0.01)["verdict"] == "supported"  # base 0.5: real evidence
+    floor = verdict_no_id_loss(row(0.0, -0.005, 0.005, **at_chance), 0.01, chance=0.25)
+    assert floor["verdict"] == "inconclusive" and floor["evidence"].startswith("floor")
+    assert verdict_no_id_loss(row(-0.05, -0.08, -0.02, **at_chance), 0.01, 0.25)["verdict"] == "refuted"
+    for r in (row(0.0, -0.01, 0.008, **at_chance), row(-0.1, -0.15, -0.05, worse=True, p_holm=0.01, **at_chance)):
+        got = verdict_ood_gain("far", r, 0.01, chance=0.25)
+        assert got["verdict"] == "inconclusive" and got["numbers"]["room"] == "floor"
+    assert verdict_ood_gain("far", row(0.1, 0.05, 0.15, improved=True, p_holm=0.01, **at_chance), 0.01,
+                            0.25)["verdict"] == "supported"
+    top = {"base": 0.995, "pruned": 0.995}
+    assert verdict_ood_gain("near", row(0.0, -0.01, 0.008, **top), 0.01, 0.25)["numbers"]["room"] == "ceiling"
+    assert verdict_ood_gain("near", row(-0.1, -0.15, -0.05, worse=True, p_holm=0.01, **top), 0.01,
+                            0.25)["verdict"] == "refuted"  # a real loss from the top
+
+
 def test_ood_gain_and_confidence_artefact_rules():
     gain = verdict_ood_gain("wide", row(0.1, 0.05, 0.15, improved=True, p_holm=0.01), 0.01)
     worse = verdict_ood_gain("far", row(-0.1, -0.15, -0.05, worse=True, p_holm=0.01), 0.01)

@@ -81,6 +81,40 @@ def test_c2_needs_evidence_against_a_gain_to_refute():
     assert verdict["verdict"] == INCONCLUSIVE and verdict["numbers"]["undecided"] == SHIFTS
 
 
+def _accuracy(results: dict, full: dict[str, float]) -> dict:
+    """``results`` rewritten as an accuracy study (the same CIs, as gains) with these full-model accuracies."""
+    for dist, r in results["protocols"]["target"]["delta"].items():
+        acc = dict(r["nmse"], full=full[dist], pruned=full[dist] - r["nmse"]["mean"])
+        acc.update(mean=-r["nmse"]["mean"], low=-r["nmse"]["high"], high=-r["nmse"]["low"])
+        r.clear()
+        r["acc"] = acc
+    results["protocols"]["from-id"]["delta"] = copy.deepcopy(results["protocols"]["target"]["delta"])
+    results.update(primary_metric="acc", smallest_effect={"relative": 0.05, "points": 0.01})
+    return results
+
+
+def test_a_full_model_at_chance_or_at_one_is_no_evidence_against_a_gain():
+    at_chance = {d: 0.25 for d in ALL}
+    results = _accuracy(build(removed=ALL), at_chance)
+    for r in results["protocols"]["target"]["delta"].values():
+        r["acc"].update(low=-0.002, high=0.002)  # every gain excluded beyond δ = 0.01: evidence against, normally
+    assert c2_ood_improves(results)["verdict"] == REFUTED  # no chance level recorded: nothing to compare with
+    results["chance"] = {d: 0.25 for d in ALL}  # four choices: the model answers at chance
+    c2 = c2_ood_improves(results)
+    assert c2["verdict"] == INCONCLUSIVE and c2["numbers"]["bounded"] == SHIFTS
+    assert set(c2["numbers"]["outcomes"].values()) == {"at floor"}
+    c1 = c1_no_id_benefit(results)
+    assert c1["verdict"] == INCONCLUSIVE and c1["evidence"].startswith("floor")
+    results["chance"] = {d: 0.0 for d in ALL}  # short answers, far above chance: evidence again
+    assert c2_ood_improves(results)["verdict"] == REFUTED
+    near_one = _accuracy(build(removed=ALL), {d: 0.995 for d in ALL})
+    near_one["chance"] = {d: 0.25 for d in ALL}
+    for r in near_one["protocols"]["target"]["delta"].values():
+        r["acc"].update(low=-0.002, high=0.002)
+    assert c1_no_id_benefit(near_one)["evidence"].startswith("ceiling")
+    assert c2_ood_improves(near_one)["numbers"]["outcomes"]["s1"] == "at ceiling"
+
+
 def test_c1_and_c2_do_not_count_searches_that_removed_nothing():
     results = build(removed=("s1", "s2"))  # the ID search and four shifts' searches kept every block
     results["protocols"]["target"]["delta"]["id"] = row(0.0, 0.0, 0.0, full=0.1)

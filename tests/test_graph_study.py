@@ -35,6 +35,7 @@ def finished(tmp_path_factory):
 def test_graph_study_runs_every_step_on_the_one_pipeline(finished):
     cfg, out, results = finished
     assert results["kind"] == "graph" and results["primary_metric"] == "acc"
+    assert results["chance"] == pytest.approx({d: 1 / 3 for d in ("id", "basis", "size")})  # three motifs
     assert set(results["protocols"]) == {"target", "from-id", "in-sample"}
     assert set(results["protocols"]["target"]["delta"]) == {"id", "basis", "size"}
     for seed in (0, 1):

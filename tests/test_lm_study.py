@@ -67,6 +67,10 @@ def test_lm_study_finds_the_planted_block_and_decides_every_claim(planted_run) -
     assert wide["pruned"] > wide["full"] and wide["improved"]
     assert set(results["claims"]) == set(CLAIMS)
     assert {c["verdict"] for c in results["claims"].values()} <= {"supported", "refuted", "inconclusive"}
+    n_choices = {len(json.loads(line)["c"]) for line in (run.parent / "items.jsonl").read_text().splitlines()}
+    assert len(n_choices) == 1  # chance: a uniform guess among the choices, for the claims' floor rule
+    k = n_choices.pop()
+    assert results["chance"] == pytest.approx({"id": 1 / k, "wide": 1 / k})
     c2 = results["claims"]["C2"]  # the one shift improved, but one shift cannot say "consistently"
     assert c2["verdict"] == "inconclusive" and c2["numbers"]["improved"] == ["wide"] and "too few" in c2["evidence"]
     assert results["claims"]["C1"]["verdict"] == "refuted"  # ID improves too: the planted block hurts everywhere

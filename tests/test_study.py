@@ -43,6 +43,7 @@ def test_study_writes_every_step_and_the_results(finished):
             assert (out / "evaluation" / f"seed{seed}" / f"target-{dist}.npz").is_file()
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     assert set(results["protocols"]) == {"target", "from-id", "in-sample"}
+    assert results["chance"] is None  # NMSE has no chance level: no floor rule on the testbed
     assert set(results["protocols"]["target"]["delta"]) == {"id", "x_scale_3", "degree_4"}
     assert set(results["quality"]["references_id_nmse"]) == {"least_squares", "knn", "mean"}
     assert results["quality"]["references_id_nmse"]["least_squares"] < 1e-6

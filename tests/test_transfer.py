@@ -24,7 +24,7 @@ from tapioca.tasks.base import evaluate
 from tapioca.tasks.polyreg import PolyBatch, PolyRegTask, sample_prompts, split_seed, y_variance
 from tapioca.tasks.testbed import TestbedWorkload
 from tapioca.study.transfer import (
-    HARMS, HELPS, NO_EFFECT, NOT_ENOUGH, NOTHING_REMOVED, TransferTask, cell_verdict, load_transfer_config,
+    AT_LIMIT, HARMS, HELPS, NO_EFFECT, NOT_ENOUGH, NOTHING_REMOVED, TransferTask, cell_verdict, load_transfer_config,
     run_transfer,
 )
 
@@ -208,6 +208,20 @@ def test_cell_verdicts(row: dict, removed: bool, expected: str) -> None:
     assert verdict == expected and evidence
     if expected == NOT_ENOUGH and row["p_holm"] > 0.5:
         assert "MDE 0.3 at n=100" in evidence and "n≈" in evidence
+
+
+def test_cells_where_the_full_model_is_at_chance_or_at_one_are_not_evidence() -> None:
+    def acc_row(full: float, mean: float, low: float, high: float, p_holm: float) -> dict:
+        return {**_row(mean, low, high, low + 0.002, high - 0.002, p_holm), "full": full}
+    flat = acc_row(0.24, 0.0, -0.004, 0.004, 0.9)  # no change on a 4-choice task answered at chance
+    assert cell_verdict(flat, "acc", 0.01, True, 0.95)[0] == NO_EFFECT  # without a chance level: "no effect"
+    verdict, evidence = cell_verdict(flat, "acc", 0.01, True, 0.95, chance=0.25)
+    assert verdict == AT_LIMIT and evidence.startswith("floor")
+    assert cell_verdict(acc_row(0.24, -0.1, -0.15, -0.05, 0.001), "acc", 0.01, True, 0.95, 0.25)[0] == AT_LIMIT
+    assert cell_verdict(acc_row(0.24, 0.1, 0.05, 0.15, 0.001), "acc", 0.01, True, 0.95, 0.25)[0] == HELPS
+    assert cell_verdict(acc_row(0.60, 0.0, -0.004, 0.004, 0.9), "acc", 0.01, True, 0.95, 0.25)[0] == NO_EFFECT
+    assert cell_verdict(acc_row(0.995, 0.0, -0.004, 0.004, 0.9), "acc", 0.01, True, 0.95, 0.25)[0] == AT_LIMIT
+    assert cell_verdict(acc_row(0.995, -0.1, -0.15, -0.05, 0.001), "acc", 0.01, True, 0.95, 0.25)[0] == HARMS
 
 
 def test_accuracy_cells_are_oriented_the_other_way() -> None:

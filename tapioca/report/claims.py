@@ -75,6 +75,32 @@ def smallest_effect(results: dict, metric: str, full_mean: float) -> float:
     return sesoi["points"] if HIGHER_IS_BETTER[metric] else sesoi["relative"] * abs(full_mean)
 
 
+def room(results: dict, dist: str, metric: str, full_mean: float) -> str | None:
+    """"floor" when the full model's accuracy on ``dist`` is within δ of chance (a random guess:
+    ``results["chance"]``), "ceiling" when it is within δ of 1, else None. At a floor, evidence against a gain
+    (a loss, or an equivalence bound) says the model cannot do the task, not that pruning does not help; at a
+    ceiling no gain of δ is possible. Either way such evidence is inconclusive. Only accuracy has these bounds."""
+    chance = (results.get("chance") or {}).get(dist)
+    return room_of(metric, full_mean, chance, smallest_effect(results, metric, full_mean))
+
+
+def room_of(metric: str, full_mean: float, chance: float | None, delta: float) -> str | None:
+    """:func:`room` from the numbers: "floor" (accuracy within ``delta`` of ``chance``), "ceiling" (within
+    ``delta`` of 1) or None (other metrics, or no chance level)."""
+    if metric != "acc" or chance is None:
+        return None
+    if full_mean <= chance + delta:
+        return "floor"
+    return "ceiling" if full_mean >= 1 - delta else None
+
+
+def _room_text(results: dict, dist: str, full_mean: float, limit: str) -> str:
+    if limit == "floor":
+        return (f"floor: the full model is within δ of chance on {dist} (acc {full_mean:.4f}, chance "
+                f"{results['chance'][dist]:.4f}), so the absence of a gain says nothing about pruning")
+    return f"ceiling: the full model's acc on {dist} ({full_mean:.4f}) leaves no room for a gain of δ"
+
+
 def gain_interval(row: dict, metric: str) -> dict[str, float]:
     """A delta row (pruned − full) as a *gain* (positive = better): mean, CI and TOST interval, negated for
     lower-is-better metrics (rows without a TOST interval fall back to the CI, which is wider)."""
@@ -120,6 +146,10 @@ def c1_no_id_benefit(results: dict, protocol: str = "target") -> dict:
                                    f"tested: {ci}", power, **numbers)
     if gain["low"] > delta:
         return _verdict_with_power(REFUTED, f"selecting on ID improves ID by more than δ: {ci}", power, **numbers)
+    limit = room(results, "id", metric, row["full"])
+    if limit is not None:
+        return _verdict_with_power(INCONCLUSIVE, f"{_room_text(results, 'id', row['full'], limit)}: {ci}", power,
+                                   room=limit, **numbers)
     if gain["high_tost"] < delta:
         return _verdict_with_power(SUPPORTED, f"no ID gain as large as δ: {ci}", power, **numbers)
     return _verdict_with_power(INCONCLUSIVE, f"cannot exclude an ID gain of δ (underpowered: MDE "
@@ -130,7 +160,9 @@ def c1_no_id_benefit(results: dict, protocol: str = "target") -> dict:
 def shift_outcomes(results: dict, protocol: str = "target") -> dict[str, str]:
     """Per shift under ``protocol``: "nothing removed" (the search kept every block in every seed: Δ is 0 by
     construction, so it says nothing about pruning), "gain" (CI excludes 0 on the good side, Holm), "worse"
-    (likewise on the bad side), "no gain ≥ δ" (the TOST interval's upper end is below +δ) or "undecided"."""
+    (likewise on the bad side), "no gain ≥ δ" (the TOST interval's upper end is below +δ), "at floor" / "at
+    ceiling" (a loss or an equivalence bound where the full model is within δ of chance or of 1: see
+    :func:`room`) or "undecided"."""
     metric = primary_metric(results)
     delta_rows = results["protocols"][protocol]["delta"]
     out = {}
@@ -146,6 +178,9 @@ def shift_outcomes(results: dict, protocol: str = "target") -> dict[str, str]:
             out[s] = "no gain ≥ δ"
         else:
             out[s] = "undecided"
+        limit = room(results, s, metric, row["full"])
+        if out[s] in ("worse", "no gain ≥ δ") and limit is not None and (limit == "floor" or out[s] != "worse"):
+            out[s] = f"at {limit}"
     return out
 
 
@@ -163,6 +198,7 @@ def c2_ood_improves(results: dict, protocol: str = "target") -> dict:
     against = [s for s, o in outcomes.items() if o in ("worse", "no gain ≥ δ")]
     undecided = [s for s, o in outcomes.items() if o == "undecided"]
     untested = [s for s, o in outcomes.items() if o == "nothing removed"]
+    bounded = [s for s, o in outcomes.items() if o.startswith("at ")]  # at floor or ceiling: no evidence either way
     shifts = [s for s in shifts if s not in untested]
     from_id = results["protocols"]["from-id"]["delta"]
     better_from_id = [s for s in shifts if from_id[s][metric]["improved"]]
@@ -191,10 +227,12 @@ def c2_ood_improves(results: dict, protocol: str = "target") -> dict:
                                                   f"n≈{power['n_needed']} needed for δ)" if undecided and mdes else "")
                 + f"; from-ID selection gained on {len(better_from_id)}/{len(shifts)}"
                 + (f"; no block removed (not counted) on {', '.join(untested)}" if untested else "")
+                + (f"; the full model is at chance or at 1 (no evidence either way) on {', '.join(bounded)}"
+                   if bounded else "")
                 + (f"; fewer than {MIN_TESTED_SHIFTS} shifts had blocks removed, too few to decide 'consistently'"
                    if len(shifts) < MIN_TESTED_SHIFTS else ""))
     return _verdict_with_power(verdict, evidence, power, improved=better, against=against, undecided=undecided,
-                               untested=untested,
+                               untested=untested, bounded=bounded,
                                outcomes=outcomes, improved_from_id=better_from_id, n_shifts=len(shifts))
 
 

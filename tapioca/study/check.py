@@ -35,7 +35,7 @@ from tapioca.errors import ConfigError, DataError
 from tapioca.io import environment, write_json
 from tapioca.models.hf import HFModel
 from tapioca.models.hf_save import BlockMatch, by_original_block, match_blocks, read_provenance
-from tapioca.report.claims import CONFIDENCE_TOLERANCE, INCONCLUSIVE, REFUTED, SUPPORTED
+from tapioca.report.claims import CONFIDENCE_TOLERANCE, INCONCLUSIVE, REFUTED, SUPPORTED, room_of
 from tapioca.tasks import base as workload_base
 from tapioca.tasks.text_workload import TextWorkload, load_text_task, resolve_lm_path
 
@@ -111,38 +111,60 @@ def _power(row: dict[str, Any], delta: float) -> str:
             + (f", n≈{needed} would detect δ" if needed else ""))
 
 
-def verdict_no_id_loss(row: dict[str, Any], delta: float) -> dict[str, Any]:
+def _at_limit(test: str, scope: str, row: dict[str, Any], delta: float, chance: float | None,
+              ci: str, numbers: dict[str, Any]) -> dict[str, Any] | None:
+    """Inconclusive when the base model's accuracy is within δ of ``chance`` (floor) or of 1 (ceiling): there
+    neither "no loss" nor "no gain" says anything about pruning (:func:`tapioca.report.claims.room`)."""
+    limit = room_of(METRIC, row["base"], chance, delta)
+    if limit is None:
+        return None
+    where = f"within δ of chance ({chance:.3f})" if limit == "floor" else "within δ of 1"
+    return _line(test, scope, INCONCLUSIVE, f"{limit}: the base model's accuracy is {where}: {ci}", **numbers,
+                 room=limit)
+
+
+def verdict_no_id_loss(row: dict[str, Any], delta: float, chance: float | None = None) -> dict[str, Any]:
     """"No ID loss" from the ID accuracy row (Δ = pruned − base, 95 % paired-bootstrap CI [low, high]) and the
     smallest effect of interest δ (``evaluation.smallest_effect_points``).
 
     supported: low > −δ (a loss as large as δ is excluded; a significant loss smaller than δ is no loss
     that matters). refuted: high < −δ (the loss exceeds δ), or the loss is significant (high < 0) and a loss
-    of δ cannot be excluded. inconclusive: otherwise, with the minimal detectable effect."""
+    of δ cannot be excluded. inconclusive: otherwise, with the minimal detectable effect, and instead of
+    "supported" when the base model is at chance (``chance``: a floor, where no loss is possible) and the pruned
+    model is not significantly better."""
     ci = f"ID Δacc {_ci(row)} (base {row['base']:.3f}, pruned {row['pruned']:.3f}; δ {100 * delta:.1f} pts)"
     numbers = dict(mean=row["mean"], low=row["low"], high=row["high"], mde=row["mde"], n=row["n"], sesoi=delta)
-    if row["low"] > -delta:
+    at_floor = room_of(METRIC, row["base"], chance, delta) == "floor" and row["low"] <= 0  # no significant gain
+    if row["low"] > -delta and not at_floor:
         return _line(TESTS[0], "id", SUPPORTED, f"a loss of δ or more is excluded: {ci}", **numbers)
     if row["high"] < -delta:
         return _line(TESTS[0], "id", REFUTED, f"the pruned model loses more than δ in-distribution: {ci}", **numbers)
     if row["high"] < 0:
         return _line(TESTS[0], "id", REFUTED, f"a significant ID loss, and a loss of δ is not excluded: {ci}",
                      **numbers)
+    if at_floor and row["low"] > -delta:
+        return _at_limit(TESTS[0], "id", row, delta, chance, ci, numbers)  # type: ignore[return-value]
     return _line(TESTS[0], "id", INCONCLUSIVE, f"cannot exclude an ID loss of δ ({_power(row, delta)}): {ci}",
                  **numbers)
 
 
-def verdict_ood_gain(shift: str, row: dict[str, Any], delta: float) -> dict[str, Any]:
+def verdict_ood_gain(shift: str, row: dict[str, Any], delta: float, chance: float | None = None) -> dict[str, Any]:
     """"OOD gain" on one shift, from its accuracy row (Holm-corrected across shifts by
     :func:`~tapioca.analysis.evaluation.compare`).
 
     supported: the CI lies above 0 and the Holm p-value is below 1 − confidence (``row["improved"]``). refuted (evidence against a
     gain): the pruned model is significantly worse (CI below 0, Holm), or the upper end of the TOST interval
-    is below +δ (a gain as large as δ is excluded). inconclusive: otherwise, with the MDE."""
+    is below +δ (a gain as large as δ is excluded). inconclusive: otherwise, with the MDE, and instead of
+    "refuted" when the base model is within δ of ``chance`` (floor) or excludes a gain within δ of 1 (ceiling)."""
     ci = f"{shift} Δacc {_ci(row)}, Holm p {row['p_holm']:.3g} (base {row['base']:.3f}, pruned {row['pruned']:.3f})"
     numbers = dict(mean=row["mean"], low=row["low"], high=row["high"], p_holm=row["p_holm"], mde=row["mde"],
                    n=row["n"], sesoi=delta)
     if row["improved"]:
         return _line(TESTS[1], shift, SUPPORTED, f"OOD accuracy rose: {ci}", **numbers)
+    limit = room_of(METRIC, row["base"], chance, delta)
+    if limit == "floor" and (row["worse"] or row["high_tost"] < delta) or (
+            limit == "ceiling" and not row["worse"] and row["high_tost"] < delta):
+        return _at_limit(TESTS[1], shift, row, delta, chance, ci, numbers)  # type: ignore[return-value]
     if row["worse"]:
         return _line(TESTS[1], shift, REFUTED, f"OOD accuracy fell: {ci}", **numbers)
     if row["high_tost"] < delta:
@@ -194,10 +216,10 @@ def verdict_not_confidence_artefact(ood: list[dict[str, Any]], calib: dict[str, 
 def verdicts(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Every verdict line of a check, from ``check.json`` data alone."""
     s = data["settings"]
-    rows = data["delta"]
-    ood = [verdict_ood_gain(d, rows[d][METRIC], s["smallest_effect_points"])
+    rows, chance = data["delta"], data.get("chance") or {}
+    ood = [verdict_ood_gain(d, rows[d][METRIC], s["smallest_effect_points"], chance.get(d))
            for d in data["distributions"] if d != "id"]
-    return [verdict_no_id_loss(rows["id"][METRIC], s["smallest_effect_points"]), *ood,
+    return [verdict_no_id_loss(rows["id"][METRIC], s["smallest_effect_points"], chance.get("id")), *ood,
             verdict_not_confidence_artefact(ood, data["calibration"])]
 
 
@@ -305,6 +327,7 @@ def run_check(cfg: Config, base: Any, pruned: Any, out: str | Path | None = "run
         "distributions": wl.distributions,
         "seeds": list(ev_cfg.seeds),
         "n_heldout": wl.sizes.n_heldout,
+        "chance": workload_base.chance_levels(wl, list(ev_cfg.seeds)),
         "settings": {"metric": METRIC, "n_bootstrap": ev_cfg.n_bootstrap, "confidence": ev_cfg.confidence,
                      "smallest_effect_points": ev_cfg.smallest_effect_points, "ece_tolerance": ECE_TOLERANCE,
                      "confidence_tolerance": CONFIDENCE_TOLERANCE, "n_bins": N_BINS},

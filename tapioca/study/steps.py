@@ -34,7 +34,7 @@ from tapioca.study.rundir import (
     Log, SeedThreads, StepProgress, Timer, cached_evaluation, cached_json, prepare_run_dir, seed_workers,
 )
 from tapioca.study.scales import run_scales
-from tapioca.tasks.base import Workload
+from tapioca.tasks.base import Workload, chance_levels
 from tapioca.tasks.polyreg import PolyRegTask
 
 
@@ -307,6 +307,7 @@ def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) 
                                     "pruned": summary(target_in), "full": summary(full_in)}},
         "optimism": selection_optimism(cfg, wl, per_seed, full_in, target_in, full, target),
         "smallest_effect": {"relative": ev.smallest_effect_relative, "points": ev.smallest_effect_points},
+        "chance": chance_levels(wl, list(per_seed)),
         "removed": {"target": {d: {s: searches[int(s)][d].removed for s in seeds} for d in dists},
                     "from-id": {s: searches[int(s)]["id"].removed for s in seeds}},
         "selection_metric": wl.selection_metric,

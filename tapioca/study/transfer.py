@@ -22,6 +22,7 @@ Measured: see ``docs/transfer.md``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -37,16 +38,16 @@ from tapioca.config import Config, TaskConfig, config_from_tree, load_config, tr
 from tapioca.errors import ConfigError, DataError
 from tapioca.io import write_json
 from tapioca.pruning.searches import PruneResult
-from tapioca.report.claims import gain_interval
+from tapioca.report.claims import gain_interval, room_of
 from tapioca.study.rundir import (
     Log, SeedThreads, StepProgress, Timer, cached_evaluation, cached_json, prepare_run_dir, seed_workers,
 )
-from tapioca.tasks.base import Workload
+from tapioca.tasks.base import Workload, chance_levels
 from tapioca.tasks.polyreg import ROLES, PolyBatch, PolyRegTask, check_finite, sample_prompts, split_seed
 
-HELPS, HARMS, NO_EFFECT, NOT_ENOUGH, NOTHING_REMOVED = (
-    "helps", "harms", "no effect", "not enough data", "nothing removed")
-VERDICTS = (HELPS, HARMS, NO_EFFECT, NOT_ENOUGH, NOTHING_REMOVED)
+HELPS, HARMS, NO_EFFECT, NOT_ENOUGH, AT_LIMIT, NOTHING_REMOVED = (
+    "helps", "harms", "no effect", "not enough data", "floor or ceiling", "nothing removed")
+VERDICTS = (HELPS, HARMS, NO_EFFECT, NOT_ENOUGH, AT_LIMIT, NOTHING_REMOVED)
 
 # The built-in default (`tapioca transfer` with no --config; the same as configs/transfer.yaml): one small
 # testbed model per seed trained on a 50/50 mixture of polynomials and sinusoids; two tasks, one per family, each
@@ -251,11 +252,13 @@ def smallest_effect(metric: str, full_mean: float, relative: float, points: floa
 
 
 def cell_verdict(row: Mapping[str, Any], metric: str, delta: float, removed_any: bool,
-                 confidence: float) -> tuple[str, str]:
+                 confidence: float, chance: float | None = None) -> tuple[str, str]:
     """(verdict, evidence) of one cell's Δ row (pruned − full, with ``p_holm`` and a TOST interval). Rules, in
     order: nothing removed in any seed -> "nothing removed"; the CI of the gain excludes 0 and the Holm p is
     below 1 − confidence -> "helps" / "harms"; the TOST (1 − 2α) interval of the gain lies inside (−δ, +δ) ->
-    "no effect"; otherwise "not enough data" (with the MDE and the n that would detect δ)."""
+    "no effect"; otherwise "not enough data" (with the MDE and the n that would detect δ). Where the full model's
+    accuracy is within δ of ``chance`` (floor), "harms" and "no effect" become "floor or ceiling", as does "no
+    effect" within δ of 1 (ceiling): the model cannot show what pruning does there."""
     gain = gain_interval(dict(row), metric)
     ci = f"gain {gain['mean']:+.4g} [{gain['low']:+.4g}, {gain['high']:+.4g}]"
     if not removed_any:
@@ -264,6 +267,13 @@ def cell_verdict(row: Mapping[str, Any], metric: str, delta: float, removed_any:
     if significant and gain["low"] > 0:
         size = " (smaller than δ)" if gain["high_tost"] < delta else ""
         return HELPS, f"{ci}, Holm p {row['p_holm']:.3g}{size}"
+    limit = room_of(metric, row.get("full", math.nan), chance, delta)
+    equivalent = -delta < gain["low_tost"] and gain["high_tost"] < delta
+    if limit == "floor" and (equivalent or (significant and gain["high"] < 0)):
+        return AT_LIMIT, (f"floor: the full model is within δ of chance (acc {row['full']:.4g}, chance {chance:.4g}); "
+                          f"{ci} says nothing about pruning")
+    if limit == "ceiling" and equivalent:
+        return AT_LIMIT, f"ceiling: the full model's acc {row['full']:.4g} leaves no room for a gain of δ; {ci}"
     if significant and gain["high"] < 0:
         size = " (smaller than δ)" if gain["low_tost"] > -delta else ""
         return HARMS, f"{ci}, Holm p {row['p_holm']:.3g}{size}"
@@ -313,14 +323,17 @@ def gather(cfg: Config, wls: Mapping[str, Workload], per_seed: Mapping[int, Seed
                 cell["own"] = u == t
                 cells[t][column_key(u, d)] = cell
     holm_all(cells, ev.confidence, up)
+    chance = {u: chance_levels(wl, [int(s) for s in seeds]) for u, wl in wls.items()}
     against_own(cells, pruned_on, metric, ev.n_bootstrap, ev.confidence)
     for t in rows:
         removed_any = any(removed[t].values())
-        for cell in cells[t].values():
+        for key, cell in cells[t].items():
             cell["sesoi"] = smallest_effect(metric, cell["full"], ev.smallest_effect_relative, ev.smallest_effect_points)
             sd = cell.get("sd", float("nan"))
             cell["n_needed"] = stats.n_needed(sd, cell["sesoi"], ev.confidence) if sd == sd else None
-            cell["verdict"], cell["evidence"] = cell_verdict(cell, metric, cell["sesoi"], removed_any, ev.confidence)
+            u, d = key.split("/", 1)
+            cell["verdict"], cell["evidence"] = cell_verdict(cell, metric, cell["sesoi"], removed_any, ev.confidence,
+                                                             (chance[u] or {}).get(d))
     in_sample = {t: in_sample_summary(cfg, t, metric, wls[t].metrics, per_seed, full[t], seeds) for t in rows}
     full_summary = {u: {d: {k: v[metric][k] for k in ("mean", "low", "high")}
                         for d, v in full[u].summary(ev.n_bootstrap, ev.confidence, shrinkage=False).items()}
@@ -330,7 +343,7 @@ def gather(cfg: Config, wls: Mapping[str, Workload], per_seed: Mapping[int, Seed
         "seeds": seeds, "target": target,
         "tasks": {t: task_description(cfg, t, wl) for t, wl in wls.items()},
         "rows": rows, "columns": [list(c) for c in columns], "cells": cells, "in_sample": in_sample,
-        "full": full_summary, "removed": removed,
+        "full": full_summary, "removed": removed, "chance": chance,
         "smallest_effect": {"relative": ev.smallest_effect_relative, "points": ev.smallest_effect_points},
         "confidence": ev.confidence, "n_bootstrap": ev.n_bootstrap,
         "holm": f"across all {sum(len(c) for c in cells.values())} cells of the matrix",
@@ -422,6 +435,14 @@ def _listing(c: Mapping[str, int]) -> str:
     return ", ".join(f"{n} {v}" for v, n in c.items() if n) or "none"
 
 
+def _undecided(counts: Mapping[str, int]) -> str:
+    """The undecided cells of a group in words: too few examples, or a full model at chance (or at 1)."""
+    parts = [f"{counts[NOT_ENOUGH]} have not enough data"] if counts[NOT_ENOUGH] else []
+    if counts[AT_LIMIT]:
+        parts.append(f"{counts[AT_LIMIT]} sit where the full model is at chance or at 1 (floor or ceiling)")
+    return " and ".join(parts) or "none is left"
+
+
 def summarize(results: Mapping[str, Any]) -> dict[str, str]:
     """The answer (one sentence) and a paragraph: does pruning for one task help or harm another task's OOD?"""
     ood, cid, own = (results["counts"][g] for g in ("cross_ood", "cross_id", "own"))
@@ -441,9 +462,10 @@ def summarize(results: Mapping[str, Any]) -> dict[str, str]:
         answer = "No effect: pruning for one task changes no other task's OOD by as much as the smallest effect of interest."
     elif ood[NO_EFFECT]:
         answer = (f"No effect where the data can tell ({ood[NO_EFFECT]} of {tested} cross-task shift cells within ±δ); "
-                  f"the other {ood[NOT_ENOUGH]} have not enough data.")
+                  f"of the others, {_undecided(ood)}.")
     else:
-        answer = f"Not enough data: none of the {tested} cross-task shift cells is decided (no significant change, none shown within ±δ)."
+        answer = (f"Not decided: none of the {tested} cross-task shift cells shows a significant change or lies within "
+                  f"±δ ({_undecided(ood)}).")
     own_tested = sum(own.values()) - own[NOTHING_REMOVED]
     if tested and own_tested:
         if own[HARMS]:

@@ -131,6 +131,11 @@ class Workload(Protocol):
         """Task-specific results blocks (e.g. calibration for classification-like tasks)."""
         ...
 
+    def chance(self, dist: str, role: str, seed: int, n: int) -> float | None:
+        """Expected accuracy of a uniform random guess on those examples (1 / choices, 0 for free-form
+        answers); None where the primary metric has no chance level (regression)."""
+        ...
+
 
 def evaluate(wl: Workload, gates: Gates | None, dist: str, seed: int, n: int, role: str = "heldout") -> Evaluation:
     """:class:`Evaluation` of ``wl.model`` with ``gates`` on ``n`` examples of ``role`` of ``dist`` (one seed)."""
@@ -146,3 +151,11 @@ def measured(wl: Workload, split: ScoredSplit, preds: Tensor, dist: str, seed: i
     metrics, predictions, targets = split.measure(preds)
     return single_evaluation(dist, seed, metrics, predictions, targets, where=f"model {wl.name}")
 
+
+def chance_levels(wl: Workload, seeds: list[int]) -> dict[str, float] | None:
+    """Per distribution, the accuracy of a uniform random guess on the held-out examples (mean over seeds), or
+    None where the primary metric has no chance level: the claims call a model within δ of it "at floor"."""
+    levels = {d: [wl.chance(d, "heldout", s, wl.sizes.n_heldout) for s in seeds] for d in wl.distributions}
+    if any(v is None for vs in levels.values() for v in vs):
+        return None
+    return {d: sum(vs) / len(vs) for d, vs in levels.items()}

@@ -145,6 +145,9 @@ class GraphWorkload:
                 confidence: float = 0.95) -> dict[str, Any]:
         return {"model_id_acc": full.summary(n_bootstrap, confidence, shrinkage=False)["id"]["acc"]}
 
+    def chance(self, dist: str, role: str, seed: int, n: int) -> float | None:
+        return 1.0 / self.model.cfg.n_classes
+
     def extra_results(self, full: Evaluation, target: Evaluation, from_id: Evaluation) -> dict[str, Any]:
         return {"calibration": {"target": calibration_change(full, target),
                                 "from-id": calibration_change(full, from_id)}}

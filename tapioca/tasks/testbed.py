@@ -105,6 +105,9 @@ class TestbedWorkload:
         return {"model_id_nmse": full.summary(n_bootstrap, confidence)["id"]["nmse"],
                 "references_id_nmse": {name.split("/")[1]: float(v["nmse"].mean()) for name, v in refs.values.items()}}
 
+    def chance(self, dist: str, role: str, seed: int, n: int) -> float | None:
+        return None  # NMSE has no chance level
+
     def extra_results(self, full: Evaluation, target: Evaluation, from_id: Evaluation) -> dict[str, Any]:
         return {}
 

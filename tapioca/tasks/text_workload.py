@@ -182,6 +182,13 @@ class TextWorkload:
                 confidence: float = 0.95) -> dict[str, Any]:
         return {"model_id_acc": full.summary(n_bootstrap, confidence, shrinkage=False)["id"][self.primary_metric]}
 
+    def chance(self, dist: str, role: str, seed: int, n: int) -> float | None:
+        """Multiple choice: the mean of 1 / (number of choices); short answer: 0 (a guess is almost never right)."""
+        if self.task.kind != "multiple_choice":
+            return 0.0
+        examples = self.task.data(dist, role, seed, n)
+        return float(np.mean([1.0 / len(ex.choices) for ex in examples]))
+
     def extra_results(self, full: Evaluation, target: Evaluation, from_id: Evaluation) -> dict[str, Any]:
         return {"calibration": {"target": calibration_change(full, target),
                                 "from-id": calibration_change(full, from_id)}}
