@@ -78,6 +78,8 @@ def plot_heatmap(data: dict[str, Any]) -> Figure:
             cell = data["cells"][t][key]
             star = "*" if cell["low"] > 0 or cell["high"] < 0 else ""
             text = f"{_g(cell['mean'])}{star}" if cell["verdict"] != "nothing removed" else "nothing\nremoved"
+            if cell["verdict"] == "floor or ceiling":
+                text += "\n(full model at chance)" if cell["evidence"].startswith("floor") else "\n(full model near 1)"
             if data["in_sample"][t]["column"] == key:
                 text += f"\nin-sample {_g(data['in_sample'][t]['delta']['mean'])}"
             dark = values[i, j] == values[i, j] and abs(values[i, j]) > 0.6 * CLIP

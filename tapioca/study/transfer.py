@@ -439,7 +439,8 @@ def _undecided(counts: Mapping[str, int]) -> str:
     """The undecided cells of a group in words: too few examples, or a full model at chance (or at 1)."""
     parts = [f"{counts[NOT_ENOUGH]} have not enough data"] if counts[NOT_ENOUGH] else []
     if counts[AT_LIMIT]:
-        parts.append(f"{counts[AT_LIMIT]} sit where the full model is at chance or at 1 (floor or ceiling)")
+        verb = "sits" if counts[AT_LIMIT] == 1 else "sit"
+        parts.append(f"{counts[AT_LIMIT]} {verb} where the full model is at chance or at 1 (floor or ceiling)")
     return " and ".join(parts) or "none is left"
 
 
