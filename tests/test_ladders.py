@@ -132,3 +132,9 @@ def test_answer_says_no_effect_not_enough_data_and_the_protocol_gap_plainly():
     results["scales"]["b"] = _rung(8, (3, 0), 0, True)
     assert answer(results, "depth").startswith("Held out, TALE improved OOD at 8 blocks (3/4 shifts)")
     assert "No training ladder" in answer(results, "training")
+
+
+def test_a_least_squares_reference_at_rounding_level_is_written_not_drawn():
+    from tapioca.report.ladders_report import on_scale
+    assert not on_scale(2e-15, 0.01) and not on_scale(None, 0.01) and not on_scale(0.0, 0.01)
+    assert on_scale(0.005, 0.01) and on_scale(1e-5, 0.01)
