@@ -179,8 +179,9 @@ def shift_outcomes(results: dict, protocol: str = "target") -> dict[str, str]:
         else:
             out[s] = "undecided"
         limit = room(results, s, metric, row["full"])
-        if out[s] in ("worse", "no gain ≥ δ") and limit is not None and (limit == "floor" or out[s] != "worse"):
-            out[s] = f"at {limit}"
+        if (limit == "floor" and out[s] in ("worse", "no gain ≥ δ")) or (
+                limit == "ceiling" and out[s] == "no gain ≥ δ"):
+            out[s] = f"at {limit}"  # a loss from the top is still a loss; nothing else here is evidence
     return out
 
 

@@ -66,7 +66,8 @@ def section_training_curves(results: dict) -> list[Block]:
     note = f" Not recorded for: {', '.join(missing)} (their checkpoints predate curve recording)." if missing else ""
     return [("h", 2, "Training curves"),
             ("img", "training_curves.png", "ID query NMSE on 512 fixed held-out prompts at every checkpoint, per "
-             "scale and seed; dashed: least squares on the true degree where it is on the scale (on the testbed it is exact up to rounding, ~1e-15)." + note)]
+             "scale and seed; dashed: least squares on the true degree where it is on the scale (on the testbed it "
+             "is exact up to rounding, ~1e-15)." + note)]
 
 
 def _curves(summary: dict) -> dict[str, list]:

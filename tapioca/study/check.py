@@ -111,13 +111,11 @@ def _power(row: dict[str, Any], delta: float) -> str:
             + (f", n≈{needed} would detect δ" if needed else ""))
 
 
-def _at_limit(test: str, scope: str, row: dict[str, Any], delta: float, chance: float | None,
-              ci: str, numbers: dict[str, Any]) -> dict[str, Any] | None:
-    """Inconclusive when the base model's accuracy is within δ of ``chance`` (floor) or of 1 (ceiling): there
-    neither "no loss" nor "no gain" says anything about pruning (:func:`tapioca.report.claims.room`)."""
-    limit = room_of(METRIC, row["base"], chance, delta)
-    if limit is None:
-        return None
+def _at_limit(test: str, scope: str, limit: str, chance: float | None, ci: str,
+              numbers: dict[str, Any]) -> dict[str, Any]:
+    """The inconclusive line where the base model's accuracy is within δ of ``chance`` (``limit`` "floor") or
+    of 1 ("ceiling"): there neither "no loss" nor "no gain" says anything about pruning
+    (:func:`tapioca.report.claims.room`)."""
     where = f"within δ of chance ({chance:.3f})" if limit == "floor" else "within δ of 1"
     return _line(test, scope, INCONCLUSIVE, f"{limit}: the base model's accuracy is {where}: {ci}", **numbers,
                  room=limit)
@@ -143,7 +141,7 @@ def verdict_no_id_loss(row: dict[str, Any], delta: float, chance: float | None =
         return _line(TESTS[0], "id", REFUTED, f"a significant ID loss, and a loss of δ is not excluded: {ci}",
                      **numbers)
     if at_floor and row["low"] > -delta:
-        return _at_limit(TESTS[0], "id", row, delta, chance, ci, numbers)  # type: ignore[return-value]
+        return _at_limit(TESTS[0], "id", "floor", chance, ci, numbers)
     return _line(TESTS[0], "id", INCONCLUSIVE, f"cannot exclude an ID loss of δ ({_power(row, delta)}): {ci}",
                  **numbers)
 
@@ -164,7 +162,7 @@ def verdict_ood_gain(shift: str, row: dict[str, Any], delta: float, chance: floa
     limit = room_of(METRIC, row["base"], chance, delta)
     if limit == "floor" and (row["worse"] or row["high_tost"] < delta) or (
             limit == "ceiling" and not row["worse"] and row["high_tost"] < delta):
-        return _at_limit(TESTS[1], shift, row, delta, chance, ci, numbers)  # type: ignore[return-value]
+        return _at_limit(TESTS[1], shift, limit, chance, ci, numbers)
     if row["worse"]:
         return _line(TESTS[1], shift, REFUTED, f"OOD accuracy fell: {ci}", **numbers)
     if row["high_tost"] < delta:
