@@ -244,11 +244,12 @@ def test_benchmark_generation_case_times_the_batch1_generate_loop_against_tale()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import search_speed as bench
+    import speed_cases
 
     lm, task = tiny_lm(False), sa_task()
     plant(lm, PLANTED)
     task = relabelled(lm, task, {PLANTED: 0.0}, 3)
-    case = bench.lm_generation_case("tiny-gen", lm, task, "big", 6, 3)
+    case = speed_cases.lm_generation_case("tiny-gen", lm, task, "big", 6, 3)
     rows = bench.compare(case, 0.08, 1, 4, ablation=False)
     assert bench.verdict(rows) == f"model=tiny-gen speedup_vs_naive={rows[0].seconds / rows[1].seconds:.2f} " \
                                   "identical_selection=true"
