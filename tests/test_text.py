@@ -233,6 +233,20 @@ def test_fewshot_prompts_use_only_id_fewshot_examples(mc_task: TextTask) -> None
     assert continuations(target[0], "cloze") == [" " + c for c in target[0].choices]
 
 
+def test_verbatim_prompts_are_the_questions_character_for_character(tmp_path: Path) -> None:
+    """``prompt: verbatim`` takes another tool's prompt strings as they are: no wrapper, no demonstrations."""
+    rows = [{"prompt": f"The following is a question.\n\nq{i}?\nA. a{i}\nB. b{i}\nC. c{i}\nAnswer: ",
+             "options": [f"a{i}", f"b{i}", f"c{i}"], "label": "ABC"[i % 3], "domain": "alg"} for i in range(40)]
+    path = write_jsonl(tmp_path / "own.jsonl", rows)
+    task = TextTask(TextTaskConfig(source="jsonl", path=str(path), columns=MC_COLUMNS, n_shots=0, prompt="verbatim",
+                                   splits={"id": ["alg"]}, answer_rule="first_letter"))
+    examples = task.data("id", "select", 0, 5)
+    assert task.prompts(examples, seed=0) == [ex.question for ex in examples]
+    by_question = {r["prompt"]: r for r in rows}
+    assert all(ex.question in by_question and ex.question.endswith("Answer: ") for ex in examples)
+    assert task.check(examples[0], "B) because")[0] == "B"
+
+
 @pytest.mark.parametrize("text, number", [
     ("The answer is 97", "97"), (" 42\n\nQuestion: 1 + 1", "42"), ("so 3 + 4 = 7", "7"), ("#### 1,234", "1234"),
     ("\\boxed{-5} and 6", "-5"), ("97.0", "97"), ("0.50", "0.5"), ("Answer: 12. Then 13", "12"), ("none", None),
@@ -329,6 +343,10 @@ def test_config_defaults_and_wiring_through_from_dict() -> None:
     ({"role_fractions": {"fewshot": 0}}, "no demonstrations"),
     ({"n_shots": -1}, "n_shots"),
     ({"mc_format": "json"}, "mc_format"),
+    ({"prompt": "verbatim"}, r"set n_shots: 0 \(it is 3\)"),
+    ({"prompt": "verbatim", "n_shots": 0, "header": "Solve."}, "header: '' \\(it is 'Solve.'\\)"),
+    ({"prompt": "harness"}, r"'harness' is not allowed for the basic_arithmetic source; allowed: \['tapioca', 'verb"),
+    ({"source": "lm_eval", "prompt": "verbatim"}, r"'verbatim' is not allowed for the lm_eval source"),
 ])
 def test_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

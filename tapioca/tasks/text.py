@@ -62,8 +62,10 @@ class TextTaskConfig:
         own few-shot docs when they have some apart from the evaluation docs).
     mc_format: "letters" (choices listed, continuation " A") or "cloze" (continuation " <choice text>").
     header: text placed before the demonstrations (e.g. an instruction); empty for none.
-    prompt: "tapioca" (``Question: …\nAnswer:``) or "harness" (lm_eval only: the harness's own prompt, its
-        default; multiple choice is then scored on ``" <choice>"``, mc_format cloze). None: the source's default.
+    prompt: "tapioca" (``Question: …\nAnswer:``), "harness" (lm_eval only: the harness's own prompt, its
+        default; multiple choice is then scored on ``" <choice>"``, mc_format cloze) or "verbatim" (not lm_eval:
+        each question is the whole prompt, character for character, e.g. the prompt strings another tool built;
+        needs n_shots 0 and no header). None: the source's default.
     role_fractions: share of each distribution's examples per role (updates the defaults; normalised).
     max_generated / patience: generated sources stop after this many draws / this many duplicates in a row.
     answer_rule: how a generated response is scored (:mod:`tapioca.tasks.answers`): "checker" (tapioca's
@@ -82,7 +84,7 @@ class TextTaskConfig:
     role_fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
     max_generated: int = 100_000
     patience: int = 2000
-    prompt: Literal["tapioca", "harness"] | None = None
+    prompt: Literal["tapioca", "harness", "verbatim"] | None = None
     answer_rule: Literal["checker", "first_letter", "final_number"] = "checker"
 
     def __post_init__(self) -> None:
@@ -121,11 +123,15 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 
 def _resolve_prompt(cfg: TextTaskConfig, entry: SourceEntry) -> None:
-    """Fill in the source's default ``prompt``; harness prompts are scored on the choice text (mc_format cloze)."""
-    allowed = ["tapioca", "harness"] if entry.harness_prompts else ["tapioca"]
+    """Fill in the source's default ``prompt``; harness prompts are scored on the choice text (mc_format cloze);
+    verbatim prompts take nothing but the question."""
+    allowed = ["tapioca", "harness"] if entry.harness_prompts else ["tapioca", "verbatim"]
     prompt = cfg.prompt or ("harness" if entry.harness_prompts else "tapioca")
     if prompt not in allowed:
         raise ConfigError(f"prompt: {prompt!r} is not allowed for the {cfg.source} source; allowed: {allowed}")
+    if prompt == "verbatim" and (cfg.n_shots or cfg.header):
+        raise ConfigError(f"prompt: verbatim uses each question as the whole prompt, so it takes no demonstrations "
+                          f"or header; set n_shots: 0 (it is {cfg.n_shots}) and header: '' (it is {cfg.header!r})")
     object.__setattr__(cfg, "prompt", prompt)
     if prompt == "harness":
         object.__setattr__(cfg, "mc_format", "cloze")
@@ -307,7 +313,10 @@ class TextTask:
 
     def prompts(self, examples: Sequence[TextExample], seed: int) -> list[str]:
         """Few-shot prompts for ``examples`` (the demonstrations depend only on ``seed``), in the source's own
-        format when it has one (``prompt: harness``), else tapioca's."""
+        format when it has one (``prompt: harness``), each question as it is (``prompt: verbatim``), else
+        tapioca's."""
+        if self.cfg.prompt == "verbatim":
+            return [ex.question for ex in examples]
         shots = self.fewshot(seed)
         own = self.source.prompts(list(examples), shots, self.cfg.header)
         return own if own is not None else build_prompts(examples, shots, self.cfg.mc_format, self.cfg.header)
