@@ -97,6 +97,9 @@ class TrainConfig:
     schedule: Literal["cosine", "constant"] = _added_later("cosine")  # after warm-up (see learning_rate)
     precision: Literal["fp32", "tf32", "bf16"] = _added_later("fp32")  # tf32 matmuls / bf16 autocast forward
     compile: bool = _added_later(False)  # torch.compile the training forward (GPU; needs a C++ compiler on CPU)
+    # stop before ``steps`` once the ID validation curve is flat (training.curve_status: < 5 % better over the last
+    # quarter of the steps so far), checked at every checkpoint after the curriculum; ``steps`` is then the most
+    stop_when_flat: bool = _added_later(False)
 
 
 @dataclass(frozen=True)

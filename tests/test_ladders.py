@@ -12,7 +12,8 @@ import pytest
 from tapioca.config import load_config, scale_config
 from tapioca.report.claims import c6_scales, chance_of_overlap
 from tapioca.report.report import write_report
-from tapioca.report.ladders import answer, curve_status, ladders, relative_positions, shift_counts, training_status
+from tapioca.models.training import curve_status
+from tapioca.report.ladders import answer, ladders, relative_positions, shift_counts, training_status
 from tapioca.study.steps import run_study
 
 from test_study import TINY, quiet

@@ -449,3 +449,50 @@ def test_graph_training_shares_the_schedule_option_and_records_it_only_when_set(
     assert to_dict(constant)["schedule"] == "constant"
     assert learning_rate(constant, 99) == pytest.approx(1e-3)
     assert learning_rate(GraphTrainConfig(steps=100, lr=1e-3, warmup_steps=0), 99) < 2e-4  # cosine decays
+
+
+def test_curriculum_end_is_the_first_step_of_the_full_sampler() -> None:
+    cfg = TrainConfig(curriculum_points_start=11, curriculum_points_step=2, curriculum_interval=100,
+                      curriculum_degree_steps=1000)
+    sampler = SamplerParams(n_points=41, degrees=(1, 2, 3))
+    end = training.curriculum_end(cfg, sampler)
+    assert end == 1500  # 15 increments of 2 points, every 100 steps; the degrees are all in by step 1000
+    assert curriculum(cfg, sampler, end) == sampler
+    assert curriculum(cfg, sampler, end - 1) != sampler
+
+
+def test_stop_when_flat_ends_training_at_the_first_flat_checkpoint_and_stays_finished(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_cfg: Config) -> None:
+    """A curve that falls until step 40 and then stays put: the run stops at the first checkpoint where the last
+    quarter is flat, records it, counts as finished, and a rerun trains nothing."""
+    cfg = replace(tiny_cfg, "train.steps=400", "train.stop_when_flat=true", "train.curriculum_degree_steps=10")
+    end = training.curriculum_end(cfg.train, cfg.task.sampler)
+    monkeypatch.setattr(training, "validation_nmse", lambda model, c, seed: 1.0 / min(done[0], 40))
+    done = [0]
+    real_step = training._train_step
+    monkeypatch.setattr(training, "_train_step", lambda *a: (done.__setitem__(0, a[-1] + 1), real_step(*a))[1])
+    train(cfg, tmp_path, progress=False)
+    state = read_json(tmp_path / "train_state.json")
+    curve = state["id_curve"]
+    stop = state["stopped_flat"]
+    assert stop == state["step"] == curve[-1][0] < 400
+    after = [p for p in curve if p[0] >= end]
+    assert len(after) >= training.FLAT_MIN_POINTS and training.curve_status(after)["status"] == "flat"
+    assert not training.stops_flat(cfg.train, cfg.task.sampler, curve[:-1])  # not one checkpoint earlier
+    assert training.is_trained(tmp_path, cfg, cfg.run.seed)
+    assert training.training_record(tmp_path)["stopped_flat"] == stop
+    ran = count_steps(monkeypatch)
+    train(cfg, tmp_path, progress=False)
+    assert ran == []
+    assert not training.is_trained(tmp_path, replace(tiny_cfg, "train.steps=400"), cfg.run.seed)  # own fingerprint
+
+
+def test_stop_when_flat_is_off_by_default_and_waits_for_the_curriculum() -> None:
+    cfg = TrainConfig(curriculum_degree_steps=1000, curriculum_interval=100)
+    sampler = SamplerParams(n_points=41, degrees=(1, 2, 3))
+    flat = [[s, 0.1] for s in range(500, 20001, 500)]
+    assert not training.stops_flat(cfg, sampler, flat)  # off
+    on = dataclasses.replace(cfg, stop_when_flat=True)
+    assert training.stops_flat(on, sampler, flat)
+    assert not training.stops_flat(on, sampler, [p for p in flat if p[0] < 5000])  # 7 points after step 1500
+    assert not training.stops_flat(on, sampler, [[s, 1.0 / s] for s in range(500, 20001, 500)])  # improving

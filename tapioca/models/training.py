@@ -10,7 +10,7 @@ import pickle
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +24,9 @@ from tapioca.tasks.polyreg import PolyRegTask, sample_prompts, split_seed, y_var
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 CURVE_PROMPTS = 512  # fixed ID prompts scored at every checkpoint: the training curve
+FLAT_FRACTION = 0.25  # curve_status looks at the last quarter of the steps so far ...
+FLAT_TOLERANCE = 0.05  # ... and calls the ID error flat when it improved by less than 5 % (relative) there
+FLAT_MIN_POINTS = 8  # train.stop_when_flat: curve points needed before a stop
 
 
 def curriculum(train: TrainConfig, sampler: SamplerParams, step: int) -> SamplerParams:
@@ -36,6 +39,38 @@ def curriculum(train: TrainConfig, sampler: SamplerParams, step: int) -> Sampler
     if train.curriculum_degree_steps > 0:
         n_degrees = min(len(degrees), 1 + step * len(degrees) // train.curriculum_degree_steps)
     return dataclasses.replace(sampler, n_points=n_points, degrees=tuple(degrees[:n_degrees]))
+
+
+def curriculum_end(train: TrainConfig, sampler: SamplerParams) -> int:
+    """The first step at which :func:`curriculum` gives the full sampler (prompt length and every degree)."""
+    grow = max(0, sampler.n_points - train.curriculum_points_start)
+    points = -(-grow // train.curriculum_points_step) * train.curriculum_interval
+    return max(points, train.curriculum_degree_steps)
+
+
+def curve_status(curve: list[list[float]]) -> dict[str, Any]:
+    """Whether an ID validation curve ``[[step, NMSE], ...]`` stopped improving: ``flat`` when the best NMSE of
+    the last FLAT_FRACTION of the steps is less than FLAT_TOLERANCE (relative) below the best before it,
+    ``improving`` otherwise, ``not recorded`` without enough points. ``last_gain`` is that relative gain."""
+    points = [(float(s), float(v)) for s, v in curve or []]
+    if len(points) < 3:
+        return {"status": "not recorded", "last_gain": None}
+    cut = points[-1][0] * (1 - FLAT_FRACTION)
+    before = [v for s, v in points if s <= cut]
+    after = [v for s, v in points if s > cut]
+    if not before or not after:
+        return {"status": "not recorded", "last_gain": None}
+    gain = 1.0 - min(after) / min(before) if min(before) > 0 else 0.0
+    return {"status": "flat" if gain < FLAT_TOLERANCE else "improving", "last_gain": gain}
+
+
+def stops_flat(train: TrainConfig, sampler: SamplerParams, curve: list[list[float]]) -> bool:
+    """``train.stop_when_flat``: stop now? Only after the curriculum, with FLAT_MIN_POINTS curve points from it
+    on, and when :func:`curve_status` calls those points flat."""
+    if not train.stop_when_flat:
+        return False
+    after = [p for p in curve if p[0] >= curriculum_end(train, sampler)]
+    return len(after) >= FLAT_MIN_POINTS and curve_status(after)["status"] == "flat"
 
 
 def learning_rate(train: TrainConfig | GraphTrainConfig, step: int) -> float:
@@ -61,7 +96,8 @@ def train(cfg: Config, out: str | Path | None = None, seed: int | None = None, p
     """Train an ICL model on the ID sampler of ``cfg``; resume from ``out`` if it holds a checkpoint.
 
     Every ``train.checkpoint_every`` steps the weights (safetensors), optimizer state and step are saved to
-    ``out`` atomically, so a killed run resumes where it stopped and reaches the same final weights.
+    ``out`` atomically, so a killed run resumes where it stopped and reaches the same final weights. With
+    ``train.stop_when_flat`` (and ``out``) training ends at the first checkpoint where :func:`stops_flat`.
     """
     seed = cfg.run.seed if seed is None else seed
     device = torch.device(cfg.run.device)
@@ -77,8 +113,9 @@ def train(cfg: Config, out: str | Path | None = None, seed: int | None = None, p
     model.train()
     forward = torch.compile(model) if cfg.train.compile else model
     started, running = time.perf_counter(), None
+    first = cfg.train.steps if state.get("stopped_flat") else state["step"]  # a flat stop is final
     with matmul_precision(cfg.train.precision):
-        for step in range(state["step"], cfg.train.steps):
+        for step in range(first, cfg.train.steps):
             loss = _train_step(forward, opt, cfg, seed, step)
             running = loss if running is None else 0.98 * running + 0.02 * loss
             if not math.isfinite(loss):
@@ -91,8 +128,12 @@ def train(cfg: Config, out: str | Path | None = None, seed: int | None = None, p
             if out is not None and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps):
                 state.update(step=done, seconds=state["seconds"] + time.perf_counter() - started)
                 state["id_curve"] = state.get("id_curve", []) + [[done, validation_nmse(model, cfg, seed)]]
+                if done < cfg.train.steps and stops_flat(cfg.train, cfg.task.sampler, state["id_curve"]):
+                    state["stopped_flat"] = done
                 started = time.perf_counter()
                 _save(Path(out), model, opt, state, fingerprint)
+                if state.get("stopped_flat"):
+                    break
     bar.close()
     return model.eval()
 
@@ -146,8 +187,10 @@ def _save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, stat
           save: Callable[..., None] = save_model) -> None:
     """Write weights + optimizer into a new ``checkpoint-<step>/`` folder, then atomically point
     ``train_state.json`` at it: a kill at any moment leaves the previous complete set in force."""
+    stopped = {"stopped_flat": state["stopped_flat"]} if state.get("stopped_flat") else {}
     info = {"training": fingerprint | {"steps_done": state["step"], "seconds": state["seconds"],
-                                       "id_curve": state.get("id_curve", []), "train_loss": state["losses"]}}
+                                       "id_curve": state.get("id_curve", []), "train_loss": state["losses"]}
+            | stopped}
     checkpoint = folder / f"checkpoint-{state['step']}"
     save(model, checkpoint, info)
     torch.save(opt.state_dict(), checkpoint / OPTIMIZER_FILE)
@@ -184,12 +227,14 @@ def is_trained(folder: str | Path, cfg: Config, seed: int) -> bool:
 
 
 def finished(folder: str | Path, fingerprint: dict, steps: int) -> bool:
-    """Whether ``folder`` holds a finished training run (``steps`` done) with this fingerprint."""
+    """Whether ``folder`` holds a finished training run (``steps`` done, or stopped on a flat curve) with this
+    fingerprint."""
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         return False
     state = read_json(path)
-    return isinstance(state, dict) and state.get("fingerprint") == fingerprint and state.get("step") == steps
+    return (isinstance(state, dict) and state.get("fingerprint") == fingerprint
+            and (state.get("step") == steps or bool(state.get("stopped_flat"))))
 
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"  # tapioca/zoo
@@ -201,11 +246,12 @@ def find_pretrained(cfg: Config, seed: int, zoo: Path = ZOO) -> Path | None:
 
 
 def find_shipped(wanted: dict, steps: int, zoo: Path = ZOO) -> Path | None:
-    """A shipped checkpoint folder whose recorded training has fingerprint ``wanted`` and ran ``steps`` steps."""
+    """A shipped checkpoint folder whose recorded training has fingerprint ``wanted`` and ran ``steps`` steps (or
+    stopped earlier on a flat curve)."""
     for meta_path in sorted(zoo.glob("*/model.json")):
         info = read_json(meta_path).get("training", {})
         fingerprint = {k: info.get(k) for k in wanted}
-        if fingerprint == wanted and info.get("steps_done") == steps:
+        if fingerprint == wanted and (info.get("steps_done") == steps or info.get("stopped_flat")):
             return meta_path.parent
     return None
 
@@ -232,4 +278,5 @@ def training_record(folder: str | Path) -> dict | None:
     if not isinstance(info, dict):
         return None
     return {"folder": str(folder), "steps_done": info.get("steps_done"), "seconds": info.get("seconds"),
-            "id_curve": info.get("id_curve", []), "train_loss": info.get("train_loss", [])}
+            "id_curve": info.get("id_curve", []), "train_loss": info.get("train_loss", []),
+            "stopped_flat": info.get("stopped_flat")}

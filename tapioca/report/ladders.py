@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from tapioca.models.training import curve_status
 from tapioca.report.claims import overlap_summary
 
-FLAT_FRACTION = 0.25  # curve_status looks at the last quarter of training ...
-FLAT_TOLERANCE = 0.05  # ... and calls the ID error flat when it improved by less than 5 % (relative) there
 AXES = {"depth": "n_blocks", "training": "train_steps"}  # the quantity each ladder varies
 FIXED = {"depth": ("train_steps", "n_embd"), "training": ("n_blocks", "n_embd")}  # what it holds fixed
 
@@ -40,32 +39,20 @@ def ladders(scales: dict[str, dict]) -> dict[str, list[str]]:
     return found
 
 
-def curve_status(curve: list[list[float]]) -> dict[str, Any]:
-    """Whether an ID validation curve ``[[step, NMSE], ...]`` stopped improving: ``flat`` when the best NMSE of
-    the last FLAT_FRACTION of training is less than FLAT_TOLERANCE (relative) below the best before it,
-    ``improving`` otherwise, ``not recorded`` without enough points. ``last_gain`` is that relative gain."""
-    points = [(float(s), float(v)) for s, v in curve or []]
-    if len(points) < 3:
-        return {"status": "not recorded", "last_gain": None}
-    cut = points[-1][0] * (1 - FLAT_FRACTION)
-    before = [v for s, v in points if s <= cut]
-    after = [v for s, v in points if s > cut]
-    if not before or not after:
-        return {"status": "not recorded", "last_gain": None}
-    gain = 1.0 - min(after) / min(before) if min(before) > 0 else 0.0
-    return {"status": "flat" if gain < FLAT_TOLERANCE else "improving", "last_gain": gain}
-
-
 def training_status(summary: dict) -> str:
     """One scale's training verdict over its seeds: ``flat``, ``improving`` (any seed still improving),
-    ``not recorded`` (no seed has a curve) — with the largest last-quarter gain."""
-    per_seed = [curve_status(r.get("id_curve", [])) for r in (summary.get("training") or {}).values() if r]
+    ``not recorded`` (no seed has a curve) — with the largest last-quarter gain and the steps at which seeds
+    trained with ``train.stop_when_flat`` stopped."""
+    records = [r for r in (summary.get("training") or {}).values() if r]
+    per_seed = [curve_status(r.get("id_curve", [])) for r in records]
     recorded = [c for c in per_seed if c["status"] != "not recorded"]
     if not recorded:
         return "not recorded"
     worst = max(c["last_gain"] for c in recorded)
     word = "improving" if any(c["status"] == "improving" for c in recorded) else "flat"
-    return f"{word} ({100 * worst:.1f} % in the last quarter)"
+    stops = sorted(int(r["stopped_flat"]) for r in records if r.get("stopped_flat"))
+    stopped = f"; stopped flat at step {', '.join(f'{s:,}' for s in stops)}" if stops else ""
+    return f"{word} ({100 * worst:.1f} % in the last quarter{stopped})"
 
 
 def relative_positions(summary: dict) -> list[float]:
