@@ -31,6 +31,10 @@ def test_ladders_group_scales_by_what_varies():
     assert found["training"] == ["L4-short", "L4", "L4-long"]  # sorted by steps
     assert ladders({"a": _scale(4, 5000), "b": _scale(8, 20000)}) == {}  # nothing varies alone
     assert ladders({"a": {"kind": "lm", "n_blocks": 24}, "b": {"kind": "lm", "n_blocks": 30}}) == {}
+    flat = {"L4-flat": {**_scale(4, 21000), "until_flat": True}, "L8-flat": {**_scale(8, 34000), "until_flat": True},
+            "L4": _scale(4, 5000)}
+    assert ladders(flat)["depth"] == ["L4-flat", "L8-flat"]  # trained until flat: the rule is fixed, not the steps
+    assert ladders({**flat, "L8": _scale(8, 5000), "L8-10k": _scale(8, 10000)})["training"] == ["L8", "L8-10k", "L8-flat"]
 
 
 def test_curve_status_flat_improving_or_not_recorded():

@@ -19,6 +19,7 @@ from tapioca.io import read_json
 from tapioca.models.icl import ICLModel, load_model, read_meta, save_model
 from tapioca.tasks.polyreg import PolyRegTask
 from tapioca.models.training import curriculum, learning_rate, train
+from tapioca.study.scales import training_summary
 
 CHECKPOINT_FILES = {"model.safetensors", "model.json", "train_state.json", "checkpoint-12"}
 
@@ -484,6 +485,9 @@ def test_stop_when_flat_ends_training_at_the_first_flat_checkpoint_and_stays_fin
     ran = count_steps(monkeypatch)
     train(cfg, tmp_path, progress=False)
     assert ran == []
+    summary = training_summary(replace(cfg, "evaluation.seeds=[0]", f"model.checkpoint={tmp_path}"), tmp_path)
+    assert summary["until_flat"] and summary["train_steps"] == stop  # the ladders place it at the steps it ran
+    assert summary["training"]["0"]["stopped_flat"] == stop
     assert not training.is_trained(tmp_path, replace(tiny_cfg, "train.steps=400"), cfg.run.seed)  # own fingerprint
 
 

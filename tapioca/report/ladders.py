@@ -19,7 +19,16 @@ from tapioca.models.training import curve_status
 from tapioca.report.claims import overlap_summary
 
 AXES = {"depth": "n_blocks", "training": "train_steps"}  # the quantity each ladder varies
-FIXED = {"depth": ("train_steps", "n_embd"), "training": ("n_blocks", "n_embd")}  # what it holds fixed
+FIXED = {"depth": ("training_length", "n_embd"), "training": ("n_blocks", "n_embd")}  # what it holds fixed
+
+
+def _held(summary: dict, key: str) -> Any:
+    """A quantity a ladder holds fixed; ``training_length`` is the steps, or "until flat" for every scale trained
+    with ``train.stop_when_flat`` (whose ``train_steps`` are the steps it ran, so it joins the training ladder
+    there, and a depth ladder of such scales holds the stopping rule fixed, not the steps)."""
+    if key == "training_length":
+        return "until flat" if summary.get("until_flat") else summary.get("train_steps")
+    return summary.get(key)
 
 
 def ladders(scales: dict[str, dict]) -> dict[str, list[str]]:
@@ -32,7 +41,7 @@ def ladders(scales: dict[str, dict]) -> dict[str, list[str]]:
         groups: dict[tuple, dict[Any, str]] = defaultdict(dict)
         for name in sorted(testbed):
             s = testbed[name]
-            groups[tuple(s.get(k) for k in FIXED[ladder])].setdefault(s.get(axis), name)
+            groups[tuple(_held(s, k) for k in FIXED[ladder])].setdefault(s.get(axis), name)
         best = max(groups.values(), key=len, default={})
         if len(best) >= 2:
             found[ladder] = [best[v] for v in sorted(best)]

@@ -25,7 +25,7 @@ Log = Callable[[str], None]
 def scale_summary(cfg: Config, results: dict, out: Path | None = None) -> dict:
     """What the multi-scale report needs from one scale's results.json (``out``: that scale's run directory):
     size, quality, TALE's Δ per distribution (main metric, target protocol) held out and in-sample, the claims
-    under both protocols, the attribution overlap and (testbed) each seed's training record."""
+    under both protocols, the attribution overlap and (testbed) :func:`training_summary`."""
     metric = primary_metric(results)
     protocols = results["protocols"]
     lm = cfg.lm is not None
@@ -48,9 +48,19 @@ def scale_summary(cfg: Config, results: dict, out: Path | None = None) -> dict:
     if "attribution_full" in results.get("geometry", {}):
         summary["attribution_overlap"] = attribution_overlap(results)
     if not lm and cfg.graph is None and out is not None:
-        folders = {seed: trained_model_folder(cfg, seed, out) for seed in cfg.evaluation.seeds}
-        summary["training"] = {str(seed): training_record(f) if f is not None else None for seed, f in folders.items()}
+        summary.update(training_summary(cfg, out))
     return summary
+
+
+def training_summary(cfg: Config, out: Path) -> dict:
+    """A testbed scale's ``training``: each seed's training record (None where it has none); for a scale trained
+    with ``train.stop_when_flat`` also ``until_flat`` and ``train_steps``, the most steps a seed ran (not the cap)."""
+    folders = {seed: trained_model_folder(cfg, seed, out) for seed in cfg.evaluation.seeds}
+    training = {str(seed): training_record(f) if f is not None else None for seed, f in folders.items()}
+    if not cfg.train.stop_when_flat:
+        return {"training": training}
+    ran = [r["steps_done"] for r in training.values() if r and r.get("steps_done")]
+    return {"training": training, "until_flat": True, "train_steps": max(ran, default=cfg.train.steps)}
 
 
 def run_scales(cfg: Config, out: Path, progress: bool, log: Log, run_study: Callable[..., dict]) -> dict:
