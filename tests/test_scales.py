@@ -96,3 +96,14 @@ def test_multi_scale_report_has_a_verdict_per_scale_and_links_each_report(multi)
         assert (out / "scales" / name / "report" / "report.html").is_file()
         assert f"../scales/{name}/report/report.html" in md
     assert "data:image/png;base64," in (report / "report.html").read_text()
+    # the answer leads: findings (C6 in words, one clause per scale), verdicts and the figure before quality
+    order = [md.index(h) for h in ("## Findings", "## Verdicts per scale", "## Across scales", "## Model quality",
+                                   "## Per-scale reports")]
+    assert order == sorted(order)
+    findings = md[md.index("## Findings"):md.index("## Verdicts per scale")]
+    assert f"C6 (consistent across model scales): {results['claims']['C6']['verdict']}" in findings
+    for name, s in results["scales"].items():
+        gains = sum(bool(d.get("improved")) for dist, d in s["target_delta"].items() if dist != "id")
+        assert f"{name}: TALE improved {gains}/{len(s['target_delta']) - 1} shifts" in findings
+    evidence = md[md.index("### Evidence behind"):]
+    assert "| scale | claim | evidence |" in evidence  # not the compact verdict style: long evidence wraps

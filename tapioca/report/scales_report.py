@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from tapioca.report.ladders import shift_counts
 from tapioca.report.ladders_report import build_ladder_sections
 from tapioca.report.plots import _ci, _figure, _num, _p
 
@@ -30,6 +31,34 @@ def section_overview(results: dict) -> list[Block]:
     return [("h", 1, "tapioca multi-scale study report"),
             ("p", f"Scales: {names}. Each scale is a complete study with its own report (linked below); this "
                   "page sets their numbers side by side. Nothing here re-runs a model.")]
+
+
+def _scale_sentence(name: str, s: dict) -> str:
+    """One scale in words: significant OOD gains / harms held out and in-sample, and the claims it refutes."""
+    held, inside = shift_counts(s["target_delta"]), shift_counts(s.get("in_sample_delta", {}))
+    refuted = [c for c in CLAIM_IDS if c != "C6" and s["claims"].get(c, {}).get("verdict") == "refuted"]
+    against = f"; refutes {', '.join(refuted)}" if refuted else ""
+    return (f"{name}: TALE improved {held['gain']}/{held['shifts']} shifts and harmed {held['harm']} held out "
+            f"({inside['gain']} gains in-sample){against}")
+
+
+def section_scale_findings(results: dict) -> list[Block]:
+    """The answer first: C6 in words, each scale in one clause, and whether the paper's pattern (OOD gain held
+    out) appears at any scale."""
+    ordered = _by_depth(results["scales"])
+    c6 = results.get("claims", {}).get("C6", {})
+    depth = results.get("ladders", {}).get("depth")
+    over = f" (decided over the depth ladder: {', '.join(depth)})" if depth else ""
+    gained = [n for n, s in ordered if shift_counts(s["target_delta"])["gain"]]
+    inside = [n for n, s in ordered if shift_counts(s.get("in_sample_delta", {}))["gain"]]
+    pattern = (f"TALE's OOD gain appears held out at {', '.join(gained)}" if gained
+               else "TALE's OOD gain appears held out at no scale")
+    pattern += (f", and in-sample (the paper's protocol) at {', '.join(inside)}." if inside
+                else ", nor in-sample (the paper's protocol).")
+    return [("h", 2, "Findings"),
+            ("p", f"**C6 (consistent across model scales): {c6.get('verdict', 'not assessed')}**{over} — "
+                  f"{c6.get('evidence', '')}. {pattern}"),
+            ("p", "; ".join(_scale_sentence(n, s) for n, s in ordered) + ".")]
 
 
 def _quality(s: dict) -> dict:
@@ -62,24 +91,17 @@ def section_scale_quality(results: dict) -> list[Block]:
 
 
 def section_scale_claims(results: dict) -> list[Block]:
-    """Claims × scales verdict table, then C6 with its evidence."""
+    """Claims × scales verdict table, then the evidence behind C1–C4 at each scale (C6: the findings)."""
     ordered = _by_depth(results["scales"])
     rows = []
     for cid in CLAIM_IDS:
         if cid == "C6":
             continue
         rows.append([cid] + [f"**{s['claims'].get(cid, {}).get('verdict', '—')}**" for _, s in ordered])
-    c6 = results.get("claims", {}).get("C6", {})
-    depth = results.get("ladders", {}).get("depth")
-    over = f" (decided over the depth ladder: {', '.join(depth)})" if depth else ""
-    blocks: list[Block] = [("h", 2, "Verdicts per scale"),
-                           ("table", ["claim", *[n for n, _ in ordered]], rows),
-                           ("p", f"**C6 (consistent across model scales): {c6.get('verdict', 'not assessed')}**{over} — "
-                                 f"{c6.get('evidence', '')}")]
-    evidence = [[cid, n, s["claims"][cid].get("evidence", "—")] for cid in ("C1", "C2", "C3", "C4")
+    evidence = [[n, cid, s["claims"][cid].get("evidence", "—")] for cid in ("C1", "C2", "C3", "C4")
                 for n, s in ordered if cid in s["claims"]]
-    blocks += [("h", 3, "Evidence behind C1–C4 per scale"), ("table", ["claim", "scale", "evidence"], evidence)]
-    return blocks
+    return [("h", 2, "Verdicts per scale"), ("table", ["claim", *[n for n, _ in ordered]], rows),
+            ("h", 3, "Evidence behind C1–C4 per scale"), ("table", ["scale", "claim", "evidence"], evidence)]
 
 
 def section_scale_deltas(results: dict) -> list[Block]:
@@ -120,8 +142,8 @@ def plot_scales(results: dict) -> Any:
     metric = ordered[0][1].get("metric", "nmse")
     ax_q.errorbar(depth, [v["mean"] for v in q], yerr=[[v["mean"] - v["low"] for v in q],
                                                        [v["high"] - v["mean"] for v in q]], marker="o", capsize=3,
-                  label="transformer")
-    for ref in ("knn", "mean"):
+                  label="model")
+    for ref in ("knn", "mean") if metric == "nmse" else ():  # the testbed's reference predictors
         ax_q.plot(depth, [s["quality"].get("references_id_nmse", {}).get(ref, np.nan) for _, s in ordered], "--",
                   label=ref)
     if metric == "nmse":
@@ -149,10 +171,13 @@ def plot_scales(results: dict) -> Any:
 
 def build_scales_report(results: dict) -> tuple[list[Block], dict[str, Any]]:
     """The multi-scale report's blocks and figures by file name: the depth and training-length ladders' answers
-    first (when the scales form ladders), then quality, verdicts and Δ per scale, and the links."""
+    first (when the scales form ladders), the findings, the verdicts and the figure across scales, then quality
+    and Δ per scale, and the links."""
     ladder_blocks, figures = build_ladder_sections(results)
-    blocks = (section_overview(results) + ladder_blocks + section_scale_quality(results)
-              + section_scale_claims(results) + section_scale_deltas(results) + section_scale_links(results)
-              + [("h", 2, "Across scales"), ("img", "scales.png", "Left: held-out ID NMSE per scale. Right: "
-                 "TALE's held-out ΔNMSE per shift and scale, 95% CIs.")])
+    metric = next(iter(results["scales"].values())).get("metric", "nmse").upper()
+    figure = [("h", 2, "Across scales"), ("img", "scales.png", f"Left: held-out ID {metric} per scale. Right: "
+               f"TALE's held-out Δ{metric} per shift and scale, 95% CIs.")]
+    blocks = (section_overview(results) + ladder_blocks + section_scale_findings(results)
+              + section_scale_claims(results) + figure + section_scale_quality(results)
+              + section_scale_deltas(results) + section_scale_links(results))
     return blocks, {**figures, "scales.png": plot_scales(results)}
