@@ -37,7 +37,7 @@ def _scale_sentence(name: str, s: dict) -> str:
     """One scale in words: significant OOD gains / harms held out and in-sample, and the claims it refutes."""
     held, inside = shift_counts(s["target_delta"]), shift_counts(s.get("in_sample_delta", {}))
     refuted = [c for c in CLAIM_IDS if c != "C6" and s["claims"].get(c, {}).get("verdict") == "refuted"]
-    against = f"; refutes {', '.join(refuted)}" if refuted else ""
+    against = f"; it refutes {', '.join(refuted)}" if refuted else ""
     return (f"{name}: TALE improved {held['gain']}/{held['shifts']} shifts and harmed {held['harm']} held out "
             f"({inside['gain']} gains in-sample){against}")
 
@@ -58,7 +58,7 @@ def section_scale_findings(results: dict) -> list[Block]:
     return [("h", 2, "Findings"),
             ("p", f"**C6 (consistent across model scales): {c6.get('verdict', 'not assessed')}**{over} — "
                   f"{c6.get('evidence', '')}. {pattern}"),
-            ("p", "; ".join(_scale_sentence(n, s) for n, s in ordered) + ".")]
+            ("p", " ".join(_scale_sentence(n, s) + "." for n, s in ordered))]
 
 
 def _quality(s: dict) -> dict:
