@@ -61,6 +61,11 @@ def section_scale_findings(results: dict) -> list[Block]:
             ("p", " ".join(_scale_sentence(n, s) + "." for n, s in ordered))]
 
 
+def _metric(results: dict) -> str:
+    """The primary metric the scales share ("nmse" on the testbed, "acc" on LMs)."""
+    return next(iter(results["scales"].values())).get("metric", "nmse")
+
+
 def _quality(s: dict) -> dict:
     """A scale's held-out ID score row: NMSE (testbed) or accuracy (LM)."""
     q = s["quality"]
@@ -115,7 +120,7 @@ def section_scale_deltas(results: dict) -> list[Block]:
             d = s["target_delta"].get(dist)
             row.append("—" if d is None else f"{_ci(d, signed=True)} (Holm p {_p(d.get('p_holm'))})")
         rows.append(row)
-    metric = next(iter(results["scales"].values())).get("metric", "nmse")
+    metric = _metric(results)
     better = "negative" if metric == "nmse" else "positive"
     metric = metric.upper()
     return [("h", 2, f"TALE (target protocol): held-out Δ{metric} per scale"),
@@ -139,7 +144,7 @@ def plot_scales(results: dict) -> Any:
     ax_q, ax_d = fig.subplots(1, 2)
     depth = [s["n_blocks"] for _, s in ordered]
     q = [_quality(s) for _, s in ordered]
-    metric = ordered[0][1].get("metric", "nmse")
+    metric = _metric(results)
     ax_q.errorbar(depth, [v["mean"] for v in q], yerr=[[v["mean"] - v["low"] for v in q],
                                                        [v["high"] - v["mean"] for v in q]], marker="o", capsize=3,
                   label="model")
@@ -174,7 +179,7 @@ def build_scales_report(results: dict) -> tuple[list[Block], dict[str, Any]]:
     first (when the scales form ladders), the findings, the verdicts and the figure across scales, then quality
     and Δ per scale, and the links."""
     ladder_blocks, figures = build_ladder_sections(results)
-    metric = next(iter(results["scales"].values())).get("metric", "nmse").upper()
+    metric = _metric(results).upper()
     figure = [("h", 2, "Across scales"), ("img", "scales.png", f"Left: held-out ID {metric} per scale. Right: "
                f"TALE's held-out Δ{metric} per shift and scale, 95% CIs.")]
     blocks = (section_overview(results) + ladder_blocks + section_scale_findings(results)
