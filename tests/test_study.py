@@ -166,6 +166,8 @@ def test_step_progress_counts_every_seeds_steps_across_threads():
     threads = study.SeedThreads(3)
     threads.map(lambda seed: [steps.done(seed, s) for s in ("model", "prune", "evaluate")], [0, 1, 2])
     assert steps.bar.n == 9
+    steps.running(2, "selecting the controls' blocks")  # names the work in flight without counting a step
+    assert steps.bar.n == 9 and steps.bar.postfix == "seed 2: selecting the controls' blocks…"
 
 
 def test_both_protocols_optimism_and_robust_summaries_are_reported(finished):

@@ -33,10 +33,11 @@ WEIGHT_METHODS = ("magnitude", "wanda")
 
 
 def baseline_selections(cfg: Config, wl: Workload, seed: int, searches: dict[str, PruneResult],
-                        out: Path) -> dict[str, dict[str, PruneResult]]:
+                        out: Path, progress: bool = False) -> dict[str, dict[str, PruneResult]]:
     """Per shift where TALE removed blocks, each one-shot baseline selected on the shift's selection split,
     removing as many blocks as TALE did (cached as ``controls/seed<seed>/<method>-<shift>.json``). The
-    shift's TALE score cache (same selection data) supplies configurations TALE already scored."""
+    shift's TALE score cache (same selection data) supplies configurations TALE already scored. ``progress``:
+    bars of the searches that have rounds (SLEB)."""
     folder = out / "controls" / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     table: dict[str, dict[str, PruneResult]] = {}
@@ -46,7 +47,7 @@ def baseline_selections(cfg: Config, wl: Workload, seed: int, searches: dict[str
         score_cache = out / "pruning" / f"seed{seed}" / f".{shift}.scores.json"
         table[shift] = {method: PruneResult.from_dict(cached_json(
             folder / f"{method}-{shift}.json",
-            lambda method=method: prune(wl, None, method, "target", shift, cfg=cfg.pruning, seed=seed, progress=False,
+            lambda method=method: prune(wl, None, method, "target", shift, cfg=cfg.pruning, seed=seed, progress=progress,
                                         n_remove=len(tale.removed), cache_path=score_cache, workers=0,
                                         ray_address=None).to_dict()))
             for method in BASELINES}

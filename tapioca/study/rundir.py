@@ -134,6 +134,11 @@ class StepProgress:
             self.bar.update(1)
             self.bar.set_postfix_str(f"seed {seed}: {step}", refresh=True)
 
+    def running(self, seed: int, what: str) -> None:
+        """Name work in progress that has no step of its own (e.g. the controls' selections) on the bar."""
+        with self._lock:
+            self.bar.set_postfix_str(f"seed {seed}: {what}…", refresh=True)
+
     def close(self) -> None:
         self.bar.close()
 

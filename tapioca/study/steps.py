@@ -155,8 +155,9 @@ def run_seed(cfg: Config, wl: Workload, seed: int, out: Path, timer: Timer, step
     runs = HeldoutRuns(wl, seed, wl.sizes.n_heldout)
     baselines: dict[str, dict[str, PruneResult]] = {}
     if cfg.geometry.controls:
+        steps.running(seed, "selecting the controls' blocks")
         with timer("comparisons"):
-            baselines = controls.baseline_selections(cfg, wl, seed, searches, out)
+            baselines = controls.baseline_selections(cfg, wl, seed, searches, out, steps.inner)
     with timer("evaluate"):
         full, from_id, target = evaluations(wl, searches, runs, out / "evaluation" / f"seed{seed}",
                                             controls.pending_baselines(baselines, out / "controls" / f"seed{seed}"))
