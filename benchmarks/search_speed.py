@@ -297,6 +297,18 @@ def gains(rows: Sequence[Row]) -> str:
                      for r in rows[1:] if r.seconds > 0 and r.cpu_seconds > 0)
 
 
+def ceiling_line(rows: Sequence[Row], peak: Peak) -> str:
+    """How far the executed work lets tapioca go: the FLOP ratio naive/tapioca, and the speed-up tapioca would
+    reach if its FLOPs ran at the measured matmul peak (wall) against the naive side as measured. A target above
+    this ceiling needs fewer FLOPs, not a faster kernel."""
+    naive, fast = rows[0], rows[1]
+    ratio = naive.flops / fast.flops if fast.flops > 0 else float("nan")
+    best_seconds = fast.flops / peak.wall
+    ceiling = naive.seconds / best_seconds if best_seconds > 0 else float("nan")
+    return (f"executed FLOPs naive/tapioca: {ratio:.2f}x; speed-up ceiling with tapioca at 100 % of the matmul "
+            f"peak: {ceiling:.2f}x")
+
+
 def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Least-squares slope of log y on log x: the a in y ∝ x^a."""
     lx, ly = torch.tensor(xs, dtype=torch.float64).log(), torch.tensor(ys, dtype=torch.float64).log()
@@ -408,6 +420,7 @@ def run_comparison(args: argparse.Namespace, peak: Peak) -> None:
         print(format_table(rows, peak), flush=True)
         print(f"speed-up over naive: {gains(rows)}")
         print(f"max |score difference| naive vs tapioca: {max_score_difference(rows[0].result, rows[1].result):.2e}")
+        print(ceiling_line(rows, peak), flush=True)
         sharing = decode_sharing_line(case, rows[1])
         if sharing:
             print(sharing, flush=True)

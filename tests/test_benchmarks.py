@@ -128,6 +128,15 @@ def test_compare_table_and_verdict_on_a_tiny_case(tiny_case):
                                   "identical_selection=true"
 
 
+def test_ceiling_line_divides_naive_time_by_tapiocas_flops_at_peak(tiny_case):
+    rows = bench.compare(tiny_case, epsilon=0.08, max_drop=1, chunk=16)
+    naive, fast = rows[0], rows[1]
+    naive.seconds, naive.flops, fast.flops = 30.0, 8e9, 2e9
+    line = bench.ceiling_line(rows, bench.Peak(wall=1e9, cpu=1e9))
+    assert "naive/tapioca: 4.00x" in line  # 8 / 2 GFLOP
+    assert "peak: 15.00x" in line  # 30 s against 2 GFLOP at 1 GFLOP/s = 2 s
+
+
 def test_fit_exponent_recovers_a_power_law():
     xs = [4, 8, 12, 16]
     assert bench.fit_exponent(xs, [3 * x**2 for x in xs]) == pytest.approx(2.0)
