@@ -147,7 +147,7 @@ def sweep(d_slope: float):
 
 
 def test_c5_needs_monotone_sweeps_and_recovery_by_norm_matching():
-    results = build()
+    results = build(improved=("s1",))
     matching = {"ood_full": -2.0, "ood_pruned": -1.0, "ood_matched": -1.5, "id_full": -0.1, "id_pushed": -0.3}
     results["interventions"] = {"s1": {"sweep_removed": {"0": sweep(1.0)}, "sweep_control": {"0": sweep(-1.0)},
                                        "norm_matching": {"0": matching}}}
@@ -162,6 +162,22 @@ def test_c5_needs_monotone_sweeps_and_recovery_by_norm_matching():
     assert no_gain["verdict"] == INCONCLUSIVE and "no gain for norm matching to recover" in no_gain["evidence"]
     del results["interventions"]["s1"]["norm_matching"]["0"]["ood_matched"]  # matching not run (text)
     assert "not run" in c5_causal(results)["evidence"]
+
+
+def test_c5_tests_the_cause_of_a_held_out_gain_only():
+    """Sweeps and norm matching on shifts TALE did not improve are noise: they neither support nor refute C5."""
+    matching = {"ood_full": -2.0, "ood_pruned": -1.9, "ood_matched": -2.5, "id_full": -0.1, "id_pushed": -0.3}
+    refuting = {"sweep_removed": {"0": sweep(-1.0)}, "sweep_control": {"0": sweep(-1.0)},
+                "norm_matching": {"0": matching}}
+    results = build(improved=())
+    results["interventions"] = {"s1": refuting}
+    no_gain = c5_causal(results)
+    assert no_gain["verdict"] == INCONCLUSIVE and "no gain whose cause" in no_gain["evidence"]
+    results = build(improved=("s2",))
+    results["interventions"] = {"s1": refuting}  # the improved shift had no intervention
+    assert c5_causal(results)["verdict"] == INCONCLUSIVE
+    results["interventions"]["s2"] = refuting
+    assert c5_causal(results)["verdict"] == REFUTED
 
 
 def test_c7_flags_gains_that_come_from_shrinking_predictions():

@@ -33,6 +33,7 @@ DECISIVE = {
     "/claims/C1": "C1 and C2 need evidence (an equivalence bound against the smallest effect of interest, or a "
                   "significant opposite effect) to be refuted; otherwise inconclusive with the detectable effect",
     "/claims/C2": "as C1",
+    "/claims/C5": "C5 tests the cause of a held-out gain: without one it is inconclusive, as C7 and C9",
     "/claims/C9": "C9 says why it cannot decide and where weight pruning improved on its own; MDE on its line",
 }
 CHANGED = {

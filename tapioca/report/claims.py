@@ -277,12 +277,22 @@ def c4_realigns(results: dict) -> dict:
 def c5_causal(results: dict) -> dict:
     """Residual scaling of TALE's blocks (alpha 0..1): Spearman rho between D and score must be <= -0.8 in a
     majority of sweeps and weaker for the random-block control; norm matching (no pruning) must recover a
-    positive share of the pruning gain on average. Supported if both hold, refuted if neither, else
-    inconclusive (also when no intervention ran, when norm matching was not run, or when pruning gained
-    nothing on the intervention prompts, so that there is no gain to recover)."""
+    positive share of the pruning gain on average. Only shifts where TALE improved held-out OOD count: C5 asks
+    what causes a gain, so without one (as C7 and C9) it is inconclusive, not refuted by sweeps of noise.
+    Supported if both hold, refuted if neither, else inconclusive (also when no intervention ran, when norm
+    matching was not run, or when pruning gained nothing on the intervention prompts, so that there is no gain
+    to recover)."""
     interventions = results.get("interventions") or {}
+    if not interventions:
+        return _verdict(INCONCLUSIVE, "no intervention ran (TALE removed no block on any shift)")
+    improved = _improved_shifts(results)
+    if not any(shift in improved for shift in interventions):
+        return _verdict(INCONCLUSIVE, "no shift with interventions improved on held-out examples, so there is no "
+                                      "gain whose cause the sweeps and norm matching could test")
     rhos, control_rhos, recovered = [], [], []
-    for row in interventions.values():
+    for shift, row in interventions.items():
+        if shift not in improved:
+            continue
         for seed, points in row["sweep_removed"].items():
             rhos.append(_sweep_rho(points))
             if row["sweep_control"].get(seed):
@@ -292,7 +302,7 @@ def c5_causal(results: dict) -> dict:
             if "ood_matched" in m and gain > 0:
                 recovered.append((m["ood_matched"] - m["ood_full"]) / gain)
     if not rhos:
-        return _verdict(INCONCLUSIVE, "no intervention ran (TALE removed no block on any shift)")
+        return _verdict(INCONCLUSIVE, "no intervention ran on an improved shift (TALE removed no block there)")
     together = sum(r <= MONOTONE_RHO for r in rhos if not np.isnan(r))
     monotone = together > len(rhos) / 2
     matched = bool(recovered) and float(np.mean(recovered)) > 0
