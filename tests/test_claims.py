@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from tapioca.report.claims import (REFUTED, SUPPORTED, INCONCLUSIVE, c1_no_id_benefit, c2_ood_improves, c3_ood_distorts,
-                            c4_realigns, c5_causal, c7_not_tamer, c8_distortion_predicts, c9_needs_layer_removal,
+                            c4_realigns, c5_causal, c7_not_tamer, c8_distortion_predicts, c9_needs_layer_removal, paper_pattern,
                             spearman_with_p, verdicts)
 
 SHIFTS = ["s1", "s2", "s3", "s4", "s5", "s6"]
@@ -218,3 +218,15 @@ def test_every_claim_gets_a_verdict():
     out = verdicts(build(improved=("s1",)))
     assert list(out) == [f"C{i}" for i in range(1, 10)]
     assert all(v["verdict"] in (SUPPORTED, REFUTED, INCONCLUSIVE) and v["evidence"] for v in out.values())
+
+
+def test_pattern_sentence_names_the_id_half_of_each_protocol():
+    """In-sample the ID score gains too (C1 refuted) while shifts gain; held out nothing is decided."""
+    results = build(improved=("s1",), removed=ALL)
+    results["protocols"]["in-sample"] = copy.deepcopy(results["protocols"]["target"])
+    results["claims"] = {"C1": {"verdict": INCONCLUSIVE}, "C2": {"verdict": INCONCLUSIVE}}
+    results["claims_in_sample"] = {"C1": {"verdict": REFUTED}, "C2": {"verdict": SUPPORTED}}
+    pattern = paper_pattern(results)
+    assert not pattern["in_sample"] and not pattern["held_out"]
+    assert "does not appear (ID gains too, 1/6 shifts gain)" in pattern["sentence"]
+    assert "does not appear either (ID gain undecided, 1/6 shifts gain)" in pattern["sentence"]

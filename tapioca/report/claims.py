@@ -526,6 +526,10 @@ def verdicts_in_sample(results: dict) -> dict[str, dict]:
     return {"C1": c1_no_id_benefit(results, "in-sample"), "C2": c2_ood_improves(results, "in-sample")}
 
 
+# what C1's verdict says about the ID half of the paper's pattern, in the pattern sentence
+ID_OUTCOME = {SUPPORTED: "no ID gain", REFUTED: "ID gains too", INCONCLUSIVE: "ID gain undecided"}
+
+
 def paper_pattern(results: dict) -> dict[str, Any]:
     """Whether the paper's pattern (no ID gain, OOD gain: C1 and C2 supported) appears under its own protocol
     (in-sample) and whether it survives on held-out examples, in one sentence."""
@@ -533,16 +537,17 @@ def paper_pattern(results: dict) -> dict[str, Any]:
     inside = results.get("claims_in_sample") or verdicts_in_sample(results)
     def pattern(v: dict) -> bool:
         return bool(v) and v["C1"]["verdict"] == SUPPORTED and v["C2"]["verdict"] == SUPPORTED
-    def gains(protocol: str) -> str:
+    def gains(protocol: str, v: dict | None = None) -> str:
         outcomes = shift_outcomes(results, protocol)
-        return f"{sum(o == 'gain' for o in outcomes.values())}/{len(outcomes)} shifts gain"
+        shifts = f"{sum(o == 'gain' for o in outcomes.values())}/{len(outcomes)} shifts gain"
+        return f"{ID_OUTCOME.get(v['C1']['verdict'], 'ID not assessed')}, {shifts}" if v else shifts
     in_sample, held_out = pattern(inside), pattern(held)
     if not inside:
         sentence = (f"Held out, the paper's pattern (no ID gain, OOD gain) {'appears' if held_out else 'does not appear'}"
                     f" ({gains('target')}); the in-sample protocol was not computed by this run.")
     else:
         sentence = (f"Under the paper's protocol (selected and scored on the same examples) the pattern — no ID gain, "
-                    f"OOD gain — {'appears' if in_sample else 'does not appear'} ({gains('in-sample')}); on held-out "
-                    f"examples it {'survives' if held_out else 'does not survive' if in_sample else 'does not appear either'}"
-                    f" ({gains('target')}).")
+                    f"OOD gain — {'appears' if in_sample else 'does not appear'} ({gains('in-sample', inside)}); on "
+                    f"held-out examples it {'survives' if held_out else 'does not survive' if in_sample else 'does not appear either'}"
+                    f" ({gains('target', held)}).")
     return {"in_sample": in_sample, "held_out": held_out, "sentence": sentence}
