@@ -230,3 +230,6 @@ def test_pattern_sentence_names_the_id_half_of_each_protocol():
     assert not pattern["in_sample"] and not pattern["held_out"]
     assert "does not appear (ID gains too, 1/6 shifts gain)" in pattern["sentence"]
     assert "does not appear either (ID gain undecided, 1/6 shifts gain)" in pattern["sentence"]
+    del results["protocols"]["in-sample"], results["claims_in_sample"]  # a run without the paper's protocol
+    assert "does not appear (ID gain undecided, 1/6 shifts gain); the in-sample protocol was not computed" \
+        in paper_pattern(results)["sentence"]

@@ -537,14 +537,15 @@ def paper_pattern(results: dict) -> dict[str, Any]:
     inside = results.get("claims_in_sample") or verdicts_in_sample(results)
     def pattern(v: dict) -> bool:
         return bool(v) and v["C1"]["verdict"] == SUPPORTED and v["C2"]["verdict"] == SUPPORTED
-    def gains(protocol: str, v: dict | None = None) -> str:
+    def gains(protocol: str, v: dict) -> str:
+        """C1's ID half and the shifts that gain under ``protocol``, e.g. "ID gains too, 2/2 shifts gain"."""
         outcomes = shift_outcomes(results, protocol)
-        shifts = f"{sum(o == 'gain' for o in outcomes.values())}/{len(outcomes)} shifts gain"
-        return f"{ID_OUTCOME.get(v['C1']['verdict'], 'ID not assessed')}, {shifts}" if v else shifts
+        return (f"{ID_OUTCOME.get(v['C1']['verdict'], 'ID not assessed')}, "
+                f"{sum(o == 'gain' for o in outcomes.values())}/{len(outcomes)} shifts gain")
     in_sample, held_out = pattern(inside), pattern(held)
     if not inside:
         sentence = (f"Held out, the paper's pattern (no ID gain, OOD gain) {'appears' if held_out else 'does not appear'}"
-                    f" ({gains('target')}); the in-sample protocol was not computed by this run.")
+                    f" ({gains('target', held)}); the in-sample protocol was not computed by this run.")
     else:
         sentence = (f"Under the paper's protocol (selected and scored on the same examples) the pattern — no ID gain, "
                     f"OOD gain — {'appears' if in_sample else 'does not appear'} ({gains('in-sample', inside)}); on "
