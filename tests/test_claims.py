@@ -8,7 +8,7 @@ import pytest
 
 from tapioca.report.claims import (REFUTED, SUPPORTED, INCONCLUSIVE, c1_no_id_benefit, c2_ood_improves, c3_ood_distorts,
                             c4_realigns, c5_causal, c7_not_tamer, c8_distortion_predicts, c9_needs_layer_removal, paper_pattern,
-                            spearman_with_p, verdicts)
+                            sign_test, spearman_with_p, verdicts)
 
 SHIFTS = ["s1", "s2", "s3", "s4", "s5", "s6"]
 
@@ -133,13 +133,29 @@ def test_c3_compares_distortion_with_the_noise_floor():
 
 
 def test_c4_realignment_and_the_settle_case():
-    closer = c4_realigns(build(removed=("s1", "s2")))
-    assert closer["verdict"] == SUPPORTED
-    assert "profiles closer but OOD not better: s1, s2" in closer["settle_case"]
-    farther = c4_realigns(build(removed=("s1", "s2"), d_pruned={s: 2.0 for s in SHIFTS}, improved=("s1",)))
-    assert farther["verdict"] == REFUTED
+    closer = c4_realigns(build(removed=SHIFTS))  # D fell in all 6 pairs: sign test p = 2/64
+    assert closer["verdict"] == SUPPORTED and closer["numbers"]["p_value"] == pytest.approx(2 / 64)
+    assert "profiles closer but OOD not better: s1, s2, s3, s4, s5, s6" in closer["settle_case"]
+    farther = c4_realigns(build(removed=SHIFTS, d_pruned={s: 2.0 for s in SHIFTS}, improved=("s1",)))
+    assert farther["verdict"] == REFUTED and farther["numbers"]["median_ratio"] == pytest.approx(2.0)
     assert "profiles not closer: s1, s2" in farther["settle_case"]
     assert c4_realigns(build(removed=()))["verdict"] == INCONCLUSIVE
+
+
+def test_c4_needs_a_significant_majority_of_pairs():
+    few = c4_realigns(build(removed=("s1", "s2")))  # D fell in 2/2 pairs: p = 0.5
+    assert few["verdict"] == INCONCLUSIVE and "from 6 pairs on" in few["evidence"]
+    mixed = build(removed=SHIFTS, d_pruned={s: 2.0 if s in ("s1", "s2") else 0.5 for s in SHIFTS})
+    verdict = c4_realigns(mixed)  # 4 fell, 2 rose: the old majority rule said "supported"
+    assert verdict["verdict"] == INCONCLUSIVE and "4/6" in verdict["evidence"] and "rose in 2" in verdict["evidence"]
+    tied = c4_realigns(build(removed=SHIFTS, d_pruned={s: 1.0 for s in SHIFTS}))  # ties carry no sign
+    assert tied["verdict"] == INCONCLUSIVE and tied["numbers"]["p_value"] == 1.0
+
+
+def test_sign_test_matches_the_exact_binomial():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for k, n in [(0, 6), (2, 6), (5, 6), (9, 10), (10, 13), (3, 3), (7, 20)]:
+        assert sign_test(k, n) == pytest.approx(scipy_stats.binomtest(k, n, 0.5).pvalue, rel=1e-9)
 
 
 def sweep(d_slope: float):

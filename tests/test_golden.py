@@ -34,6 +34,7 @@ DECISIVE = {
                   "significant opposite effect) to be refuted; otherwise inconclusive with the detectable effect",
     "/claims/C2": "as C1",
     "/claims/C5": "C5 tests the cause of a held-out gain: without one it is inconclusive, as C7 and C9",
+    "/claims/C4": "C4 is decided by a sign test over the (shift, seed) pairs, not by a bare majority of them",
     "/claims/C9": "C9 says why it cannot decide and where weight pruning improved on its own; MDE on its line",
 }
 CHANGED = {

@@ -127,6 +127,17 @@ def test_a_run_dir_of_another_config_is_refused(finished):
         study.run_study(other, out, progress=False, log=quiet)
 
 
+def test_a_run_dir_takes_more_seeds(finished):
+    cfg, out, _ = finished
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    more = load_config(None, [*TINY, "evaluation.seeds=[0, 1, 2]"])
+    try:
+        study.prepare_run_dir(more, out)  # no "different config" error: seed 2 gets folders of its own
+        assert yaml.safe_load((out / "config.yaml").read_text())["evaluation"]["seeds"] == [0, 1, 2]
+    finally:
+        (out / "config.yaml").write_text(yaml.safe_dump(saved))
+
+
 def test_geometry_step_reports_distortion_for_full_and_pruned_models(finished):
     _, out, results = finished
     geometry = results["geometry"]

@@ -20,6 +20,7 @@ ID_MARGIN_RELATIVE = 0.01  # C1: a held-out ID change within ±1% of the full mo
 ID_MARGIN_POINTS = 0.01  # C1 on accuracy-type metrics: within ±1 point (REFERENCE §1)
 CONFIDENCE_TOLERANCE = 0.05  # C7 (LMs): mean top-choice confidence may fall by at most this much
 DISTORTION_FACTOR = 3.0  # C3: D(OOD vs ID) must be at least 3x the ID-vs-ID noise floor
+SIGN_TEST_ALPHA = 0.05  # C4: the sign test over (shift, seed) pairs must reach this two-sided level
 MONOTONE_RHO = -0.8  # C5: Spearman rho(D, score) over the alpha sweep at most this (D down <-> score up)
 SLOPE_TOLERANCE = 0.05  # C7: a pruned model's shrinkage slope may fall by at most this much
 MIN_SCALES = 3  # C6: testbed scales needed (REFERENCE §1)
@@ -249,9 +250,19 @@ def c3_ood_distorts(results: dict) -> dict:
     return _verdict(verdict, evidence, noise_floor=floor, ratio=ratios)
 
 
+def sign_test(k: int, n: int) -> float:
+    """Exact two-sided binomial p-value of k successes in n trials with success probability 1/2."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def c4_realigns(results: dict) -> dict:
     """Per (shift, seed) where TALE removed blocks: does D (pruned model, OOD vs its own ID) fall below the full
-    model's D? Supported if it falls in a majority, refuted if it rises in a majority, inconclusive if no
+    model's D? An exact two-sided sign test over those pairs (ties dropped) decides: supported if D fell in
+    significantly more pairs than it rose (p < 0.05), refuted if it rose significantly more often (the opposite
+    effect), otherwise inconclusive with the count, p and the pairs a decision needs. Inconclusive too if no
     block was removed anywhere. Also names the reviewer's "what would settle it" cases."""
     per_seed = results["geometry"]["D_per_seed"]
     removed = results["removed"]["target"]
@@ -259,12 +270,26 @@ def c4_realigns(results: dict) -> dict:
     pairs = [(s, seed) for s in _shifts(results) for seed in per_seed if removed[s][seed]]
     if not pairs:
         return _verdict(INCONCLUSIVE, "TALE removed no block on any shift: nothing to realign", pairs=0)
-    closer = [(s, seed) for s, seed in pairs if per_seed[seed][s]["target_pruned"] < per_seed[seed][s]["full"]]
-    verdict = SUPPORTED if len(closer) > len(pairs) / 2 else REFUTED if len(closer) < len(pairs) / 2 else INCONCLUSIVE
+    d = {(s, seed): (per_seed[seed][s]["target_pruned"], per_seed[seed][s]["full"]) for s, seed in pairs}
+    closer = [pair for pair in pairs if d[pair][0] < d[pair][1]]
+    farther = [pair for pair in pairs if d[pair][0] > d[pair][1]]
+    n = len(closer) + len(farther)
+    p = sign_test(len(closer), n)
+    ratios = [pruned / full for pruned, full in d.values() if full > 0]
+    median_ratio = float(np.median(ratios)) if ratios else float("nan")
+    evidence = (f"D fell after pruning in {len(closer)}/{len(pairs)} (shift, seed) pairs with removed blocks, rose "
+                f"in {len(farther)} (sign test p {p:.3g}; median D pruned/full {median_ratio:.2f})")
+    if p < SIGN_TEST_ALPHA:
+        verdict = SUPPORTED if len(closer) > len(farther) else REFUTED
+    else:
+        verdict = INCONCLUSIVE
+        needed = next(m for m in range(1, 64) if sign_test(0, m) < SIGN_TEST_ALPHA)
+        evidence += (f": not significant; even pairs that all agree decide only from {needed} pairs on"
+                     if n < needed else ": not significant")
+    result = _verdict(verdict, evidence, closer=len(closer), farther=len(farther), pairs=len(pairs), p_value=p,
+                      median_ratio=median_ratio)
     not_closer = sorted({s for s, seed in pairs if (s, seed) not in closer})
     closer_not_better = sorted({s for s, _ in closer if not target[s][primary_metric(results)]["improved"]})
-    result = _verdict(verdict, f"D fell after pruning in {len(closer)}/{len(pairs)} (shift, seed) pairs with "
-                      f"removed blocks", closer=len(closer), pairs=len(pairs))
     cases = []
     if not_closer:
         cases.append(f"TALE's layers removed but profiles not closer: {', '.join(not_closer)}")

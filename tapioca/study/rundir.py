@@ -143,14 +143,24 @@ class StepProgress:
         self.bar.close()
 
 
+def _what_results_depend_on(tree: dict) -> dict:
+    """A resolved config tree without ``run`` (threads, device, output folder) and ``evaluation.seeds``: every
+    seed's outputs live in their own ``seed<s>`` folders and the pooled statistics are recomputed, so a run
+    may gain (or drop) seeds and resume."""
+    kept = {k: v for k, v in tree.items() if k != "run"}
+    kept["evaluation"] = {k: v for k, v in (kept.get("evaluation") or {}).items() if k != "seeds"}
+    return kept
+
+
 def prepare_run_dir(cfg: Config, out: Path) -> None:
-    """Create ``out`` with the resolved config and environment; refuse a run dir of another config."""
+    """Create ``out`` with the resolved config and environment; refuse a run dir of another config (its seeds and
+    ``run`` settings may differ)."""
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     resolved = to_dict(cfg)
     if config_path.is_file():  # keys added to tapioca since that run take their defaults there
         previous = with_defaults(read_yaml(config_path))
-        if {k: v for k, v in previous.items() if k != "run"} != {k: v for k, v in resolved.items() if k != "run"}:
+        if _what_results_depend_on(previous) != _what_results_depend_on(resolved):
             raise CheckpointError(f"{str(out)!r} holds a run with a different config; use another --out or delete it")
     write_yaml(config_path, resolved)
     write_json(out / "environment.json", environment())
