@@ -7,7 +7,8 @@ import copy
 import pytest
 
 from tapioca.report.claims import (REFUTED, SUPPORTED, INCONCLUSIVE, c1_no_id_benefit, c2_ood_improves, c3_ood_distorts,
-                            c4_realigns, c5_causal, c7_not_tamer, c8_distortion_predicts, c9_needs_layer_removal, paper_pattern,
+                            c4_realigns, c5_causal, c7_not_tamer, c8_distortion_predicts, c9_needs_layer_removal, g1_edge_pruning_realigns,
+                            paper_pattern,
                             sign_test, spearman_with_p, verdicts)
 
 SHIFTS = ["s1", "s2", "s3", "s4", "s5", "s6"]
@@ -150,6 +151,24 @@ def test_c4_needs_a_significant_majority_of_pairs():
     assert verdict["verdict"] == INCONCLUSIVE and "4/6" in verdict["evidence"] and "rose in 2" in verdict["evidence"]
     tied = c4_realigns(build(removed=SHIFTS, d_pruned={s: 1.0 for s in SHIFTS}))  # ties carry no sign
     assert tied["verdict"] == INCONCLUSIVE and tied["numbers"]["p_value"] == 1.0
+
+
+def edges_results(changes: list[float], floor: float = 0.1) -> dict:
+    """A graph study's edges block: one shift, one seed per change of D (after - before), noise floor ``floor``."""
+    per_seed = {str(i): {"geometry": {"erm": {"noise_floor": floor, "s1": 1.0},
+                                      "prune": {"noise_floor": floor, "s1": 1.0 + c}}}
+                for i, c in enumerate(changes)}
+    return {"protocols": {"target": {"delta": {"id": {}, "s1": {}}}}, "edges": {
+        "per_seed": per_seed, "geometry": {"erm": {"s1": 1.0}, "prune": {"s1": 1.0 + sum(changes) / len(changes)}}}}
+
+
+def test_g1_counts_moves_beyond_the_noise_floor_with_a_sign_test():
+    assert g1_edge_pruning_realigns(edges_results([-0.5] * 6))["verdict"] == SUPPORTED
+    assert g1_edge_pruning_realigns(edges_results([+0.5] * 6))["verdict"] == REFUTED
+    few = g1_edge_pruning_realigns(edges_results([-0.5, +0.5, +0.5, +0.5, +0.5, +0.5, 0.0, 0.0, 0.0]))
+    assert few["verdict"] == INCONCLUSIVE and "rose beyond it in 5 (sign test p 0.219)" in few["evidence"]
+    noise = g1_edge_pruning_realigns(edges_results([+0.05] * 9))  # every change within the floor
+    assert noise["verdict"] == INCONCLUSIVE and noise["numbers"]["p_value"] == 1.0
 
 
 def test_sign_test_matches_the_exact_binomial():

@@ -506,8 +506,9 @@ def c9_needs_layer_removal(results: dict) -> dict:
 def g1_edge_pruning_realigns(results: dict) -> dict:
     """Graphs: per (shift, seed), D after (PrunE's classifier on its kept edges, OOD vs its own ID) against D
     before (the ERM classifier on whole graphs). A change counts only beyond the larger of the two ID-vs-ID
-    noise floors. Supported if D falls beyond the floor in a majority of pairs, refuted if it rises beyond it
-    in a majority, else inconclusive (changes within the noise are no evidence either way)."""
+    noise floors; changes within the noise are no evidence either way. As C4, an exact two-sided sign test over
+    the pairs that moved decides: supported if D fell significantly more often (p < 0.05), refuted if it rose
+    significantly more often, else inconclusive."""
     per_seed = results["edges"]["per_seed"]
     pairs, fell, rose, changes = 0, [], [], {}
     for seed, summary in per_seed.items():
@@ -521,12 +522,13 @@ def g1_edge_pruning_realigns(results: dict) -> dict:
                 fell.append(f"{shift}/{seed}")
             elif after > before + floor:
                 rose.append(f"{shift}/{seed}")
-    verdict = SUPPORTED if len(fell) > pairs / 2 else REFUTED if len(rose) > pairs / 2 else INCONCLUSIVE
+    p = sign_test(len(fell), len(fell) + len(rose))
+    verdict = (INCONCLUSIVE if p >= SIGN_TEST_ALPHA else SUPPORTED if len(fell) > len(rose) else REFUTED)
     mean = results["edges"]["geometry"]
     evidence = (f"D fell beyond the noise floor in {len(fell)}/{pairs} (shift, seed) pairs and rose beyond it in "
-                f"{len(rose)}; mean D before → after: " + ", ".join(
+                f"{len(rose)} (sign test p {p:.3g}); mean D before → after: " + ", ".join(
                     f"{s} {mean['erm'][s]:.3f} → {mean['prune'][s]:.3f}" for s in _shifts(results)))
-    return _verdict(verdict, evidence, fell=fell, rose=rose, pairs=pairs, change=changes)
+    return _verdict(verdict, evidence, fell=fell, rose=rose, pairs=pairs, change=changes, p_value=p)
 
 
 GRAPH_CLAIMS = {"G1": g1_edge_pruning_realigns}  # decided only where results.json has an "edges" block
