@@ -70,6 +70,16 @@ def test_c1_uses_the_tost_interval_and_reports_power():
     assert verdict["n_needed"] == pytest.approx(((1.96 + 0.8416) * 0.02 / 0.005) ** 2, rel=0.02)
 
 
+def test_no_sample_size_is_given_when_the_differences_never_vary():
+    results = build(removed=())  # the ID search removed nothing: Δ is 0 on every example
+    r = row(0.0, 0.0, 0.0, full=0.1)
+    r["nmse"].update(low_tost=0.0, high_tost=0.0, sd=0.0, mde=0.0)
+    results["protocols"]["target"]["delta"]["id"] = r
+    assert c1_no_id_benefit(results)["n_needed"] is None
+    r["nmse"]["sd"] = 0.02
+    assert c1_no_id_benefit(results)["n_needed"] > 2
+
+
 def test_c2_needs_evidence_against_a_gain_to_refute():
     assert c2_ood_improves(build(improved=SHIFTS[:4], removed=ALL))["verdict"] == SUPPORTED
     assert c2_ood_improves(build(improved=SHIFTS[:2], removed=ALL))["verdict"] == INCONCLUSIVE
