@@ -351,3 +351,9 @@ def test_spearman_monotone_and_errors() -> None:
         spearman([1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0])
     with pytest.raises(ValueError, match="NaN/inf"):
         spearman([1.0, np.nan, 3.0], [1.0, 2.0, 3.0])
+
+
+def test_examples_needed_sizes_a_run_only_from_differences_that_vary() -> None:
+    assert stats.examples_needed(0.02, 0.005) == stats.n_needed(0.02, 0.005) > 100
+    for sd in (0.0, float("nan"), None):
+        assert stats.examples_needed(sd, 0.005) is None

@@ -282,6 +282,14 @@ def n_needed(sd: float, effect: float, confidence: float = 0.95, power: float = 
     return max(2, math.ceil(((_z(1 - (1 - confidence) / 2) + _z(power)) * sd / effect) ** 2))
 
 
+def examples_needed(sd: float | None, effect: float, confidence: float = 0.95) -> int | None:
+    """:func:`n_needed` for paired differences with standard deviation ``sd``; None when sd is missing, NaN or 0
+    (differences that never vary, e.g. nothing was pruned, size no run)."""
+    if sd is None or not sd > 0:
+        return None
+    return n_needed(sd, effect, confidence)
+
+
 def difference_of_means(
     a: Any, b: Any, *, groups_a: Any = None, groups_b: Any = None, n_resamples: int = 10_000,
     confidence: float = 0.95, seed: int | None = 0,

@@ -116,7 +116,7 @@ def _power(row: dict, delta: float, confidence: float = 0.95) -> dict[str, Any]:
     the paired differences never vary, e.g. no block was removed: there is nothing to size a run from)."""
     sd, n = row.get("sd", float("nan")), row.get("n")
     return {"mde": row.get("mde"), "n": n, "sesoi": delta,
-            "n_needed": stats.n_needed(sd, delta, confidence) if sd == sd and sd > 0 and n else None}
+            "n_needed": stats.examples_needed(sd, delta, confidence) if n else None}
 
 
 def _fmt(x: Any) -> str:

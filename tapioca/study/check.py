@@ -106,7 +106,7 @@ def _ci(row: dict[str, Any], points: bool = True) -> str:
 
 def _power(row: dict[str, Any], delta: float) -> str:
     """The row's MDE at its n, and the n that would detect ``delta``."""
-    needed = stats.n_needed(row["sd"], delta) if row.get("sd") == row.get("sd") else None
+    needed = stats.examples_needed(row.get("sd"), delta)
     return (f"MDE {100 * row['mde']:.2f} pts at n={row['n']}"
             + (f", n≈{needed} would detect δ" if needed else ""))
 

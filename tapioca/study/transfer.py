@@ -280,7 +280,7 @@ def cell_verdict(row: Mapping[str, Any], metric: str, delta: float, removed_any:
     if -delta < gain["low_tost"] and gain["high_tost"] < delta:
         return NO_EFFECT, (f"{100 * (2 * confidence - 1):.0f} % interval [{gain['low_tost']:+.4g}, "
                            f"{gain['high_tost']:+.4g}] lies within ±δ = {delta:.4g}")
-    needed = stats.n_needed(row.get("sd", float("nan")), delta, confidence) if row.get("sd") == row.get("sd") else None
+    needed = stats.examples_needed(row.get("sd"), delta, confidence)
     return NOT_ENOUGH, (f"{ci} neither excludes 0 (Holm p {row['p_holm']:.3g}) nor lies within ±δ = {delta:.4g}; "
                         f"MDE {row.get('mde', float('nan')):.4g} at n={row.get('n')}"
                         + (f", n≈{needed} would detect δ" if needed else ""))
@@ -329,8 +329,7 @@ def gather(cfg: Config, wls: Mapping[str, Workload], per_seed: Mapping[int, Seed
         removed_any = any(removed[t].values())
         for key, cell in cells[t].items():
             cell["sesoi"] = smallest_effect(metric, cell["full"], ev.smallest_effect_relative, ev.smallest_effect_points)
-            sd = cell.get("sd", float("nan"))
-            cell["n_needed"] = stats.n_needed(sd, cell["sesoi"], ev.confidence) if sd == sd else None
+            cell["n_needed"] = stats.examples_needed(cell.get("sd"), cell["sesoi"], ev.confidence)
             u, d = key.split("/", 1)
             cell["verdict"], cell["evidence"] = cell_verdict(cell, metric, cell["sesoi"], removed_any, ev.confidence,
                                                              (chance[u] or {}).get(d))
