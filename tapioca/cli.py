@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also write the pruned model to DIR: a Hugging Face folder (save_pretrained, "
                                 "tokenizer, tapioca_pruning.json) for a language model, a testbed model folder "
                                 "otherwise")
+        if name == "study":
+            p.add_argument("--scales", metavar="NAME,NAME,...",
+                           help="with a scales: config, run only these scales; the others join the ladder report "
+                                "if they finished earlier (default: every scale)")
         if name == "evaluate":
             p.add_argument("--pruning", help="pruning.json whose blocks to remove for the pruned model")
         if name == "check":
@@ -197,7 +201,8 @@ def cmd_study(args: argparse.Namespace, cfg: Config, say: Callable[[str], None])
     from tapioca.study.steps import run_study
     from tapioca.report.summary import format_summary
 
-    results = run_study(cfg, cfg.run.out, progress=not args.quiet, log=say)
+    scales = [name.strip() for name in args.scales.split(",") if name.strip()] if args.scales else None
+    results = run_study(cfg, cfg.run.out, progress=not args.quiet, log=say, scales=scales)
     say(format_summary(results))
     say(f"results: {Path(cfg.run.out) / 'results.json'}")
     say(f"report: {write_report(cfg.run.out) / 'report.html'}")

@@ -107,3 +107,42 @@ def test_multi_scale_report_has_a_verdict_per_scale_and_links_each_report(multi)
         assert f"{name}: TALE improved {gains}/{len(s['target_delta']) - 1} shifts" in findings
     evidence = md[md.index("### Evidence behind"):]
     assert "| scale | claim | evidence |" in evidence  # not the compact verdict style: long evidence wraps
+
+
+def test_only_some_scales_run_and_finished_ones_join(multi, tmp_path):
+    """--scales: only the named scales run; another scale joins from its run directory if it finished with the
+    same config, and is left out if it did not finish or its config changed."""
+    import shutil
+
+    from tapioca.io import read_json, write_yaml
+    from tapioca.config import read_yaml
+    from tapioca.study.scales import run_scales
+
+    out, results = multi
+    copy = tmp_path / "ladder"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "scales" / "s4")  # never finished
+    cfg = load_config(None, [*TINY, SCALES, "geometry.controls=false", "evaluation.seeds=[0]"])
+    ran = []
+
+    def fake_study(sub, folder, progress, log):
+        ran.append(folder.name)
+        return read_json(folder / "results.json")
+
+    logged = []
+    partial = run_scales(cfg, copy, False, logged.append, fake_study, only=["s2"])
+    assert ran == ["s2"]
+    assert set(partial["scales"]) == {"s2", "s3"}
+    for key in ("claims", "target_delta", "quality", "removed"):
+        assert partial["scales"]["s3"][key] == results["scales"]["s3"][key]
+    assert any("s4" in line and "left out" in line for line in logged)
+
+    changed = read_yaml(copy / "scales" / "s3" / "config.yaml")
+    changed["train"]["steps"] += 1
+    write_yaml(copy / "scales" / "s3" / "config.yaml", changed)
+    assert set(run_scales(cfg, copy, False, quiet, fake_study, only=["s2"])["scales"]) == {"s2"}
+
+    with pytest.raises(ConfigError, match="'s9'"):
+        run_scales(cfg, copy, False, quiet, fake_study, only=["s9"])
+    with pytest.raises(ConfigError, match="--scales needs a config with a scales"):
+        run_study(load_config(None, list(TINY)), tmp_path / "single", progress=False, log=quiet, scales=["s2"])

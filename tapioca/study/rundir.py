@@ -166,6 +166,20 @@ def prepare_run_dir(cfg: Config, out: Path) -> None:
     write_json(out / "environment.json", environment())
 
 
+def finished_results(cfg: Config, out: Path) -> dict | None:
+    """The ``results.json`` of a finished study in ``out`` made with ``cfg`` (same results-relevant config and
+    the same seeds), else None: a ladder may take a rung that ran earlier without running it again."""
+    config_path, results_path = out / "config.yaml", out / "results.json"
+    if not (config_path.is_file() and results_path.is_file()):
+        return None
+    previous, resolved = with_defaults(read_yaml(config_path)), to_dict(cfg)
+    if _what_results_depend_on(previous) != _what_results_depend_on(resolved):
+        return None
+    if list(previous["evaluation"]["seeds"]) != list(resolved["evaluation"]["seeds"]):
+        return None
+    return read_json(results_path)
+
+
 def cached_json(path: Path, compute: Callable[[], dict]) -> dict:
     """Read ``path`` if it exists, else compute, write atomically and return."""
     if path.is_file():

@@ -10,14 +10,15 @@ across model scales") over the depth ladder (over every scale when there is none
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from tapioca.report.claims import attribution_overlap, c6_scales, primary_metric
 from tapioca.config import Config, scale_config
+from tapioca.errors import ConfigError
 from tapioca.io import write_json
 from tapioca.models.training import trained_model_folder, training_record
 from tapioca.report.ladders import ladders
-from tapioca.study.rundir import prepare_run_dir
+from tapioca.study.rundir import finished_results, prepare_run_dir
 
 Log = Callable[[str], None]
 
@@ -63,17 +64,29 @@ def training_summary(cfg: Config, out: Path) -> dict:
     return {"training": training, "until_flat": True, "train_steps": max(ran, default=cfg.train.steps)}
 
 
-def run_scales(cfg: Config, out: Path, progress: bool, log: Log, run_study: Callable[..., dict]) -> dict:
+def run_scales(cfg: Config, out: Path, progress: bool, log: Log, run_study: Callable[..., dict],
+               only: Sequence[str] | None = None) -> dict:
     """Run the single-scale study of every scale of ``cfg`` with ``run_study`` (each into
     ``out/scales/<name>``), then write and return the multi-scale ``results.json``:
-    ``{"scales": {name: summary}, "claims": {"C6": ...}}``."""
+    ``{"scales": {name: summary}, "claims": {"C6": ...}}``. ``only``: run just these scales; each other scale
+    joins the results if its study finished earlier with the same config, and is left out otherwise."""
+    unknown = [name for name in only or () if name not in cfg.scales]
+    if unknown:
+        raise ConfigError(f"unknown scale {unknown[0]!r} in --scales; allowed: {', '.join(cfg.scales)}")
     prepare_run_dir(cfg, out)
     summaries = {}
     for name in cfg.scales:
         sub = scale_config(cfg, name)
-        what = f"model {sub.lm.model}" if sub.lm is not None else f"{sub.model.n_layer} blocks, width {sub.model.n_embd}"
-        log(f"scale {name}: {what} -> {out / 'scales' / name}")
         folder = out / "scales" / name
+        if only is not None and name not in only:
+            earlier = finished_results(sub, folder)
+            log(f"scale {name}: " + ("finished earlier, taken from its run directory" if earlier is not None
+                                     else "not in --scales and not finished earlier: left out"))
+            if earlier is not None:
+                summaries[name] = {"run_dir": f"scales/{name}", **scale_summary(sub, earlier, folder)}
+            continue
+        what = f"model {sub.lm.model}" if sub.lm is not None else f"{sub.model.n_layer} blocks, width {sub.model.n_embd}"
+        log(f"scale {name}: {what} -> {folder}")
         summaries[name] = {"run_dir": f"scales/{name}", **scale_summary(sub, run_study(sub, folder, progress, log),
                                                                         folder)}
     kind = "lm" if cfg.lm is not None else "testbed"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from tapioca.analysis.heldout import HeldoutRuns
 from tapioca.analysis.optimism import optimism, oriented, placebo_null, robust_summary
 from tapioca.api import prune, resolve_device
 from tapioca.config import Config
+from tapioca.errors import ConfigError
 from tapioca.io import save_arrays, write_json
 from tapioca.models.gates import removal_gates
 from tapioca.models.icl import ICLModel, load_model
@@ -55,12 +56,16 @@ class SeedOutputs:
     edges: dict | None = None  # graphs: PrunE's evaluations and summary (tapioca.study.edges)
 
 
-def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True, log: Log = print) -> dict:
+def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True, log: Log = print,
+              scales: Sequence[str] | None = None) -> dict:
     """Run the whole pipeline for ``cfg`` into ``out`` (default ``cfg.run.out``) and return results.json.
-    A config with ``scales`` runs every scale's study and returns the multi-scale results instead."""
+    A config with ``scales`` runs every scale's study (``scales``: only these; other scales that finished
+    earlier join the results) and returns the multi-scale results instead."""
     out = Path(out if out is not None else cfg.run.out)
     if cfg.scales:
-        return run_scales(cfg, out, progress, log, run_study)
+        return run_scales(cfg, out, progress, log, run_study, only=scales)
+    if scales:
+        raise ConfigError("--scales needs a config with a scales: section (e.g. configs/depth.yaml)")
     prepare_run_dir(cfg, out)
     seeds = SeedThreads(seed_workers(cfg))
     timer = Timer(out / "timings.json", before_step=seeds.fit)
