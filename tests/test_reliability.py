@@ -13,7 +13,7 @@ import tapioca
 from tapioca.analysis.evaluation import single_evaluation
 from tapioca.api import load_task, prune
 from tapioca.cli import main
-from tapioca.config import load_config
+from tapioca.config import load_config, scale_config
 from tapioca.errors import CheckpointError, DataError, check_finite
 from tapioca.io import write_json
 from tapioca.models.gnn import load_gnn
@@ -189,3 +189,13 @@ def test_damaged_weights_without_a_checksum_stop_at_the_non_finite_outputs(capsy
     assert "32 of 32 rows are non-finite (NaN or inf); the weights may be damaged" in err
     err = one_line_error(capsys, "evaluate", "--model", str(folder), "--out", str(tmp_path / "e"), *TINY)
     assert "distribution id (held-out, seed 0): 32 of 32 rows are non-finite" in err
+
+
+@pytest.mark.parametrize("path", ["configs/depth.yaml", "configs/scales.yaml"])
+def test_every_rung_of_the_shipped_ladders_loads_from_the_zoo(path):
+    """These configs promise that nothing trains: each scale and seed matches a shipped checkpoint exactly."""
+    cfg = load_config(path, [])
+    for name in cfg.scales:
+        sub = scale_config(cfg, name)
+        for seed in sub.evaluation.seeds:
+            assert find_pretrained(sub, seed) is not None, f"{path}: scale {name} seed {seed} would train"
