@@ -97,9 +97,10 @@ class TrainConfig:
     schedule: Literal["cosine", "constant"] = _added_later("cosine")  # after warm-up (see learning_rate)
     precision: Literal["fp32", "tf32", "bf16"] = _added_later("fp32")  # tf32 matmuls / bf16 autocast forward
     compile: bool = _added_later(False)  # torch.compile the training forward (GPU; needs a C++ compiler on CPU)
-    # stop before ``steps`` once the ID validation curve is flat (training.curve_status: < 5 % better over the last
-    # quarter of the steps so far), checked at every checkpoint after the curriculum; ``steps`` is then the most
+    # stop before ``steps`` once the ID validation curve is flat: no checkpoint of the last ``flat_patience`` steps
+    # (after the curriculum) came 5 % below the best before them (training.stops_flat); ``steps`` is then the most
     stop_when_flat: bool = _added_later(False)
+    flat_patience: int = field(default=5000, metadata={OMIT_AT_DEFAULT: True, "ge": 1, "gt": None, "le": None})
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 CURVE_PROMPTS = 512  # fixed ID prompts scored at every checkpoint: the training curve
 FLAT_FRACTION = 0.25  # curve_status looks at the last quarter of the steps so far ...
 FLAT_TOLERANCE = 0.05  # ... and calls the ID error flat when it improved by less than 5 % (relative) there
-FLAT_MIN_POINTS = 8  # train.stop_when_flat: curve points needed before a stop
 
 
 def curriculum(train: TrainConfig, sampler: SamplerParams, step: int) -> SamplerParams:
@@ -65,12 +64,18 @@ def curve_status(curve: list[list[float]]) -> dict[str, Any]:
 
 
 def stops_flat(train: TrainConfig, sampler: SamplerParams, curve: list[list[float]]) -> bool:
-    """``train.stop_when_flat``: stop now? Only after the curriculum, with FLAT_MIN_POINTS curve points from it
-    on, and when :func:`curve_status` calls those points flat."""
+    """``train.stop_when_flat``: stop now? Counting only the curve after the curriculum, once it spans more than
+    ``train.flat_patience`` steps: stop when the best NMSE of the last ``flat_patience`` steps is less than
+    FLAT_TOLERANCE (relative) below the best before them, i.e. no new best in that long."""
     if not train.stop_when_flat:
         return False
-    after = [p for p in curve if p[0] >= curriculum_end(train, sampler)]
-    return len(after) >= FLAT_MIN_POINTS and curve_status(after)["status"] == "flat"
+    after = [(float(s), float(v)) for s, v in curve if s >= curriculum_end(train, sampler)]
+    if not after:
+        return False
+    cut = after[-1][0] - train.flat_patience
+    before = [v for s, v in after if s <= cut]
+    recent = [v for s, v in after if s > cut]
+    return bool(before and recent) and min(recent) > (1 - FLAT_TOLERANCE) * min(before)
 
 
 def learning_rate(train: TrainConfig | GraphTrainConfig, step: int) -> float:
