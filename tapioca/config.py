@@ -100,7 +100,7 @@ class TrainConfig:
     # stop before ``steps`` once the ID validation curve is flat: no checkpoint of the last ``flat_patience`` steps
     # (after the curriculum) came 5 % below the best before them (training.stops_flat); ``steps`` is then the most
     stop_when_flat: bool = _added_later(False)
-    flat_patience: int = field(default=5000, metadata={OMIT_AT_DEFAULT: True, "ge": 1, "gt": None, "le": None})
+    flat_patience: int = _added_later(5000, ge=1)
 
 
 @dataclass(frozen=True)

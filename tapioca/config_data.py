@@ -22,10 +22,11 @@ def _range(default: Any, *, ge: float | None = None, gt: float | None = None, le
 OMIT_AT_DEFAULT = "omit_at_default"  # field metadata: left out of :func:`to_dict` while at its default
 
 
-def _added_later(default: Any) -> Any:
+def _added_later(default: Any, *, ge: float | None = None) -> Any:
     """A field added after checkpoints and run directories were written: :func:`to_dict` leaves it out while it
-    holds its default, so their recorded configs and training fingerprints (``tapioca/zoo``) still match."""
-    return field(default=default, metadata={OMIT_AT_DEFAULT: True})
+    holds its default, so their recorded configs and training fingerprints (``tapioca/zoo``) still match.
+    ``ge``: its allowed minimum, as in :func:`_range`."""
+    return field(default=default, metadata={OMIT_AT_DEFAULT: True, "ge": ge, "gt": None, "le": None})
 
 
 # ---------------------------------------------------------------------------------------------------------
