@@ -191,11 +191,15 @@ def test_damaged_weights_without_a_checksum_stop_at_the_non_finite_outputs(capsy
     assert "distribution id (held-out, seed 0): 32 of 32 rows are non-finite" in err
 
 
-@pytest.mark.parametrize("path", ["configs/depth.yaml", "configs/scales.yaml"])
-def test_every_rung_of_the_shipped_ladders_loads_from_the_zoo(path):
-    """These configs promise that nothing trains: each scale and seed matches a shipped checkpoint exactly."""
+SHIPPED_RUNGS = [("configs/depth.yaml", None, None), ("configs/scales.yaml", None, None),
+                 ("configs/depth-flat.yaml", ["L8"], [1])]  # (config, scales (None: all), seeds (None: the config's))
+
+
+@pytest.mark.parametrize("path,scales,seeds", SHIPPED_RUNGS)
+def test_every_shipped_rung_loads_from_the_zoo(path, scales, seeds):
+    """The ladders say which rungs ship: each of those scales and seeds matches a shipped checkpoint exactly."""
     cfg = load_config(path, [])
-    for name in cfg.scales:
+    for name in scales or cfg.scales:
         sub = scale_config(cfg, name)
-        for seed in sub.evaluation.seeds:
+        for seed in seeds or sub.evaluation.seeds:
             assert find_pretrained(sub, seed) is not None, f"{path}: scale {name} seed {seed} would train"
