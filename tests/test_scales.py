@@ -146,3 +146,21 @@ def test_only_some_scales_run_and_finished_ones_join(multi, tmp_path):
         run_scales(cfg, copy, False, quiet, fake_study, only=["s9"])
     with pytest.raises(ConfigError, match="--scales needs a config with a scales"):
         run_study(load_config(None, list(TINY)), tmp_path / "single", progress=False, log=quiet, scales=["s2"])
+
+
+@pytest.mark.parametrize("held,inside,sentence", [
+    (True, False, "TALE's OOD gain appears held out at a; in-sample (the paper's protocol) at no scale."),
+    (False, False, "TALE's OOD gain appears held out at no scale, nor in-sample (the paper's protocol)."),
+    (True, True, "TALE's OOD gain appears held out at a, and in-sample (the paper's protocol) at a."),
+])
+def test_scale_findings_say_where_the_gain_appears_under_each_protocol(held, inside, sentence):
+    from tapioca.report.scales_report import section_scale_findings
+
+    def delta(gain):
+        return {"id": {"mean": 0.0, "low": 0.0, "high": 0.0},
+                "s1": {"mean": -1.0 if gain else 0.0, "low": -2.0 if gain else -1.0, "high": -0.5 if gain else 1.0,
+                       "improved": gain, "worse": False}}
+
+    scale = {"n_blocks": 2, "target_delta": delta(held), "in_sample_delta": delta(inside), "claims": {}}
+    text = " ".join(str(b[-1]) for b in section_scale_findings({"scales": {"a": scale}, "claims": {}}))
+    assert sentence in text

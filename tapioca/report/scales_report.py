@@ -53,8 +53,10 @@ def section_scale_findings(results: dict) -> list[Block]:
     inside = [n for n, s in ordered if shift_counts(s.get("in_sample_delta", {}))["gain"]]
     pattern = (f"TALE's OOD gain appears held out at {', '.join(gained)}" if gained
                else "TALE's OOD gain appears held out at no scale")
-    pattern += (f", and in-sample (the paper's protocol) at {', '.join(inside)}." if inside
-                else ", nor in-sample (the paper's protocol).")
+    if inside:
+        pattern += f", and in-sample (the paper's protocol) at {', '.join(inside)}."
+    else:
+        pattern += "; in-sample (the paper's protocol) at no scale." if gained else ", nor in-sample (the paper's protocol)."
     return [("h", 2, "Findings"),
             ("p", f"**C6 (consistent across model scales): {c6.get('verdict', 'not assessed')}**{over} — "
                   f"{c6.get('evidence', '')}. {pattern}"),
