@@ -151,13 +151,13 @@ def plot_scales(results: dict) -> Any:
                                                        [v["high"] - v["mean"] for v in q]], marker="o", capsize=3,
                   label="model")
     for ref in ("knn", "mean") if metric == "nmse" else ():  # the testbed's reference predictors
-        ax_q.plot(depth, [s["quality"].get("references_id_nmse", {}).get(ref, np.nan) for _, s in ordered], "--",
-                  label=ref)
+        ax_q.plot(depth, [s["quality"].get("references_id_nmse", {}).get(ref, np.nan) for _, s in ordered], "x--",
+                  label=ref)  # markers: a single scale still shows its references
     if metric == "nmse":
         ax_q.set(ylabel="ID NMSE (log)", yscale="log")
     else:
         ax_q.set(ylabel=f"ID {metric}")
-    ax_q.set(xlabel="blocks", title="model quality per scale")
+    ax_q.set(xlabel="blocks", title="model quality per scale", xticks=sorted(set(depth)))
     ax_q.legend(fontsize=8)
     shifts = [d for d in next(iter(results["scales"].values()))["target_delta"] if d != "id"]
     width = 0.8 / max(len(ordered), 1)
