@@ -152,16 +152,20 @@ def _what_results_depend_on(tree: dict) -> dict:
     return kept
 
 
+def _same_results_config(recorded: dict, resolved: dict) -> bool:
+    """Whether a run directory's recorded config (keys added to tapioca since take their defaults) gives the same
+    results as ``resolved``."""
+    return _what_results_depend_on(with_defaults(recorded)) == _what_results_depend_on(resolved)
+
+
 def prepare_run_dir(cfg: Config, out: Path) -> None:
     """Create ``out`` with the resolved config and environment; refuse a run dir of another config (its seeds and
     ``run`` settings may differ)."""
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     resolved = to_dict(cfg)
-    if config_path.is_file():  # keys added to tapioca since that run take their defaults there
-        previous = with_defaults(read_yaml(config_path))
-        if _what_results_depend_on(previous) != _what_results_depend_on(resolved):
-            raise CheckpointError(f"{str(out)!r} holds a run with a different config; use another --out or delete it")
+    if config_path.is_file() and not _same_results_config(read_yaml(config_path), resolved):
+        raise CheckpointError(f"{str(out)!r} holds a run with a different config; use another --out or delete it")
     write_yaml(config_path, resolved)
     write_json(out / "environment.json", environment())
 
@@ -172,12 +176,9 @@ def finished_results(cfg: Config, out: Path) -> dict | None:
     config_path, results_path = out / "config.yaml", out / "results.json"
     if not (config_path.is_file() and results_path.is_file()):
         return None
-    previous, resolved = with_defaults(read_yaml(config_path)), to_dict(cfg)
-    if _what_results_depend_on(previous) != _what_results_depend_on(resolved):
-        return None
-    if list(previous["evaluation"]["seeds"]) != list(resolved["evaluation"]["seeds"]):
-        return None
-    return read_json(results_path)
+    previous, resolved = read_yaml(config_path), to_dict(cfg)
+    same_seeds = list(with_defaults(previous)["evaluation"]["seeds"]) == list(resolved["evaluation"]["seeds"])
+    return read_json(results_path) if same_seeds and _same_results_config(previous, resolved) else None
 
 
 def cached_json(path: Path, compute: Callable[[], dict]) -> dict:

@@ -79,16 +79,17 @@ def run_scales(cfg: Config, out: Path, progress: bool, log: Log, run_study: Call
         sub = scale_config(cfg, name)
         folder = out / "scales" / name
         if only is not None and name not in only:
-            earlier = finished_results(sub, folder)
-            log(f"scale {name}: " + ("finished earlier, taken from its run directory" if earlier is not None
+            results = finished_results(sub, folder)
+            log(f"scale {name}: " + ("finished earlier, taken from its run directory" if results is not None
                                      else "not in --scales and not finished earlier: left out"))
-            if earlier is not None:
-                summaries[name] = {"run_dir": f"scales/{name}", **scale_summary(sub, earlier, folder)}
-            continue
-        what = f"model {sub.lm.model}" if sub.lm is not None else f"{sub.model.n_layer} blocks, width {sub.model.n_embd}"
-        log(f"scale {name}: {what} -> {folder}")
-        summaries[name] = {"run_dir": f"scales/{name}", **scale_summary(sub, run_study(sub, folder, progress, log),
-                                                                        folder)}
+            if results is None:
+                continue
+        else:
+            what = (f"model {sub.lm.model}" if sub.lm is not None
+                    else f"{sub.model.n_layer} blocks, width {sub.model.n_embd}")
+            log(f"scale {name}: {what} -> {folder}")
+            results = run_study(sub, folder, progress, log)
+        summaries[name] = {"run_dir": f"scales/{name}", **scale_summary(sub, results, folder)}
     kind = "lm" if cfg.lm is not None else "testbed"
     found = ladders(summaries)
     compared = {n: summaries[n] for n in found["depth"]} if "depth" in found else summaries
