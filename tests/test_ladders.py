@@ -50,6 +50,17 @@ def test_curve_status_flat_improving_or_not_recorded():
     assert training_status({"training": {"0": {"id_curve": []}}}) == "not recorded"
 
 
+def test_training_status_names_the_stop_rule_when_it_ended_every_seed():
+    """A rung stopped by train.stop_when_flat reads as stopped flat even if its last quarter held a new best."""
+    falling = [[s, 1.0 / s] for s in range(500, 10001, 500)]
+    both = {"training": {"0": {"id_curve": falling, "stopped_flat": 10000},
+                         "1": {"id_curve": falling, "stopped_flat": 9500}}}
+    status = training_status(both)
+    assert status.startswith("stopped flat at step 9,500, 10,000") and "25.0 % in the last quarter" in status
+    one = {"training": {"0": {"id_curve": falling, "stopped_flat": 10000}, "1": {"id_curve": falling}}}
+    assert training_status(one).startswith("improving") and "stopped flat at step 10,000" in training_status(one)
+
+
 def _brute_force(hits: int, sizes: list[int], n: int) -> float:
     """P(total overlap >= hits), enumerating every choice of k blocks per case (marked blocks: 0..k-1)."""
     per_case = [[len(set(c) & set(range(k))) for c in itertools.combinations(range(n), k)] for k in sizes]

@@ -51,7 +51,9 @@ def ladders(scales: dict[str, dict]) -> dict[str, list[str]]:
 def training_status(summary: dict) -> str:
     """One scale's training verdict over its seeds: ``flat``, ``improving`` (any seed still improving),
     ``not recorded`` (no seed has a curve) — with the largest last-quarter gain and the steps at which seeds
-    trained with ``train.stop_when_flat`` stopped."""
+    trained with ``train.stop_when_flat`` stopped. When that stop rule ended every seed, the rule's verdict
+    leads: it looks at the last ``flat_patience`` steps, while the last quarter of a long noisy curve can still
+    hold a new best found before them."""
     records = [r for r in (summary.get("training") or {}).values() if r]
     per_seed = [curve_status(r.get("id_curve", [])) for r in records]
     recorded = [c for c in per_seed if c["status"] != "not recorded"]
@@ -60,7 +62,10 @@ def training_status(summary: dict) -> str:
     worst = max(c["last_gain"] for c in recorded)
     word = "improving" if any(c["status"] == "improving" for c in recorded) else "flat"
     stops = sorted(int(r["stopped_flat"]) for r in records if r.get("stopped_flat"))
-    stopped = f"; stopped flat at step {', '.join(f'{s:,}' for s in stops)}" if stops else ""
+    at = ", ".join(f"{s:,}" for s in stops)
+    if len(stops) == len(records):  # the stop rule (no new best for train.flat_patience steps) ended every seed
+        return f"stopped flat at step {at} (no new best at the end; {100 * worst:.1f} % in the last quarter)"
+    stopped = f"; stopped flat at step {at}" if stops else ""
     return f"{word} ({100 * worst:.1f} % in the last quarter{stopped})"
 
 

@@ -53,7 +53,9 @@ def section_ladder(results: dict, ladder: str) -> list[Block]:
                   "hits test counts how often TALE's k removed blocks are the k blocks of largest distortion "
                   "attribution, against the hypergeometric chance k²/L (p: at least that many by chance). A model "
                   "whose ID error still fell by ≥ 5 % in its last quarter of training is marked improving: its "
-                  "verdicts describe a model short of convergence.")]
+                  "verdicts describe a model short of convergence. A rung trained with train.stop_when_flat says "
+                  "where the stop rule (no new best for train.flat_patience steps) ended each seed, beside its "
+                  "last-quarter gain.")]
 
 
 def section_training_curves(results: dict) -> list[Block]:
