@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tapioca.report.plots import _ci, _figure, _num
 from tapioca.report.ladders import AXES, answer, ladder_rows
@@ -115,7 +116,10 @@ def plot_ladder(results: dict, ladder: str) -> Figure | None:
         jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(r["positions"]))
         ax_p.scatter(np.full(len(r["positions"]), i) + jitter, r["positions"], s=14, alpha=0.6)
     ax_p.set_xticks(range(len(rows)), [f"{r['value']:,}" for r in rows])
-    ax_p.set(ylim=(0, 1), ylabel="relative depth (0 input, 1 output)", title="where TALE's blocks sit")
+    ax_p.set(xlim=(-0.5, len(rows) - 0.5), ylim=(0, 1), ylabel="relative depth (0 input, 1 output)",
+             title="where TALE's blocks sit")  # every rung keeps its slot, with or without removed blocks
+    for ax in (ax_g, ax_o):  # counts of shifts and of hits
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (ax_q, ax_g, ax_o):
         ax.set_xticks(x, [f"{int(v):,}" for v in x])
         if ladder == "training":
