@@ -14,6 +14,7 @@ from tapioca.report.claims import c6_scales, chance_of_overlap
 from tapioca.report.report import write_report
 from tapioca.models.training import curve_status
 from tapioca.report.ladders import answer, ladders, relative_positions, shift_counts, training_status
+from tapioca.report.ladders_report import plot_training_curves
 from tapioca.study.steps import run_study
 
 from test_study import TINY, quiet
@@ -154,3 +155,15 @@ def test_a_least_squares_reference_at_rounding_level_is_written_not_drawn():
     from tapioca.report.ladders_report import on_scale
     assert not on_scale(2e-15, 0.01) and not on_scale(None, 0.01) and not on_scale(0.0, 0.01)
     assert on_scale(0.005, 0.01) and on_scale(1e-5, 0.01)
+
+
+def test_training_curves_mark_where_the_stop_rule_ended_a_training():
+    curve = [[s, 1.0 / s] for s in range(500, 5001, 500)]
+    scale = {"quality": {}, "training": {"0": {"id_curve": curve, "stopped_flat": 5000}, "1": {"id_curve": curve}}}
+    ax = plot_training_curves({"scales": {"L4": scale}}).axes[0]
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [5000]  # only the seed that stopped flat
+    assert "stopped flat (the kept model)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    unstopped = {"quality": {}, "training": {"0": {"id_curve": curve}}}
+    ax = plot_training_curves({"scales": {"L4": unstopped}}).axes[0]
+    assert not [line for line in ax.get_lines() if line.get_marker() == "x"]

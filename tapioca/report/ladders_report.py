@@ -133,17 +133,23 @@ def plot_ladder(results: dict, ladder: str) -> Figure | None:
 
 
 def plot_training_curves(results: dict) -> Figure | None:
-    """ID validation NMSE against training step for every recorded scale and seed (log-log)."""
+    """ID validation NMSE against training step for every recorded scale and seed (log-log); a cross marks
+    where ``train.stop_when_flat`` ended a training (its last checkpoint is the model kept)."""
     curves = {n: _curves(s) for n, s in results["scales"].items()}
     if not any(curves.values()):
         return None
     fig = _figure(8, 4.5)
     ax = fig.subplots()
+    stop_label = "stopped flat (the kept model)"
     for i, (name, per_seed) in enumerate(sorted(curves.items())):
         color = f"C{i % 10}"
+        records = results["scales"][name].get("training") or {}
         for j, (seed, curve) in enumerate(sorted(per_seed.items())):
             steps, values = zip(*curve)
             ax.plot(steps, values, color=color, alpha=0.85, label=name if j == 0 else None)
+            if records[seed].get("stopped_flat"):
+                ax.plot(steps[-1], values[-1], "kx", ms=7, label=stop_label)
+                stop_label = None
         ls = results["scales"][name]["quality"].get("references_id_nmse", {}).get("least_squares")
         if per_seed and on_scale(ls, min(v for curve in per_seed.values() for _, v in curve)):
             ax.axhline(ls, color=color, ls="--", lw=0.7)
