@@ -70,7 +70,8 @@ def section_training_curves(results: dict) -> list[Block]:
     return [("h", 2, "Training curves"),
             ("img", "training_curves.png", "ID query NMSE on 512 fixed held-out prompts at every checkpoint, per "
              "scale and seed; dashed: least squares on the true degree where it is on the scale (on the testbed it "
-             "is exact up to rounding, ~1e-15)." + note)]
+             "is exact up to rounding, ~1e-15); ×: where train.stop_when_flat ended a training (its last checkpoint is "
+             "the model kept)." + note)]
 
 
 def _curves(summary: dict) -> dict[str, list]:
@@ -140,7 +141,7 @@ def plot_training_curves(results: dict) -> Figure | None:
         return None
     fig = _figure(8, 4.5)
     ax = fig.subplots()
-    stop_label = "stopped flat (the kept model)"
+    stops = []  # (step, NMSE) where train.stop_when_flat ended a training
     for i, (name, per_seed) in enumerate(sorted(curves.items())):
         color = f"C{i % 10}"
         records = results["scales"][name].get("training") or {}
@@ -148,11 +149,12 @@ def plot_training_curves(results: dict) -> Figure | None:
             steps, values = zip(*curve)
             ax.plot(steps, values, color=color, alpha=0.85, label=name if j == 0 else None)
             if records[seed].get("stopped_flat"):
-                ax.plot(steps[-1], values[-1], "kx", ms=7, label=stop_label)
-                stop_label = None
+                stops.append((steps[-1], values[-1]))
         ls = results["scales"][name]["quality"].get("references_id_nmse", {}).get("least_squares")
         if per_seed and on_scale(ls, min(v for curve in per_seed.values() for _, v in curve)):
             ax.axhline(ls, color=color, ls="--", lw=0.7)
+    if stops:
+        ax.plot(*zip(*stops), "kx", ms=7, ls="none", label="stopped flat (the kept model)")
     ax.set(xscale="log", yscale="log", xlabel="training step", ylabel="ID query NMSE (512 held-out prompts)",
            title="training curves")
     ax.legend(fontsize=8)
