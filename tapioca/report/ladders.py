@@ -59,14 +59,13 @@ def training_status(summary: dict) -> str:
     recorded = [c for c in per_seed if c["status"] != "not recorded"]
     if not recorded:
         return "not recorded"
-    worst = max(c["last_gain"] for c in recorded)
-    word = "improving" if any(c["status"] == "improving" for c in recorded) else "flat"
+    last_quarter = f"{100 * max(c['last_gain'] for c in recorded):.1f} % in the last quarter"
     stops = sorted(int(r["stopped_flat"]) for r in records if r.get("stopped_flat"))
     at = ", ".join(f"{s:,}" for s in stops)
     if len(stops) == len(records):  # the stop rule (no new best for train.flat_patience steps) ended every seed
-        return f"stopped flat at step {at} (no new best at the end; {100 * worst:.1f} % in the last quarter)"
-    stopped = f"; stopped flat at step {at}" if stops else ""
-    return f"{word} ({100 * worst:.1f} % in the last quarter{stopped})"
+        return f"stopped flat at step {at} (no new best at the end; {last_quarter})"
+    word = "improving" if any(c["status"] == "improving" for c in recorded) else "flat"
+    return f"{word} ({last_quarter}{f'; stopped flat at step {at}' if stops else ''})"
 
 
 def relative_positions(summary: dict) -> list[float]:
