@@ -98,9 +98,12 @@ class TrainConfig:
     precision: Literal["fp32", "tf32", "bf16"] = _added_later("fp32")  # tf32 matmuls / bf16 autocast forward
     compile: bool = _added_later(False)  # torch.compile the training forward (GPU; needs a C++ compiler on CPU)
     # stop before ``steps`` once the ID validation curve is flat: no checkpoint of the last ``flat_patience`` steps
-    # (after the curriculum) came 5 % below the best before them (training.stops_flat); ``steps`` is then the most
+    # (after the curriculum) came 5 % below the best before them (training.stops_flat); ``steps`` is then only a cap
     stop_when_flat: bool = _added_later(False)
     flat_patience: int = _added_later(5000, ge=1)
+    # keep the weights of the checkpoint with the lowest ID validation NMSE, not the last (early stopping with
+    # restore; training.restore_best); the resumable state stays the last checkpoint
+    restore_best: bool = _added_later(False)
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,14 @@ def test_training_curves_mark_where_the_stop_rule_ended_a_training():
     unstopped = {"quality": {}, "training": {"0": {"id_curve": curve}}}
     ax = plot_training_curves({"scales": {"L4": unstopped}}).axes[0]
     assert not [line for line in ax.get_lines() if line.get_marker() == "x"]
+
+
+def test_training_curves_and_status_name_the_checkpoint_restore_best_kept():
+    curve = [[500, 0.3], [1000, 0.1], [1500, 0.2]]
+    scale = {"quality": {}, "training": {"0": {"id_curve": curve, "stopped_flat": 1500, "kept_step": 1000}}}
+    ax = plot_training_curves({"scales": {"L4": scale}}).axes[0]
+    circles = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert len(circles) == 1 and list(circles[0].get_xydata()[0]) == [1000, 0.1]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "stopped flat" in labels and "stopped flat (the kept model)" not in labels  # the last is not the kept
+    assert training_status(scale).endswith("kept the best checkpoint, step 1,000)")

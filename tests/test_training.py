@@ -491,6 +491,31 @@ def test_stop_when_flat_ends_training_at_the_first_flat_checkpoint_and_stays_fin
     assert not training.is_trained(tmp_path, replace(tiny_cfg, "train.steps=400"), cfg.run.seed)  # own fingerprint
 
 
+def test_restore_best_keeps_the_checkpoint_of_lowest_id_nmse_and_resumes_from_the_last(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_cfg: Config) -> None:
+    """train.restore_best: the model returned and left in the folder is the checkpoint of lowest validation NMSE
+    (step 8 of 12 here), recorded as ``kept_step``; the resumable state stays at the last checkpoint."""
+    constant = replace(tiny_cfg, "train.schedule=constant")  # the first 8 steps equal an 8-step run's
+    assert "restore_best" not in to_dict(constant.train)  # off by default: fingerprints of shipped models unchanged
+    monkeypatch.setattr(training, "validation_nmse", lambda model, c, seed: 1.0)
+    at_8 = train(replace(constant, "train.steps=8"), tmp_path / "short", progress=False).state_dict()
+    curve = iter([0.5, 0.2, 0.3])  # checkpoints at steps 4, 8, 12
+    monkeypatch.setattr(training, "validation_nmse", lambda model, c, seed: next(curve))
+    cfg = replace(constant, "train.restore_best=true")
+    returned = train(cfg, tmp_path / "run", progress=False).state_dict()
+    kept = load_model(tmp_path / "run").state_dict()
+    last = load_model(tmp_path / "run" / "checkpoint-12").state_dict()
+    assert all(torch.equal(kept[k], at_8[k]) and torch.equal(returned[k], at_8[k]) for k in at_8)
+    assert not all(torch.equal(last[k], at_8[k]) for k in at_8)
+    assert read_meta(tmp_path / "run")["training"]["kept_step"] == 8
+    assert training.training_record(tmp_path / "run")["kept_step"] == 8
+    state = read_json(tmp_path / "run" / "train_state.json")
+    assert state["step"] == 12 and state["checkpoint"] == "checkpoint-12"
+    ran = count_steps(monkeypatch)
+    again = train(cfg, tmp_path / "run", progress=False).state_dict()  # finished: trains nothing, keeps the best
+    assert ran == [] and all(torch.equal(again[k], at_8[k]) for k in at_8)
+
+
 def test_stop_when_flat_is_off_by_default_and_waits_for_the_curriculum() -> None:
     cfg = TrainConfig(curriculum_degree_steps=1000, curriculum_interval=100)
     sampler = SamplerParams(n_points=41, degrees=(1, 2, 3))

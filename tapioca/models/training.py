@@ -23,6 +23,7 @@ from tapioca.tasks.polyreg import PolyRegTask, sample_prompts, split_seed, y_var
 
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+BEST_FOLDER = "best"  # train.restore_best: the weights of the lowest point of the ID curve so far
 CURVE_PROMPTS = 512  # fixed ID prompts scored at every checkpoint: the training curve
 FLAT_FRACTION = 0.25  # curve_status looks at the last quarter of the steps so far ...
 FLAT_TOLERANCE = 0.05  # ... and calls the ID error flat when it improved by less than 5 % (relative) there
@@ -102,7 +103,9 @@ def train(cfg: Config, out: str | Path | None = None, seed: int | None = None, p
 
     Every ``train.checkpoint_every`` steps the weights (safetensors), optimizer state and step are saved to
     ``out`` atomically, so a killed run resumes where it stopped and reaches the same final weights. With
-    ``train.stop_when_flat`` (and ``out``) training ends at the first checkpoint where :func:`stops_flat`.
+    ``train.stop_when_flat`` (and ``out``) training ends at the first checkpoint where :func:`stops_flat`; with
+    ``train.restore_best`` (and ``out``) the model returned and left in ``out`` is the checkpoint of lowest ID
+    validation NMSE (its step recorded as ``kept_step``), while training resumes from the last.
     """
     seed = cfg.run.seed if seed is None else seed
     device = torch.device(cfg.run.device)
@@ -136,11 +139,31 @@ def train(cfg: Config, out: str | Path | None = None, seed: int | None = None, p
                 if done < cfg.train.steps and stops_flat(cfg.train, cfg.task.sampler, state["id_curve"]):
                     state["stopped_flat"] = done
                 started = time.perf_counter()
+                if cfg.train.restore_best and best_step(state["id_curve"]) == done:
+                    save_model(model, Path(out) / BEST_FOLDER, _info(state, fingerprint))
                 _save(Path(out), model, opt, state, fingerprint)
                 if state.get("stopped_flat"):
                     break
     bar.close()
+    if out is not None and cfg.train.restore_best and state.get("id_curve"):
+        _keep_best(Path(out), model, state, fingerprint, device)
     return model.eval()
+
+
+def best_step(curve: list[list[float]]) -> int:
+    """The step of the lowest NMSE of an ID validation curve ``[[step, NMSE], ...]`` (the earliest on ties)."""
+    return int(min(curve, key=lambda point: (point[1], point[0]))[0])
+
+
+def _keep_best(folder: Path, model: ICLModel, state: dict, fingerprint: dict, device: torch.device) -> None:
+    """``train.restore_best``: load the best checkpoint's weights into ``model`` and make them the folder's
+    model, recording ``kept_step``; the resumable ``checkpoint-<step>/`` stays the last one."""
+    kept = best_step(state["id_curve"])
+    if kept != state["step"]:
+        model.load_state_dict(load_model(folder / BEST_FOLDER, device).state_dict())
+    info = _info(state, fingerprint)
+    info["training"]["kept_step"] = kept
+    save_model(model, folder, info)
 
 
 @torch.no_grad()
@@ -192,10 +215,7 @@ def _save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, stat
           save: Callable[..., None] = save_model) -> None:
     """Write weights + optimizer into a new ``checkpoint-<step>/`` folder, then atomically point
     ``train_state.json`` at it: a kill at any moment leaves the previous complete set in force."""
-    stopped = {"stopped_flat": state["stopped_flat"]} if state.get("stopped_flat") else {}
-    info = {"training": fingerprint | {"steps_done": state["step"], "seconds": state["seconds"],
-                                       "id_curve": state.get("id_curve", []), "train_loss": state["losses"]}
-            | stopped}
+    info = _info(state, fingerprint)
     checkpoint = folder / f"checkpoint-{state['step']}"
     save(model, checkpoint, info)
     torch.save(opt.state_dict(), checkpoint / OPTIMIZER_FILE)
@@ -204,6 +224,14 @@ def _save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, stat
     for old in folder.glob("checkpoint-*"):
         if old != checkpoint:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _info(state: dict, fingerprint: dict) -> dict:
+    """What a saved model records of its training (``model.json``'s ``training``)."""
+    stopped = {"stopped_flat": state["stopped_flat"]} if state.get("stopped_flat") else {}
+    return {"training": fingerprint | {"steps_done": state["step"], "seconds": state["seconds"],
+                                      "id_curve": state.get("id_curve", []), "train_loss": state["losses"]}
+            | stopped}
 
 
 def _resume(folder: Path, fingerprint: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
@@ -284,4 +312,4 @@ def training_record(folder: str | Path) -> dict | None:
         return None
     return {"folder": str(folder), "steps_done": info.get("steps_done"), "seconds": info.get("seconds"),
             "id_curve": info.get("id_curve", []), "train_loss": info.get("train_loss", []),
-            "stopped_flat": info.get("stopped_flat")}
+            "stopped_flat": info.get("stopped_flat"), "kept_step": info.get("kept_step")}

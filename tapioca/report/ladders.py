@@ -62,10 +62,12 @@ def training_status(summary: dict) -> str:
     last_quarter = f"{100 * max(c['last_gain'] for c in recorded):.1f} % in the last quarter"
     stops = sorted(int(r["stopped_flat"]) for r in records if r.get("stopped_flat"))
     at = ", ".join(f"{s:,}" for s in stops)
+    kept = sorted(int(r["kept_step"]) for r in records if r.get("kept_step") is not None)
+    restored = f"; kept the best checkpoint, step {', '.join(f'{s:,}' for s in kept)}" if kept else ""
     if len(stops) == len(records):  # the stop rule (no new best for train.flat_patience steps) ended every seed
-        return f"stopped flat at step {at} (no new best at the end; {last_quarter})"
+        return f"stopped flat at step {at} (no new best at the end; {last_quarter}{restored})"
     word = "improving" if any(c["status"] == "improving" for c in recorded) else "flat"
-    return f"{word} ({last_quarter}{f'; stopped flat at step {at}' if stops else ''})"
+    return f"{word} ({last_quarter}{f'; stopped flat at step {at}' if stops else ''}{restored})"
 
 
 def relative_positions(summary: dict) -> list[float]:

@@ -71,7 +71,7 @@ def section_training_curves(results: dict) -> list[Block]:
             ("img", "training_curves.png", "ID query NMSE on 512 fixed held-out prompts at every checkpoint, per "
              "scale and seed; dashed: least squares on the true degree where it is on the scale (on the testbed it "
              "is exact up to rounding, ~1e-15); ×: where train.stop_when_flat ended a training (its last checkpoint is "
-             "the model kept)." + note)]
+             "the model kept, unless ○ marks the checkpoint that train.restore_best kept)." + note)]
 
 
 def _curves(summary: dict) -> dict[str, list]:
@@ -135,13 +135,14 @@ def plot_ladder(results: dict, ladder: str) -> Figure | None:
 
 def plot_training_curves(results: dict) -> Figure | None:
     """ID validation NMSE against training step for every recorded scale and seed (log-log); a cross marks
-    where ``train.stop_when_flat`` ended a training (its last checkpoint is the model kept)."""
+    where ``train.stop_when_flat`` ended a training (its last checkpoint is the model kept), a circle the
+    checkpoint that ``train.restore_best`` kept instead."""
     curves = {n: _curves(s) for n, s in results["scales"].items()}
     if not any(curves.values()):
         return None
     fig = _figure(8, 4.5)
     ax = fig.subplots()
-    stops = []  # (step, NMSE) where train.stop_when_flat ended a training
+    stops, kept = [], []  # (step, NMSE): where train.stop_when_flat ended a training; train.restore_best's pick
     for i, (name, per_seed) in enumerate(sorted(curves.items())):
         color = f"C{i % 10}"
         records = results["scales"][name].get("training") or {}
@@ -150,11 +151,15 @@ def plot_training_curves(results: dict) -> Figure | None:
             ax.plot(steps, values, color=color, alpha=0.85, label=name if j == 0 else None)
             if records[seed].get("stopped_flat"):
                 stops.append((steps[-1], values[-1]))
+            if records[seed].get("kept_step") is not None:
+                kept.append(next((s, v) for s, v in curve if s == records[seed]["kept_step"]))
         ls = results["scales"][name]["quality"].get("references_id_nmse", {}).get("least_squares")
         if per_seed and on_scale(ls, min(v for curve in per_seed.values() for _, v in curve)):
             ax.axhline(ls, color=color, ls="--", lw=0.7)
     if stops:
-        ax.plot(*zip(*stops), "kx", ms=7, ls="none", label="stopped flat (the kept model)")
+        ax.plot(*zip(*stops), "kx", ms=7, ls="none", label="stopped flat" + ("" if kept else " (the kept model)"))
+    if kept:
+        ax.plot(*zip(*kept), "ko", ms=7, mfc="none", ls="none", label="kept: lowest ID NMSE (train.restore_best)")
     ax.set(xscale="log", yscale="log", xlabel="training step", ylabel="ID query NMSE (512 held-out prompts)",
            title="training curves")
     ax.legend(fontsize=8)
