@@ -60,6 +60,9 @@ def test_training_status_names_the_stop_rule_when_it_ended_every_seed():
     assert status.startswith("stopped flat at step 9,500, 10,000") and "25.0 % in the last quarter" in status
     one = {"training": {"0": {"id_curve": falling, "stopped_flat": 10000}, "1": {"id_curve": falling}}}
     assert training_status(one).startswith("improving") and "stopped flat at step 10,000" in training_status(one)
+    swinging = {"training": {"0": {"id_curve": [[500, 0.3], [1000, 0.1], [1500, 0.29]], "stopped_flat": 1500},
+                             "1": {"id_curve": falling, "stopped_flat": 10000}}}
+    assert training_status(swinging).endswith("last checkpoint 2.9×, 1.0× the curve's best)")  # ordered by stop
 
 
 def _brute_force(hits: int, sizes: list[int], n: int) -> float:

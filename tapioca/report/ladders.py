@@ -60,14 +60,23 @@ def training_status(summary: dict) -> str:
     if not recorded:
         return "not recorded"
     last_quarter = f"{100 * max(c['last_gain'] for c in recorded):.1f} % in the last quarter"
-    stops = sorted(int(r["stopped_flat"]) for r in records if r.get("stopped_flat"))
-    at = ", ".join(f"{s:,}" for s in stops)
+    stopped = sorted((r for r in records if r.get("stopped_flat")), key=lambda r: int(r["stopped_flat"]))
+    at = ", ".join(f"{int(r['stopped_flat']):,}" for r in stopped)
     kept = sorted(int(r["kept_step"]) for r in records if r.get("kept_step") is not None)
     restored = f"; kept the best checkpoint, step {', '.join(f'{s:,}' for s in kept)}" if kept else ""
-    if len(stops) == len(records):  # the stop rule (no new best for train.flat_patience steps) ended every seed
+    behind = [_last_over_best(r["id_curve"]) for r in stopped if r.get("kept_step") is None and r.get("id_curve")]
+    if behind:  # the stopped seeds keep their last checkpoint: how far above their curve's best it is
+        restored += f"; last checkpoint {', '.join(f'{g:.1f}×' for g in behind)} the curve's best"
+    if len(stopped) == len(records):  # the stop rule (no new best for train.flat_patience steps) ended every seed
         return f"stopped flat at step {at} (no new best at the end; {last_quarter}{restored})"
     word = "improving" if any(c["status"] == "improving" for c in recorded) else "flat"
-    return f"{word} ({last_quarter}{f'; stopped flat at step {at}' if stops else ''}{restored})"
+    return f"{word} ({last_quarter}{f'; stopped flat at step {at}' if stopped else ''}{restored})"
+
+
+def _last_over_best(curve: list[list[float]]) -> float:
+    """The last point of an ID validation curve over its lowest (1.0: the last is the best)."""
+    best = min(float(v) for _, v in curve)
+    return float(curve[-1][1]) / best if best > 0 else 1.0
 
 
 def relative_positions(summary: dict) -> list[float]:

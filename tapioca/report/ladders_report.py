@@ -56,7 +56,7 @@ def section_ladder(results: dict, ladder: str) -> list[Block]:
                   "whose ID error still fell by ≥ 5 % in its last quarter of training is marked improving: its "
                   "verdicts describe a model short of convergence. A rung trained with train.stop_when_flat says "
                   "where the stop rule (no new best for train.flat_patience steps) ended each seed, beside its "
-                  "last-quarter gain.")]
+                  "last-quarter gain and how far its last checkpoint (the model kept) sits above the curve's best.")]
 
 
 def section_training_curves(results: dict) -> list[Block]:
