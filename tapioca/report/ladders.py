@@ -63,14 +63,13 @@ def training_status(summary: dict) -> str:
     stopped = sorted((r for r in records if r.get("stopped_flat")), key=lambda r: int(r["stopped_flat"]))
     at = ", ".join(f"{int(r['stopped_flat']):,}" for r in stopped)
     kept = sorted(int(r["kept_step"]) for r in records if r.get("kept_step") is not None)
-    restored = f"; kept the best checkpoint, step {', '.join(f'{s:,}' for s in kept)}" if kept else ""
     behind = [_last_over_best(r["id_curve"]) for r in stopped if r.get("kept_step") is None and r.get("id_curve")]
-    if behind:  # the stopped seeds keep their last checkpoint: how far above their curve's best it is
-        restored += f"; last checkpoint {', '.join(f'{g:.1f}×' for g in behind)} the curve's best"
+    kept_note = (f"; kept the best checkpoint, step {', '.join(f'{s:,}' for s in kept)}" if kept else "") + (
+        f"; last checkpoint {', '.join(f'{g:.1f}×' for g in behind)} the curve's best" if behind else "")
     if len(stopped) == len(records):  # the stop rule (no new best for train.flat_patience steps) ended every seed
-        return f"stopped flat at step {at} (no new best at the end; {last_quarter}{restored})"
+        return f"stopped flat at step {at} (no new best at the end; {last_quarter}{kept_note})"
     word = "improving" if any(c["status"] == "improving" for c in recorded) else "flat"
-    return f"{word} ({last_quarter}{f'; stopped flat at step {at}' if stopped else ''}{restored})"
+    return f"{word} ({last_quarter}{f'; stopped flat at step {at}' if stopped else ''}{kept_note})"
 
 
 def _last_over_best(curve: list[list[float]]) -> float:
