@@ -143,7 +143,7 @@ def plot_training_curves(results: dict) -> Figure | None:
     fig = _figure(8, 4.5)
     ax = fig.subplots()
     stops, kept = [], []  # (step, NMSE): where train.stop_when_flat ended a training; train.restore_best's pick
-    for i, (name, per_seed) in enumerate(sorted(curves.items())):
+    for i, (name, per_seed) in enumerate(curves.items()):  # the config's order: L4 before L12
         color = f"C{i % 10}"
         records = results["scales"][name].get("training") or {}
         for j, (seed, curve) in enumerate(sorted(per_seed.items())):
