@@ -50,7 +50,8 @@ def section_ladder(results: dict, ladder: str) -> list[Block]:
                        "in-sample: gains / harms", "top-attribution hits vs chance", "mean position of TALE's blocks",
                        "C1–C4 held out", "C1–C2 in-sample"], table),
             ("p", "Gains / harms count the shifts whose Δ NMSE (pruned − full) has a 95% CI entirely below / above 0 "
-                  "and a Holm-corrected p < 0.05 over the shifts (the per-scale table below gives both). Positions are (block + 0.5) / L over seeds and shifts: 0 is the input end, 1 the output end. The "
+                  "and a Holm-corrected p < 0.05 over the shifts (the per-scale table below gives both). Positions are "
+                  "(block + 0.5) / L over seeds and shifts: 0 is the input end, 1 the output end. The "
                   "hits test counts how often TALE's k removed blocks are the k blocks of largest distortion "
                   "attribution, against the hypergeometric chance k²/L (p: at least that many by chance). A model "
                   "whose ID error still fell by ≥ 5 % in its last quarter of training is marked improving: its "
