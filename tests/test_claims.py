@@ -54,6 +54,9 @@ def test_c1_separates_no_benefit_from_not_enough_data():
     delta["id"] = row(0.0, -0.01, 0.01, full=0.1)  # a gain of 0.005 is inside the CI: no evidence either way
     verdict = c1_no_id_benefit(results)
     assert verdict["verdict"] == INCONCLUSIVE and "underpowered" in verdict["evidence"]
+    delta["id"] = row(-0.006, -0.009, -0.002, full=0.1, improved=True)  # a gain, but its CI straddles δ = 0.005
+    verdict = c1_no_id_benefit(results)
+    assert verdict["verdict"] == INCONCLUSIVE and "significant ID gain whose CI straddles δ" in verdict["evidence"]
     delta["id"] = row(0.02, 0.01, 0.03, full=0.1, worse=True)  # significantly worse: no benefit
     assert c1_no_id_benefit(results)["verdict"] == SUPPORTED
 

@@ -134,7 +134,8 @@ def c1_no_id_benefit(results: dict, protocol: str = "target") -> dict:
     "target", or "in-sample": the paper's protocol). Let δ be the smallest effect of interest.
     Supported when the data exclude a gain as large as δ (the upper end of the TOST (1 − 2α) interval of the
     gain is below +δ; a significant loss also means no benefit). Refuted when the whole CI of the gain lies
-    above +δ. Otherwise inconclusive, with the minimal detectable effect."""
+    above +δ. Otherwise inconclusive, with the minimal detectable effect (and, when the CI excludes 0 but not
+    δ, saying that a gain was found whose size is undecided)."""
     metric = primary_metric(results)
     row = results["protocols"][protocol]["delta"]["id"][metric]
     delta = smallest_effect(results, metric, row["full"])
@@ -154,6 +155,10 @@ def c1_no_id_benefit(results: dict, protocol: str = "target") -> dict:
                                    room=limit, **numbers)
     if gain["high_tost"] < delta:
         return _verdict_with_power(SUPPORTED, f"no ID gain as large as δ: {ci}", power, **numbers)
+    if gain["low"] > 0:
+        return _verdict_with_power(INCONCLUSIVE, f"a significant ID gain whose CI straddles δ: whether it is as "
+                                   f"large as δ is undecided (MDE {_fmt(power['mde'])} at n={power['n']}, "
+                                   f"n≈{power['n_needed']} needed): {ci}", power, **numbers)
     return _verdict_with_power(INCONCLUSIVE, f"cannot exclude an ID gain of δ (underpowered: MDE "
                                f"{_fmt(power['mde'])} at n={power['n']}, n≈{power['n_needed']} needed): {ci}",
                                power, **numbers)
