@@ -155,12 +155,11 @@ def c1_no_id_benefit(results: dict, protocol: str = "target") -> dict:
                                    room=limit, **numbers)
     if gain["high_tost"] < delta:
         return _verdict_with_power(SUPPORTED, f"no ID gain as large as δ: {ci}", power, **numbers)
+    sizing = f"MDE {_fmt(power['mde'])} at n={power['n']}, n≈{power['n_needed']} needed"
     if gain["low"] > 0:
         return _verdict_with_power(INCONCLUSIVE, f"a significant ID gain whose CI straddles δ: whether it is as "
-                                   f"large as δ is undecided (MDE {_fmt(power['mde'])} at n={power['n']}, "
-                                   f"n≈{power['n_needed']} needed): {ci}", power, **numbers)
-    return _verdict_with_power(INCONCLUSIVE, f"cannot exclude an ID gain of δ (underpowered: MDE "
-                               f"{_fmt(power['mde'])} at n={power['n']}, n≈{power['n_needed']} needed): {ci}",
+                                   f"large as δ is undecided ({sizing}): {ci}", power, **numbers)
+    return _verdict_with_power(INCONCLUSIVE, f"cannot exclude an ID gain of δ (underpowered: {sizing}): {ci}",
                                power, **numbers)
 
 
