@@ -103,6 +103,7 @@ def prune(
     progress: bool = True,
     cache_path: str | Path | None = None,
     ray_options: dict[str, Any] | None = None,
+    role: str = "select",
     **overrides: Any,
 ) -> PruneResult:
     """Search which blocks to remove, scored on the selection split of the protocol's distribution.
@@ -113,7 +114,8 @@ def prune(
     disjoint from the held-out split used by :func:`evaluate`. ``workers=N`` (N >= 1) scores TALE's candidate
     rounds on N Ray workers (``ray_address``: join a cluster; ``ray_options`` go to
     :func:`~tapioca.pruning.parallel.parallel_tale`, e.g. ``{"num_gpus": 1}``), with the same selection as serial;
-    one-shot searches have no rounds and run in-process.
+    one-shot searches have no rounds and run in-process. ``role``: the selection split (``"select.k"``: selection
+    draw k, disjoint from the others; :mod:`tapioca.tasks.roles`).
     """
     text_options = {k: overrides.pop(k) for k in TEXT_OPTIONS if k in overrides} if _is_text(task) else {}
     cfg = from_dict(PruningConfig, {**to_dict(cfg or PruningConfig()), "search": search, "protocol": protocol,
@@ -126,10 +128,10 @@ def prune(
     check_budget(wl.model.n_blocks, cfg.max_drop, cfg.n_remove)
     check_split_size(wl.sizes.n_select, "pruning.n_select")
     dist = selection_distribution(cfg.protocol, cfg.target, wl)
-    sel = wl.selection(dist, "select", seed, wl.sizes.n_select)
+    sel = wl.selection(dist, role, seed, wl.sizes.n_select)
     reference = None
     if cfg.search in NEEDS_ID_REFERENCE:  # ID inputs, for searches that compare against ID
-        reference = sel.batch if dist == "id" else wl.selection("id", "select", seed, wl.sizes.n_select).batch
+        reference = sel.batch if dist == "id" else wl.selection("id", role, seed, wl.sizes.n_select).batch
     rounds = None
     if sel.unlabelled_parts is not None and cfg.prefix_cache and cfg.search == "sleb":
         model_u, batch_u, score_u = sel.unlabelled_parts
@@ -147,7 +149,7 @@ def prune(
     else:
         result = run_search(ctx)
     result.info.update(protocol=cfg.protocol, target=cfg.target, selected_on=dist, metric=wl.selection_metric,
-                       n_select=wl.sizes.n_select, seed=seed, **wl.search_info)
+                       n_select=wl.sizes.n_select, seed=seed, role=role, **wl.search_info)
     return result
 
 

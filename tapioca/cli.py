@@ -15,7 +15,7 @@ import torch
 from tapioca.api import evaluate, load_task, prune, resolve_device, save_pruned
 from tapioca.config import Config, load_config, to_dict
 from tapioca.errors import CheckpointError, ConfigError, TapiocaError
-from tapioca.analysis.evaluation import Evaluation, compare
+from tapioca.analysis.evaluation import Evaluation, compare, example_view
 from tapioca.analysis.heldout import HeldoutRuns
 from tapioca.io import environment, read_json, write_json, write_yaml
 from tapioca.models.icl import load_model
@@ -186,7 +186,9 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config, say: Callable[[str], Non
     if pruning is not None:
         pruned = Evaluation.concat(pruned_parts)
         result.update(removed=pruning.removed, pruned=pruned.summary(ev.n_bootstrap, ev.confidence, shrinkage=wl.regression),
-                      delta=compare(full, pruned, None, ev.n_bootstrap, ev.confidence, wl.metrics))
+                      # one given model and pruning: examples are the unit (as in tapioca check)
+                      delta=example_view(compare(full, pruned, None, ev.n_bootstrap, ev.confidence, wl.metrics),
+                                         wl.metrics, ev.confidence))
     write_json(out / "evaluation.json", result)
     for dist, row in result["full"].items():
         m = row[metric]

@@ -158,6 +158,21 @@ class EvaluationConfig:
     smallest_effect_relative: float = _range(0.05, gt=0)
     smallest_effect_points: float = _range(0.01, gt=0)
     placebo_draws: int = _range(2000, ge=0)  # sign-flip draws of the selection-optimism null (0: not computed)
+    # independent TALE selections per model, each on its own selection sample (disjoint from the others and from
+    # held-out): a replicate is one model × one draw, so replicates are cheap where models are expensive
+    selection_draws: int = _range(1, ge=1)
+    # ---- verdict rules (README "Claims, rules and thresholds"); fixed before any result, never tuned ----
+    # α of every decision is 1 − confidence; equivalence bounds use the (1 − 2α) interval (TOST at α)
+    placebo_harmful_z: float = _range(1.96, gt=0)  # null: a candidate this many SEs below 0 keeps its harmful mean
+    distortion_factor: float = _range(3.0, gt=1)  # C3: D(OOD vs ID) at least this many ID-vs-ID noise floors
+    realign_margin: float = _range(1.0, gt=0)  # C4, G1: a realignment beyond random removal, in noise floors
+    recovered_share_min: float = _range(0.5, gt=0, le=1)  # C5: share of the gain norm matching must recover
+    slope_tolerance: float = _range(0.05, gt=0)  # C7 (regression): largest fall in shrinkage slope that is not "tamer"
+    confidence_tolerance: float = _range(0.05, gt=0)  # C7 (choices, graphs), check: largest fall in mean confidence
+    ece_tolerance: float = _range(0.02, gt=0)  # tapioca check: largest rise in ECE where OOD improved
+    min_shifts: int = _range(2, ge=1)  # C2: shifts with removed blocks needed to judge "consistently"
+    min_scales: int = _range(3, ge=2)  # C6: testbed scales needed
+    min_lms: int = _range(2, ge=2)  # C6: language models needed
 
 
 @dataclass(frozen=True)
@@ -167,6 +182,7 @@ class GeometryConfig:
     n_prompts: int = _range(256, ge=4)  # prompts per profile (all n(n-1)/2 pairs are used)
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # residual-scaling sweep
     controls: bool = True  # baselines, weight pruning and interventions on shifts where TALE removed blocks
+    random_removals: int = _range(4, ge=1)  # C4: random block sets (as many blocks as TALE removed) per shift
 
 
 @dataclass(frozen=True)

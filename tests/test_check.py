@@ -147,7 +147,10 @@ def test_paired_ece_bootstrap_matches_calibration():
 
 
 def row(mean: float, low: float, high: float, **extra) -> dict:
-    d = stats.DeltaCI(mean, low, high, 0.5, 100, low + 0.01, high - 0.01, 0.2, 0.06).to_dict()
+    """An example-level row on 100 examples whose sd matches the 95 % CI's width (normal approximation)."""
+    sd = (high - low) / (2 * 1.96) * 10
+    half_tost = 1.645 * sd / 10
+    d = stats.DeltaCI(mean, low, high, 0.5, 100, mean - half_tost, mean + half_tost, sd, 0.06).to_dict()
     return {**d, "base": 0.5, "pruned": 0.5 + mean, "p_holm": extra.pop("p_holm", 0.5), "improved": False,
             "worse": False, **extra}
 

@@ -36,6 +36,14 @@ DECISIVE = {
     "/claims/C5": "C5 tests the cause of a held-out gain: without one it is inconclusive, as C7 and C9",
     "/claims/C4": "C4 is decided by a sign test over the (shift, seed) pairs, not by a bare majority of them",
     "/claims/C9": "C9 says why it cannot decide and where weight pruning improved on its own; MDE on its line",
+    # issue 33: the run (model × selection draw) is the unit; every claim decides on an interval over replicates
+    "/claims": "every claim is decided at the replicate level, on an interval, with thresholds from the config",
+    "/claims_in_sample": "as /claims",
+    "/paper_pattern": "the pattern sentence follows C1 and C2",
+    "/optimism": "the optimism interval is over replicates; the null replays the whole greedy search",
+    "p_holm": "Holm over the replicate-level p-values (the example-level numbers are compared under examples)",
+    "improved": "as p_holm",
+    "worse": "as p_holm",
 }
 CHANGED = {
     "lm": {**DECISIVE,
@@ -71,6 +79,18 @@ def differences(before, after, path: str, changed: dict[str, str]) -> list[str]:
     return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
 
 
+def example_rows(tree):
+    """``tree`` with every delta row replaced by its example-level view (``row["examples"]``): the numbers the
+    golden files hold, which the replicate-level rows keep under ``examples``."""
+    if isinstance(tree, dict):
+        if "examples" in tree and "p_value" in tree:
+            return {**tree, **tree["examples"]}
+        return {k: example_rows(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [example_rows(v) for v in tree]
+    return tree
+
+
 def golden(kind: str) -> dict:
     return json.loads((GOLDEN / f"results-db3a827-{kind}.json").read_text())
 
@@ -79,7 +99,7 @@ def test_the_testbed_study_gives_the_results_of_the_two_pipeline_version(tmp_pat
     models = GOLDEN / "testbed-models" / "seed{seed}"
     cfg = load_config(None, [*TESTBED, f"model.checkpoint={models}"])
     after = run_study(cfg, tmp_path, progress=False, log=lambda m: None)
-    assert differences(golden("testbed"), json.loads(json.dumps(after)), "", CHANGED["testbed"]) == []
+    assert differences(golden("testbed"), example_rows(json.loads(json.dumps(after))), "", CHANGED["testbed"]) == []
     assert after["kind"] == "testbed" and after["primary_metric"] == "nmse"
     assert "sleb" in after["comparisons"]["degree_4"] or not after["comparisons"]
 
@@ -87,10 +107,10 @@ def test_the_testbed_study_gives_the_results_of_the_two_pipeline_version(tmp_pat
 def test_the_lm_study_gives_the_results_of_the_two_pipeline_version(tmp_path) -> None:
     cfg = load_config(None, lm_overrides(GOLDEN / "tiny-llama", GOLDEN / "items.jsonl", tmp_path))
     after = run_study(cfg, progress=False, log=lambda m: None)
-    assert differences(golden("lm"), json.loads(json.dumps(after)), "", CHANGED["lm"]) == []
+    assert differences(golden("lm"), example_rows(json.loads(json.dumps(after))), "", CHANGED["lm"]) == []
     assert after["kind"] == "lm" and after["primary_metric"] == "acc"
     # what the LM study gains: every control, so C5 and C9 are decided on text too
     assert {"block_influence", "sleb", "magnitude", "wanda"} <= set(after["comparisons"]["wide"])
     matching = after["interventions"]["wide"]["norm_matching"]["0"]
     assert "ood_matched" in matching and "skipped" not in matching
-    assert after["claims"]["C9"]["verdict"] != "inconclusive"
+    assert "vs_tale" in after["comparisons"]["wide"]["magnitude"]  # C9 compares TALE with weight pruning directly

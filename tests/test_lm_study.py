@@ -52,7 +52,8 @@ def lm_overrides(model_dir: Path, data: Path, out: Path) -> list[str]:
 def planted_run(tmp_path_factory) -> tuple[Path, dict, list[str]]:
     folder = tmp_path_factory.mktemp("lm_study")
     model_dir, data = planted_study_files(folder)
-    overrides = lm_overrides(model_dir, data, folder / "run")
+    # three sampling seeds: the draws of the one model are the units, and two (df 1) decide almost nothing
+    overrides = [*lm_overrides(model_dir, data, folder / "run"), "evaluation.seeds=[0, 1, 2]", "lm.n_profile=6"]
     results = run_study(load_config(None, overrides), progress=False, log=lambda m: None)
     return folder / "run", results, overrides
 
@@ -61,7 +62,7 @@ def test_lm_study_finds_the_planted_block_and_decides_every_claim(planted_run) -
     run, results, _ = planted_run
     assert results["kind"] == "lm" and results["primary_metric"] == "acc" and results["n_blocks"] == 4
     for dist in ("id", "wide"):
-        for seed in ("0", "1"):
+        for seed in ("0", "1", "2"):
             assert PLANTED in results["removed"]["target"][dist][seed]
     wide = results["protocols"]["target"]["delta"]["wide"]["acc"]
     assert wide["pruned"] > wide["full"] and wide["improved"]

@@ -199,8 +199,12 @@ def test_both_protocols_optimism_and_robust_summaries_are_reported(finished):
     assert results["paper_pattern"]["sentence"].startswith("Under the paper's protocol")
     for claim in ("C1", "C2"):
         assert "mde" in results["claims"][claim] and "n_needed" in results["claims"][claim]
-    candidates = np.load(out / "evaluation" / "seed0" / "in-sample-candidates.npz")
-    assert candidates["degree_4"].shape == (3, 32)  # one row per one-block removal, one column per example
+    rounds = np.load(out / "evaluation" / "seed0" / "in-sample-rounds.npz")
+    search = json.loads((out / "pruning" / "seed0" / "tale-degree_4.json").read_text())
+    # every recorded round of the search, one row per block (NaN: not a candidate), one column per example
+    assert rounds["degree_4"].shape == (len(search["rounds"]), 3, 32)
+    for dist, row in results["optimism"].items():
+        assert row["null_metric"] == "nmse" and 0 < row["p_null"] <= 1 and row["unit"] == "model" and row["n"] == 2
 
 
 def test_a_run_dir_written_before_a_config_key_existed_still_resumes(finished):
@@ -209,3 +213,23 @@ def test_a_run_dir_written_before_a_config_key_existed_still_resumes(finished):
     del saved["evaluation"]["placebo_draws"]  # as written by a tapioca without that key
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     study.prepare_run_dir(cfg, out)  # no "different config" error: the missing key takes its default
+
+
+def test_selection_draws_make_replicates_of_one_model(tmp_path):
+    """One model, two selection draws: each draw searches its own selection examples, both pruned models are
+    scored on the same held-out examples, and the draws are the units of the method-level statistics."""
+    cfg = load_config(None, [*TINY, "evaluation.seeds=[0]", "evaluation.selection_draws=2", "geometry.controls=false"])
+    results = study.run_study(cfg, tmp_path, progress=False, log=quiet)
+    assert (tmp_path / "pruning" / "seed0" / "draw1" / "tale-id.json").is_file()
+    assert (tmp_path / "evaluation" / "seed0" / "draw1" / "in-sample-rounds.npz").is_file()
+    assert set(results["removed"]["target"]["id"]) == {"0", "0.1"}
+    assert results["replicates"] == {"models": 1, "sampling_seeds": 1, "selection_draws": 2, "unit": "draw"}
+    row = results["protocols"]["target"]["delta"]["id"]["nmse"]
+    assert row["unit"] == "draw" and row["n"] == 2 and row["replicates"] == 2
+    assert row["examples"]["n"] == 2 * cfg.evaluation.n_heldout  # each draw's pruned model on the same examples
+    first = json.loads((tmp_path / "pruning" / "seed0" / "tale-id.json").read_text())
+    second = json.loads((tmp_path / "pruning" / "seed0" / "draw1" / "tale-id.json").read_text())
+    assert first["info"]["role"] == "select" and second["info"]["role"] == "select.1"
+    assert first["baseline_score"] != second["baseline_score"]  # other selection examples
+    more = load_config(None, [*TINY, "evaluation.seeds=[0]", "evaluation.selection_draws=3", "geometry.controls=false"])
+    study.prepare_run_dir(more, tmp_path)  # a run may gain draws and resume

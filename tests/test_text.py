@@ -74,6 +74,15 @@ def test_roles_disjoint_deterministic_and_prefix_stable(which: str, chain: TextT
     assert [e.key for e in task.data("id", "select", 1, 10)] != [e.key for e in task.data("id", "select", 0, 10)]
 
 
+def test_selection_draws_are_disjoint_blocks_of_the_select_pool(mc_task: TextTask) -> None:
+    first, second = (mc_task.data("id", role, 0, 8) for role in ("select", "select.1"))
+    keys = [e.key for e in mc_task.data("id", "select", 0, 16)]
+    assert [e.key for e in first] == keys[:8] and [e.key for e in second] == keys[8:]
+    assert not {e.key for e in second} & {e.key for e in mc_task.data("id", "heldout", 0, 16)}
+    with pytest.raises(DataError, match="selection draw 9 takes the select examples 72..79"):
+        mc_task.data("id", "select.9", 0, 8)
+
+
 def test_same_question_never_gets_two_roles_across_distributions(mc_task: TextTask) -> None:
     part = mc_task._partition("id", 0)
     assert part.role_of("x") == mc_task._partition("geometry", 0).role_of("x")

@@ -190,16 +190,19 @@ def test_without_a_transfer_section_the_command_says_so(tmp_path) -> None:
 
 # ---------------------------------------------------------------- verdict rules
 
-def _row(mean: float, low: float, high: float, low_tost: float, high_tost: float, p_holm: float) -> dict:
+def _row(mean: float, low: float, high: float, low_tost: float, high_tost: float, p_holm: float,
+         p_equivalence_holm: float = 0.5) -> dict:
+    """A replicate-level cell; ``p_equivalence_holm``: the matrix-wide Holm p of the TOST for ±δ."""
     return {"mean": mean, "low": low, "high": high, "low_tost": low_tost, "high_tost": high_tost,
-            "p_holm": p_holm, "sd": 1.0, "mde": 0.3, "n": 100}
+            "p_holm": p_holm, "p_equivalence_holm": p_equivalence_holm, "sd": 1.0, "mde": 0.3, "n": 5}
 
 
 @pytest.mark.parametrize("row, removed, expected", [
     (_row(-0.5, -0.8, -0.2, -0.7, -0.3, 0.001), True, HELPS),  # NMSE fell: the gain is positive
     (_row(0.5, 0.2, 0.8, 0.3, 0.7, 0.001), True, HARMS),
     (_row(0.5, 0.2, 0.8, 0.3, 0.7, 0.2), True, NOT_ENOUGH),  # the CI excludes 0, but not after Holm
-    (_row(0.01, -0.04, 0.06, -0.03, 0.05, 0.8), True, NO_EFFECT),  # within ±δ = 0.1
+    (_row(0.01, -0.04, 0.06, -0.03, 0.05, 0.8, 0.01), True, NO_EFFECT),  # shown within ±δ = 0.1 after Holm
+    (_row(0.01, -0.04, 0.06, -0.03, 0.05, 0.8, 0.2), True, NOT_ENOUGH),  # within ±δ, but not after Holm
     (_row(0.01, -0.3, 0.3, -0.25, 0.25, 0.9), True, NOT_ENOUGH),  # wider than δ on both sides
     (_row(0.0, 0.0, 0.0, 0.0, 0.0, 1.0), False, NOTHING_REMOVED),
 ])
@@ -207,12 +210,13 @@ def test_cell_verdicts(row: dict, removed: bool, expected: str) -> None:
     verdict, evidence = cell_verdict(row, "nmse", 0.1, removed, 0.95)
     assert verdict == expected and evidence
     if expected == NOT_ENOUGH and row["p_holm"] > 0.5:
-        assert "MDE 0.3 at n=100" in evidence and "n≈" in evidence
+        assert "MDE 0.3 at 5 replicates" in evidence and "replicates would detect" in evidence
 
 
 def test_cells_where_the_full_model_is_at_chance_or_at_one_are_not_evidence() -> None:
     def acc_row(full: float, mean: float, low: float, high: float, p_holm: float) -> dict:
-        return {**_row(mean, low, high, low + 0.002, high - 0.002, p_holm), "full": full}
+        within = -0.01 < low + 0.002 and high - 0.002 < 0.01  # shown within ±δ = 0.01
+        return {**_row(mean, low, high, low + 0.002, high - 0.002, p_holm, 0.01 if within else 0.5), "full": full}
     flat = acc_row(0.24, 0.0, -0.004, 0.004, 0.9)  # no change on a 4-choice task answered at chance
     assert cell_verdict(flat, "acc", 0.01, True, 0.95)[0] == NO_EFFECT  # without a chance level: "no effect"
     verdict, evidence = cell_verdict(flat, "acc", 0.01, True, 0.95, chance=0.25)
@@ -252,7 +256,7 @@ def test_tiny_transfer_writes_every_file_and_the_whole_matrix(tiny_run) -> None:
     for t, row in results["cells"].items():
         for key, cell in row.items():
             assert cell["own"] == key.startswith(f"{t}/")
-            assert cell["verdict"] in transfer.VERDICTS and cell["n"] == 64  # 2 seeds x 32 held-out prompts
+            assert cell["verdict"] in transfer.VERDICTS and cell["n"] == 2 and cell["examples"]["n"] == 64  # 2 seeds x 32
             assert cell["low"] <= cell["mean"] <= cell["high"] and cell["sesoi"] > 0
             assert "tol_acc" in cell["other_metrics"]
             assert ("vs_own" in cell) == (not cell["own"])
@@ -356,5 +360,5 @@ def test_language_model_transfer_on_a_tiny_llama(tmp_path) -> None:
     for t in ("narrow", "broad"):
         assert all(PLANTED in r for r in results["removed"][t].values())
     cross = results["cells"]["narrow"]["broad/narrow"]  # pruned for one task, another task's shift
-    assert cross["mean"] > 0 and cross["n"] == 32
+    assert cross["mean"] > 0 and cross["n"] == 2 and cross["examples"]["n"] == 32  # 2 sampling seeds x 16
     assert (tmp_path / "run" / "report" / "report.html").is_file()

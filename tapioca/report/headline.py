@@ -109,12 +109,11 @@ def _optimism_sentence(results: dict) -> str | None:
     unit = metric_name(next(iter(rows.values())).get("metric", ""))
     text = (f"Optimism (in-sample minus held-out gain) had a median of {_num(float(np.median(means)), True)} {unit}, "
             f"with its CI above 0 on {len(above)} of {len(rows)} distributions")
-    nulls = {d: r for d, r in rows.items() if isinstance(r.get("null_q95"), (int, float))
-             and isinstance(r.get("in_sample"), (int, float))}
+    nulls = {d: r for d, r in rows.items() if isinstance(r.get("p_null"), (int, float))}
     if nulls:
-        beat = sum(r["in_sample"] > r["null_q95"] for r in nulls.values())
-        text += (f"; the in-sample gain beat the 95% quantile of picking the best block when none truly helps on "
-                 f"{beat} of {len(nulls)}")
+        beat = sum(r["p_null"] < 0.05 for r in nulls.values())
+        text += (f"; the search's own in-sample gain exceeded what its whole greedy search produces when no block "
+                 f"truly helps (p_null < 0.05) on {beat} of {len(nulls)}")
     return text + "."
 
 
@@ -141,13 +140,19 @@ def findings(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _units(c: dict, n: Any) -> str:
+    """``n`` with the claim's unit of replication, e.g. "3 models" (older runs: the bare number)."""
+    unit = c.get("unit")
+    return f"{n} {unit}{'s' if n != 1 else ''}" if unit else f"{n}"
+
+
 def _power_cells(c: dict) -> tuple[str, str]:
     mde = c.get("mde")
-    mde_text = f"{_num(mde)} ({c['n']})" if c.get("n") is not None else _num(mde)
+    mde_text = f"{_num(mde)} ({_units(c, c['n'])})" if c.get("n") is not None else _num(mde)
     if c.get("n_needed") is None:
         return (mde_text if mde is not None else "—"), "—"
     sesoi = f" (δ {_num(c['sesoi'])})" if c.get("sesoi") is not None else ""
-    return (mde_text if mde is not None else "—"), f"{c['n_needed']}{sesoi}"
+    return (mde_text if mde is not None else "—"), f"{_units(c, c['n_needed'])}{sesoi}"
 
 
 def verdict_table(results: dict) -> list[Block]:
@@ -176,8 +181,9 @@ def verdict_table(results: dict) -> list[Block]:
     if in_sample:
         note += " The in-sample column is the paper's protocol (blocks selected and scored on the same examples)."
     if power:
-        note += (" MDE: minimal detectable effect at 80% power with n examples; n for SESOI: examples needed to "
-                 "detect the smallest effect of interest δ.")
+        note += (" MDE: minimal detectable effect at 80% power with the run's replicates (models, or selection "
+                 "draws of one model: the unit of every verdict); n for SESOI: replicates needed to detect the "
+                 "smallest effect of interest δ.")
     if missing:
         missing[0] = missing[0][0].upper() + missing[0][1:]
         note += f" {' and '.join(missing)}: {NOT_COMPUTED}."

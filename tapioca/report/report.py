@@ -221,7 +221,8 @@ def claim_verdict(results: dict, cid: str) -> list[Block]:
     power = [f"minimal detectable effect at 80% power {_mde(c)}"] if c.get("mde") is not None else []
     if c.get("n_needed") is not None:
         sesoi = f" δ = {_num(c['sesoi'])}" if c.get("sesoi") is not None else ""
-        power.append(f"detecting the smallest effect of interest{sesoi} needs n = {c['n_needed']}")
+        power.append(f"detecting the smallest effect of interest{sesoi} needs n = {c['n_needed']} "
+                     f"{c.get('unit', 'replicate')}s")
     if power:
         blocks.append(("p", f"Power: {'; '.join(power)}.", "note"))
     if c.get("settle_case"):
@@ -252,8 +253,9 @@ def protocol_table(results: dict, protocol: str, metric: str) -> list[Block]:
     headers = ["distribution", "full", "pruned", "Δ [95% CI]", "p", "Holm p", *(["MDE (n)"] * power), "outcome",
                "blocks removed"]
     return [("h", 3, f"Protocol `{protocol}` — {METRIC_LABELS.get(metric, metric)}"),
-            ("p", f"Δ = pruned − full ({better} is better); paired seed-stratified bootstrap 95% CI; Holm "
-                  f"correction across distributions. {PROTOCOL_TEXT.get(protocol, '')}"),
+            ("p", f"Δ = pruned − full ({better} is better); Student-t 95% CI and p over replicates (models, or "
+                  f"selection draws of one model; examples averaged within each); Holm correction across "
+                  f"distributions. {PROTOCOL_TEXT.get(protocol, '')}"),
             ("table", headers, rows)]
 
 
@@ -289,14 +291,15 @@ def section_optimism(results: dict) -> list[Block]:
         return [("h", 3, "Optimism of the in-sample protocol"), ("p", f"Optimism: {NOT_COMPUTED}.")]
     table = [[dist, METRIC_LABELS.get(r.get("metric"), r.get("metric", "?")), _num(r.get("in_sample"), True),
               _num(r.get("held_out"), True), _ci(r, signed=True), _num(r.get("null_mean"), True),
-              _num(r.get("null_q95"), True)] for dist, r in rows.items() if isinstance(r, dict)]
+              _num(r.get("null_q95"), True), _p(r.get("p_null"))] for dist, r in rows.items() if isinstance(r, dict)]
     return [("h", 3, "Optimism of the in-sample protocol"),
             ("p", "Gains are oriented so that positive = pruning looks better. Optimism = in-sample gain − held-out "
-                  "gain (bootstrap 95% CI). Null: the in-sample gain of picking the best candidate block when none "
-                  "truly helps (its mean and 95% quantile); an in-sample gain below the null's 95% quantile is "
-                  "what selection alone produces."),
+                  "gain (Student-t 95% CI over replicates). Null: TALE's whole greedy search (its rounds, ε, "
+                  "max_drop and choice of depth) replayed when no block truly helps, in the metric the search "
+                  "maximised (its mean and 95% quantile); p_null: the share of null searches whose in-sample gain "
+                  "reaches the real one — a large p_null means selection alone explains the in-sample gain."),
             ("table", ["distribution", "metric", "in-sample gain", "held-out gain", "optimism [95% CI]",
-                       "null mean", "null 95% quantile"], table)]
+                       "null mean", "null 95% quantile", "p_null"], table)]
 
 
 def section_robust(results: dict) -> list[Block]:

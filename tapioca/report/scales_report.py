@@ -126,8 +126,8 @@ def section_scale_deltas(results: dict) -> list[Block]:
     better = "negative" if metric == "nmse" else "positive"
     metric = metric.upper()
     return [("h", 2, f"TALE (target protocol): held-out Δ{metric} per scale"),
-            ("p", f"Δ = pruned − full on held-out prompts (for {metric} {better} is better), paired bootstrap 95% "
-                  "CI stratified by seed. 0 means TALE kept every block on every seed."),
+            ("p", f"Δ = pruned − full on held-out prompts (for {metric} {better} is better), Student-t 95% CI "
+                  "over replicates (models, or selection draws). 0 means TALE kept every block on every seed."),
             ("table", ["distribution", *[n for n, _ in ordered]], rows)]
 
 

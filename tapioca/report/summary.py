@@ -38,7 +38,7 @@ def format_protocol(results: dict[str, Any], protocol: str, metric: str = "nmse"
     delta = results["protocols"][protocol]["delta"]
     removed = results["removed"]
     split = "the selection examples (the paper's protocol)" if protocol == "in-sample" else "held-out examples"
-    lines = [f"protocol {protocol} — {metric} on {split} (Δ = pruned − full, paired bootstrap CI, Holm over "
+    lines = [f"protocol {protocol} — {metric} on {split} (Δ = pruned − full, t CI over replicates, Holm over "
              "shifts)",
              f"{'distribution':>14} {'full':>10} {'pruned':>10} {'Δ':>10} {'CI':>23} {'p_holm':>8}  verdict   removed"]
     for dist, row in delta.items():
@@ -74,8 +74,9 @@ def format_claims(results: dict[str, Any]) -> str:
             lines.append(f"  {'':2} {'':>12}  in-sample verdict: {in_sample[name]['verdict']} "
                          f"({in_sample[name]['evidence']})")
         if claim.get("mde") is not None:
-            lines.append(f"  {'':2} {'':>12}  MDE at 80% power {claim['mde']:.4g} (n = {claim.get('n', '?')}); "
-                         f"n needed for the smallest effect of interest: {_or_dash(claim.get('n_needed'))}")
+            unit = claim.get("unit", "replicate")
+            lines.append(f"  {'':2} {'':>12}  MDE at 80% power {claim['mde']:.4g} (n = {claim.get('n', '?')} {unit}s); "
+                         f"{unit}s needed for the smallest effect of interest: {_or_dash(claim.get('n_needed'))}")
         if claim.get("settle_case"):
             lines.append(f"  {'':2} {'':>12}  WHAT WOULD SETTLE IT: {claim['settle_case']}")
     return "\n".join(lines)

@@ -135,8 +135,8 @@ def _cross(data: dict[str, Any]) -> list[Block]:
                              f"{cell['mde']:.3g} (n={cell['n']})", f"**{cell['verdict']}**: {cell['evidence']}", own])
     return [("h", 2, "Cross-task cells: pruned for one task, scored on another"),
             ("p", "Δ = pruned − full in the primary metric on the other task's held-out examples, pooled over seeds "
-                  "(paired bootstrap CI stratified by seed). helps / harms: the CI excludes 0 after Holm; no effect: "
-                  "the TOST interval lies within ±δ; not enough data: neither. Last column: this model minus the model "
+                  "(Student-t CI over replicates). helps / harms: the CI excludes 0 after Holm; no effect: the "
+                  "equivalence test for ±δ is significant after Holm; not enough data: neither. Last column: this model minus the model "
                   "pruned for the evaluated task itself, on the same examples (is pruning for another task worse for "
                   "it than pruning for it?)."),
             ("table", ["pruned for", "evaluated on", "Δ [95 % CI]", "Holm p", "δ", "MDE", "verdict",

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from tapioca.analysis import stats
 from tapioca.analysis.calibration import calibration
-from tapioca.analysis.evaluation import Evaluation, compare
+from tapioca.analysis.evaluation import Evaluation, compare, example_view
 from tapioca.analysis.geometry import Profile, distortion, profile, query_states
 from tapioca.api import resolve_device
 from tapioca.config import Config
@@ -35,12 +35,15 @@ from tapioca.errors import ConfigError, DataError
 from tapioca.io import environment, write_json
 from tapioca.models.hf import HFModel
 from tapioca.models.hf_save import BlockMatch, by_original_block, match_blocks, read_provenance
-from tapioca.report.claims import CONFIDENCE_TOLERANCE, INCONCLUSIVE, REFUTED, SUPPORTED, room_of
+from tapioca.config import EvaluationConfig
+from tapioca.report.claims import INCONCLUSIVE, REFUTED, SUPPORTED, GainTest, gain_outcome, holm_outcomes, room_of
 from tapioca.tasks import base as workload_base
 from tapioca.tasks.text_workload import TextWorkload, load_text_task, resolve_lm_path
 
 METRIC = "acc"  # the tests are decided on held-out accuracy
-ECE_TOLERANCE = 0.02  # "not a confidence artefact": ECE may rise by at most this much where OOD improved
+ALPHA = 1.0 - EvaluationConfig().confidence  # the level of a row judged alone (a check's own: its settings)
+CONFIDENCE_TOLERANCE = EvaluationConfig().confidence_tolerance  # mean confidence may fall by at most this much
+ECE_TOLERANCE = EvaluationConfig().ece_tolerance  # default: ECE may rise by at most this much where OOD improved
 N_BINS = 15  # equal-width confidence bins of ECE and the reliability curve
 TESTS = ("no ID loss", "OOD gain", "not a confidence artefact")
 
@@ -122,67 +125,77 @@ def _at_limit(test: str, scope: str, limit: str, chance: float | None, ci: str,
 
 
 def verdict_no_id_loss(row: dict[str, Any], delta: float, chance: float | None = None) -> dict[str, Any]:
-    """"No ID loss" from the ID accuracy row (Δ = pruned − base, 95 % paired-bootstrap CI [low, high]) and the
-    smallest effect of interest δ (``evaluation.smallest_effect_points``).
+    """"No ID loss" from the ID accuracy row (Δ = pruned − base: 95 % paired-bootstrap CI [low, high] and the
+    (1 − 2α) TOST interval [low_tost, high_tost]) and the smallest effect of interest δ
+    (``evaluation.smallest_effect_points``), each bound a one-sided test at α as in the claims.
 
-    supported: low > −δ (a loss as large as δ is excluded; a significant loss smaller than δ is no loss
-    that matters). refuted: high < −δ (the loss exceeds δ), or the loss is significant (high < 0) and a loss
-    of δ cannot be excluded. inconclusive: otherwise, with the minimal detectable effect, and instead of
+    supported: low_tost > −δ (a loss as large as δ is excluded; a significant loss smaller than δ is no loss
+    that matters). refuted: high_tost < −δ (the loss exceeds δ), or the loss is significant (high < 0) and a
+    loss of δ cannot be excluded. inconclusive: otherwise, with the minimal detectable effect, and instead of
     "supported" when the base model is at chance (``chance``: a floor, where no loss is possible) and the pruned
     model is not significantly better."""
     ci = f"ID Δacc {_ci(row)} (base {row['base']:.3f}, pruned {row['pruned']:.3f}; δ {100 * delta:.1f} pts)"
     numbers = dict(mean=row["mean"], low=row["low"], high=row["high"], mde=row["mde"], n=row["n"], sesoi=delta)
+    low_t, high_t = row.get("low_tost", row["low"]), row.get("high_tost", row["high"])
     at_floor = room_of(METRIC, row["base"], chance, delta) == "floor" and row["low"] <= 0  # no significant gain
-    if row["low"] > -delta and not at_floor:
+    if low_t > -delta and not at_floor:
         return _line(TESTS[0], "id", SUPPORTED, f"a loss of δ or more is excluded: {ci}", **numbers)
-    if row["high"] < -delta:
+    if high_t < -delta:
         return _line(TESTS[0], "id", REFUTED, f"the pruned model loses more than δ in-distribution: {ci}", **numbers)
     if row["high"] < 0:
         return _line(TESTS[0], "id", REFUTED, f"a significant ID loss, and a loss of δ is not excluded: {ci}",
                      **numbers)
-    if at_floor and row["low"] > -delta:
+    if at_floor and low_t > -delta:
         return _at_limit(TESTS[0], "id", "floor", chance, ci, numbers)
     return _line(TESTS[0], "id", INCONCLUSIVE, f"cannot exclude an ID loss of δ ({_power(row, delta)}): {ci}",
                  **numbers)
 
 
-def verdict_ood_gain(shift: str, row: dict[str, Any], delta: float, chance: float | None = None) -> dict[str, Any]:
-    """"OOD gain" on one shift, from its accuracy row (Holm-corrected across shifts by
-    :func:`~tapioca.analysis.evaluation.compare`).
+def verdict_ood_gain(shift: str, row: dict[str, Any], delta: float, chance: float | None = None,
+                     outcome: str | None = None) -> dict[str, Any]:
+    """"OOD gain" on one shift, from its accuracy row and its ``outcome`` (:func:`tapioca.report.claims.
+    gain_outcome`, Holm-adjusted across the check's shifts by :func:`verdicts`; without it the row alone decides,
+    with its ``p_holm``) — the claims' convention at the same α.
 
-    supported: the CI lies above 0 and the Holm p-value is below 1 − confidence (``row["improved"]``). refuted (evidence against a
-    gain): the pruned model is significantly worse (CI below 0, Holm), or the upper end of the TOST interval
-    is below +δ (a gain as large as δ is excluded). inconclusive: otherwise, with the MDE, and instead of
-    "refuted" when the base model is within δ of ``chance`` (floor) or excludes a gain within δ of 1 (ceiling)."""
+    supported: a significant gain of at least δ ("gain"). refuted (evidence against a gain): the pruned model is
+    significantly worse, or the gain is shown below δ (one-sided test at α: the equivalence half).
+    inconclusive: otherwise (also a significant gain smaller than δ that is not shown below it), with the MDE,
+    and instead of "refuted" when the base model is within δ of ``chance`` (floor) or is shown below δ within δ
+    of 1 (ceiling)."""
+    if outcome is None:
+        test = GainTest(row, METRIC, delta)
+        outcome = gain_outcome(test, row["p_holm"], test.p_below_delta, ALPHA)
     ci = f"{shift} Δacc {_ci(row)}, Holm p {row['p_holm']:.3g} (base {row['base']:.3f}, pruned {row['pruned']:.3f})"
     numbers = dict(mean=row["mean"], low=row["low"], high=row["high"], p_holm=row["p_holm"], mde=row["mde"],
-                   n=row["n"], sesoi=delta)
-    if row["improved"]:
-        return _line(TESTS[1], shift, SUPPORTED, f"OOD accuracy rose: {ci}", **numbers)
+                   n=row["n"], sesoi=delta, outcome=outcome)
+    if outcome == "gain":
+        return _line(TESTS[1], shift, SUPPORTED, f"OOD accuracy rose by at least δ: {ci}", **numbers)
     limit = room_of(METRIC, row["base"], chance, delta)
-    if limit == "floor" and (row["worse"] or row["high_tost"] < delta) or (
-            limit == "ceiling" and not row["worse"] and row["high_tost"] < delta):
+    if limit == "floor" and outcome in ("worse", "no gain ≥ δ") or (limit == "ceiling" and outcome == "no gain ≥ δ"):
         return _at_limit(TESTS[1], shift, limit, chance, ci, numbers)
-    if row["worse"]:
+    if outcome == "worse":
         return _line(TESTS[1], shift, REFUTED, f"OOD accuracy fell: {ci}", **numbers)
-    if row["high_tost"] < delta:
+    if outcome == "no gain ≥ δ":
         return _line(TESTS[1], shift, REFUTED, f"a gain of δ ({100 * delta:.1f} pts) is excluded: {ci}", **numbers)
-    return _line(TESTS[1], shift, INCONCLUSIVE, f"no significant change and a gain of δ is not excluded "
-                 f"({_power(row, delta)}): {ci}", **numbers)
+    small = "a significant gain smaller than δ, not shown below δ" if outcome == "gain < δ" else \
+        "no significant change and a gain of δ is not excluded"
+    return _line(TESTS[1], shift, INCONCLUSIVE, f"{small} ({_power(row, delta)}): {ci}", **numbers)
 
 
-def _artefact_outcome(cal: dict[str, Any]) -> tuple[str, str]:
+def _artefact_outcome(cal: dict[str, Any], ece_tolerance: float, confidence_tolerance: float) -> tuple[str, str]:
     """One improved shift's calibration outcome (see :func:`verdict_not_confidence_artefact`)."""
     ece, conf = cal["delta_ece"], cal["delta_confidence"]
     text = f"ΔECE {_ci(ece, False)}, Δconfidence {_ci(conf, False)}"
-    if ece["low"] > ECE_TOLERANCE or conf["high"] < -CONFIDENCE_TOLERANCE:
+    if ece["low"] > ece_tolerance or conf["high"] < -confidence_tolerance:
         return REFUTED, text
-    if ece["high"] <= ECE_TOLERANCE and conf["low"] >= -CONFIDENCE_TOLERANCE:
+    if ece["high"] <= ece_tolerance and conf["low"] >= -confidence_tolerance:
         return SUPPORTED, text
     return INCONCLUSIVE, text
 
 
-def verdict_not_confidence_artefact(ood: list[dict[str, Any]], calib: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def verdict_not_confidence_artefact(ood: list[dict[str, Any]], calib: dict[str, dict[str, Any]],
+                                    ece_tolerance: float = ECE_TOLERANCE,
+                                    confidence_tolerance: float = CONFIDENCE_TOLERANCE) -> dict[str, Any]:
     """"Not a confidence artefact", judged on every shift whose "OOD gain" is supported.
 
     Per improved shift, with paired-bootstrap 95 % CIs of ΔECE and Δ mean confidence (pruned − base):
@@ -194,10 +207,10 @@ def verdict_not_confidence_artefact(ood: list[dict[str, Any]], calib: dict[str, 
     improved = [v["scope"] for v in ood if v["verdict"] == SUPPORTED]
     if not improved:
         return _line(TESTS[2], "ood", INCONCLUSIVE, "no shift gained significantly, so there is no gain to explain")
-    outcomes = {s: _artefact_outcome(calib[s]) for s in improved}
+    outcomes = {s: _artefact_outcome(calib[s], ece_tolerance, confidence_tolerance) for s in improved}
     detail = "; ".join(f"{s}: {text}" for s, (_, text) in outcomes.items())
     verdicts = [v for v, _ in outcomes.values()]
-    rule = f"tolerances: ECE +{ECE_TOLERANCE}, confidence −{CONFIDENCE_TOLERANCE}"
+    rule = f"tolerances: ECE +{ece_tolerance}, confidence −{confidence_tolerance}"
     numbers = {s: v for s, (v, _) in outcomes.items()}
     if REFUTED in verdicts:
         bad = [s for s, (v, _) in outcomes.items() if v == REFUTED]
@@ -215,10 +228,14 @@ def verdicts(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Every verdict line of a check, from ``check.json`` data alone."""
     s = data["settings"]
     rows, chance = data["delta"], data.get("chance") or {}
-    ood = [verdict_ood_gain(d, rows[d][METRIC], s["smallest_effect_points"], chance.get(d))
-           for d in data["distributions"] if d != "id"]
+    shifts = [d for d in data["distributions"] if d != "id"]
+    outcomes = holm_outcomes({d: GainTest(rows[d][METRIC], METRIC, s["smallest_effect_points"]) for d in shifts},
+                             1.0 - s.get("confidence", 0.95))
+    ood = [verdict_ood_gain(d, rows[d][METRIC], s["smallest_effect_points"], chance.get(d), outcomes[d])
+           for d in shifts]
     return [verdict_no_id_loss(rows["id"][METRIC], s["smallest_effect_points"], chance.get("id")), *ood,
-            verdict_not_confidence_artefact(ood, data["calibration"])]
+            verdict_not_confidence_artefact(ood, data["calibration"], s.get("ece_tolerance", ECE_TOLERANCE),
+                                            s.get("confidence_tolerance", CONFIDENCE_TOLERANCE))]
 
 
 # ---------------------------------------------------------------- geometry
@@ -310,10 +327,8 @@ def run_check(cfg: Config, base: Any, pruned: Any, out: str | Path | None = "run
     wls = {"base": wl, "pruned": dataclasses.replace(wl.with_model(pruned_lm), name=pruned_path or "pruned")}
     ev_cfg = cfg.evaluation
     evs = _evaluate(wls, ev_cfg.seeds, wl.sizes.n_heldout, progress)
-    delta = compare(evs["base"], evs["pruned"], None, ev_cfg.n_bootstrap, ev_cfg.confidence, wl.metrics)
-    for rows in delta.values():
-        for row in rows.values():
-            row["base"] = row.pop("full")
+    delta = example_view(compare(evs["base"], evs["pruned"], None, ev_cfg.n_bootstrap, ev_cfg.confidence,
+                                 wl.metrics), wl.metrics, ev_cfg.confidence)
     data: dict[str, Any] = {
         "kind": "check",
         "base": {"path": base_path, "n_blocks": base_lm.n_blocks},
@@ -327,8 +342,9 @@ def run_check(cfg: Config, base: Any, pruned: Any, out: str | Path | None = "run
         "n_heldout": wl.sizes.n_heldout,
         "chance": workload_base.chance_levels(wl, list(ev_cfg.seeds)),
         "settings": {"metric": METRIC, "n_bootstrap": ev_cfg.n_bootstrap, "confidence": ev_cfg.confidence,
-                     "smallest_effect_points": ev_cfg.smallest_effect_points, "ece_tolerance": ECE_TOLERANCE,
-                     "confidence_tolerance": CONFIDENCE_TOLERANCE, "n_bins": N_BINS},
+                     "smallest_effect_points": ev_cfg.smallest_effect_points,
+                     "ece_tolerance": ev_cfg.ece_tolerance, "confidence_tolerance": ev_cfg.confidence_tolerance,
+                     "n_bins": N_BINS},
         "accuracy": {name: ev.summary(ev_cfg.n_bootstrap, ev_cfg.confidence, shrinkage=False)
                      for name, ev in evs.items()},
         "delta": delta,

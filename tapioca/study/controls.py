@@ -106,7 +106,8 @@ def weight_pruned_evaluation(wl: Workload, seed: int, shift: str, removed: list[
 
 def comparison_table(cfg: Config, wl: Workload, full: Evaluation, target: Evaluation, methods: dict[int, dict],
                      searches: dict[int, dict[str, PruneResult]]) -> dict:
-    """Δ (method − full) per shift where TALE removed blocks in at least one seed, for TALE and controls."""
+    """Δ (method − full) per shift where TALE removed blocks in at least one seed, for TALE and controls; each
+    control also carries ``vs_tale``: Δ (method − TALE) on the same examples."""
     ev = cfg.evaluation
     shifts = [s for s in next(iter(methods.values())) if any(searches[seed][s].removed for seed in searches)]
     if not shifts:
@@ -116,8 +117,12 @@ def comparison_table(cfg: Config, wl: Workload, full: Evaluation, target: Evalua
     for name in names:
         pruned = target.subset(shifts) if name == "tale" else Evaluation.concat(
             [methods[seed][s][name] for seed in methods for s in shifts])
-        for shift, row in compare(full, pruned, shifts, ev.n_bootstrap, ev.confidence, wl.metrics).items():
+        for shift, row in compare(full, pruned, shifts, ev.n_bootstrap, ev.confidence, wl.metrics, wl.seeds_are_models).items():
             table[shift][name] = row
+        if name != "tale":  # the method against TALE itself, paired on the same held-out examples (C9)
+            tale = target.subset(shifts)
+            for shift, row in compare(tale, pruned, shifts, ev.n_bootstrap, ev.confidence, wl.metrics, wl.seeds_are_models).items():
+                table[shift][name]["vs_tale"] = row
     return table
 
 

@@ -21,6 +21,7 @@ from tapioca.api import resolve_device
 from tapioca.config import Config, read_yaml, to_dict, with_defaults
 from tapioca.errors import CheckpointError, TapiocaError
 from tapioca.io import environment, read_json, write_json, write_yaml
+from tapioca.report.claims import RULE_KEYS
 
 Log = Callable[[str], None]
 T = TypeVar("T")
@@ -143,12 +144,17 @@ class StepProgress:
         self.bar.close()
 
 
+# evaluation settings that no cached step depends on: every seed's and every selection draw's outputs live in
+# folders of their own, and the verdict rules are applied to the pooled statistics when they are recomputed
+RECOMPUTED = ("seeds", "selection_draws", "placebo_harmful_z", "ece_tolerance", *RULE_KEYS)
+
+
 def _what_results_depend_on(tree: dict) -> dict:
-    """A resolved config tree without ``run`` (threads, device, output folder) and ``evaluation.seeds``: every
-    seed's outputs live in their own ``seed<s>`` folders and the pooled statistics are recomputed, so a run
-    may gain (or drop) seeds and resume."""
+    """A resolved config tree without ``run`` (threads, device, output folder) and the evaluation settings in
+    :data:`RECOMPUTED`: a run may gain (or drop) seeds and selection draws, or be re-decided under other
+    thresholds, and resume."""
     kept = {k: v for k, v in tree.items() if k != "run"}
-    kept["evaluation"] = {k: v for k, v in (kept.get("evaluation") or {}).items() if k != "seeds"}
+    kept["evaluation"] = {k: v for k, v in (kept.get("evaluation") or {}).items() if k not in RECOMPUTED}
     return kept
 
 

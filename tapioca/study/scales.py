@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tapioca.report.claims import attribution_overlap, c6_scales, primary_metric
+from tapioca.report.claims import attribution_overlap, bonferroni_verdicts, c6_scales, primary_metric, rules_of
 from tapioca.config import Config, scale_config
 from tapioca.errors import ConfigError
 from tapioca.io import write_json
@@ -74,7 +74,7 @@ def run_scales(cfg: Config, out: Path, progress: bool, log: Log, run_study: Call
     if unknown:
         raise ConfigError(f"unknown scale {unknown[0]!r} in --scales; allowed: {', '.join(cfg.scales)}")
     prepare_run_dir(cfg, out)
-    summaries = {}
+    summaries, full_results = {}, {}
     for name in cfg.scales:
         sub = scale_config(cfg, name)
         folder = out / "scales" / name
@@ -90,10 +90,13 @@ def run_scales(cfg: Config, out: Path, progress: bool, log: Log, run_study: Call
             log(f"scale {name}: {what} -> {folder}")
             results = run_study(sub, folder, progress, log)
         summaries[name] = {"run_dir": f"scales/{name}", **scale_summary(sub, results, folder)}
+        full_results[name] = results
     kind = "lm" if cfg.lm is not None else "testbed"
     found = ladders(summaries)
     compared = {n: summaries[n] for n in found["depth"]} if "depth" in found else summaries
+    for name in compared:  # C6 refutes only at α / (scales compared): each scale's C1–C4 re-decided there
+        compared[name]["claims_bonferroni"] = bonferroni_verdicts(full_results[name], len(compared))
     results = {"kind": kind, "scales": summaries, "ladders": found,
-               "claims": {"C6": c6_scales({"kind": kind, "scales": compared})}}
+               "claims": {"C6": c6_scales({"kind": kind, "scales": compared, "rules": rules_of(cfg.evaluation)})}}
     write_json(out / "results.json", results)
     return results

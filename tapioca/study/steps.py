@@ -10,6 +10,8 @@ flight (an interrupted TALE search resumes from its score cache).
 
 from __future__ import annotations
 
+import random
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,7 +22,7 @@ import torch
 from tapioca.analysis.evaluation import Evaluation, compare
 from tapioca.analysis.geometry import Profile, distortion, profile, query_states
 from tapioca.analysis.heldout import HeldoutRuns
-from tapioca.analysis.optimism import optimism, oriented, placebo_null, robust_summary
+from tapioca.analysis.optimism import RecordedSearch, optimism, replayed_gain, robust_summary, search_null
 from tapioca.api import prune, resolve_device
 from tapioca.config import Config
 from tapioca.errors import ConfigError
@@ -29,13 +31,16 @@ from tapioca.models.gates import removal_gates
 from tapioca.models.icl import ICLModel, load_model
 from tapioca.models.training import find_pretrained, train, trained_model_folder
 from tapioca.pruning.searches import PruneResult
-from tapioca.report.claims import paper_pattern, verdicts, verdicts_in_sample
+from tapioca.analysis.stats import shrinkage_slope
+from tapioca.report.claims import paper_pattern, rules_of, verdicts, verdicts_in_sample
 from tapioca.study import controls
 from tapioca.study.rundir import (
     Log, SeedThreads, StepProgress, Timer, cached_evaluation, cached_json, prepare_run_dir, seed_workers,
 )
+from tapioca.study.replay import cached_recorded, record_rounds, rule_of
 from tapioca.study.scales import run_scales
 from tapioca.tasks.base import Workload, chance_levels
+from tapioca.tasks.roles import selection_role
 from tapioca.tasks.polyreg import PolyRegTask
 
 
@@ -50,7 +55,8 @@ class SeedOutputs:
     profiles: dict
     full_in: Evaluation  # in-sample: the full model on each distribution's selection examples
     target_in: Evaluation  # in-sample: each target-pruned model on the examples it was selected on
-    candidates: dict[str, np.ndarray]  # per distribution: one-block removals' in-sample gains (L, n_select)
+    rounds: dict[str, list[RecordedSearch]]  # per distribution, per selection draw: every TALE round's candidates
+    draw_searches: list[dict[str, PruneResult]] = field(default_factory=list)  # per selection draw (0: ``searches``)
     methods: dict[str, dict[str, Evaluation]] = field(default_factory=dict)
     causal: dict[str, dict] = field(default_factory=dict)
     edges: dict | None = None  # graphs: PrunE's evaluations and summary (tapioca.study.edges)
@@ -107,7 +113,7 @@ def open_workloads(cfg: Config, out: Path, timer: Timer, progress: bool, log: Lo
         wl = TextWorkload.from_config(cfg, load_lm(cfg.lm, cfg.run.device), load_text_task(cfg.lm))
     log(f"{cfg.lm.model}: {wl.model.n_blocks} blocks; task {wl.task.cfg.source} ({wl.task.kind}), "
         f"distributions {wl.distributions}")
-    wl.check_data(list(cfg.evaluation.seeds))
+    wl.check_data(list(cfg.evaluation.seeds), cfg.evaluation.selection_draws)
     return lambda seed: wl
 
 
@@ -154,8 +160,11 @@ def model_for_seed(cfg: Config, seed: int, out: Path, timer: Timer, progress: bo
 def run_seed(cfg: Config, wl: Workload, seed: int, out: Path, timer: Timer, steps: StepProgress, log: Log) -> SeedOutputs:
     """Searches, held-out evaluations, profiles and controls of one seed (each cached)."""
     steps.done(seed, "model")
+    draws = range(cfg.evaluation.selection_draws)
     with timer("prune"):
-        searches = search_every_distribution(cfg, wl, seed, out / "pruning" / f"seed{seed}", steps.inner)
+        draw_searches = [search_every_distribution(cfg, wl, seed, draw_folder(out / "pruning" / f"seed{seed}", k),
+                                                   steps.inner, k) for k in draws]
+    searches = draw_searches[0]  # geometry, controls and interventions study the first draw's selection
     steps.done(seed, "prune")
     runs = HeldoutRuns(wl, seed, wl.sizes.n_heldout)
     baselines: dict[str, dict[str, PruneResult]] = {}
@@ -163,17 +172,26 @@ def run_seed(cfg: Config, wl: Workload, seed: int, out: Path, timer: Timer, step
         steps.running(seed, "selecting the controls' blocks")
         with timer("comparisons"):
             baselines = controls.baseline_selections(cfg, wl, seed, searches, out, steps.inner)
+    folder = out / "evaluation" / f"seed{seed}"
     with timer("evaluate"):
-        full, from_id, target = evaluations(wl, searches, runs, out / "evaluation" / f"seed{seed}",
+        full, from_id, target = evaluations(wl, searches, runs, folder,
                                             controls.pending_baselines(baselines, out / "controls" / f"seed{seed}"))
+        for k in draws[1:]:  # every further draw: its pruned models on the same held-out examples
+            _, more_id, more_target = evaluations(wl, draw_searches[k], runs, draw_folder(folder, k))
+            from_id, target = (Evaluation.concat([a, b.with_draw(k)]) for a, b in ((from_id, more_id),
+                                                                                  (target, more_target)))
     steps.done(seed, "evaluate")
     with timer("in-sample"):
-        full_in, target_in, candidates = in_sample(cfg, wl, seed, searches, out / "evaluation" / f"seed{seed}")
+        parts = [in_sample(cfg, wl, seed, draw_searches[k], draw_folder(folder, k), selection_role(k)) for k in draws]
+        full_in, target_in = (Evaluation.concat([p[i].with_draw(k) if len(draws) > 1 else p[i]
+                                                 for k, p in enumerate(parts)]) for i in (0, 1))
+        rounds = {d: [p[2][d] for p in parts] for d in parts[0][2]}
     steps.done(seed, "in-sample")
     with timer("geometry"):
-        profiles = cached_json(out / "geometry" / f"seed{seed}.json", lambda: seed_profiles(wl, seed, searches))
+        profiles = cached_json(out / "geometry" / f"seed{seed}.json", lambda: seed_profiles(wl, seed, searches,
+                                                                                  cfg.geometry.random_removals))
     steps.done(seed, "geometry")
-    outputs = SeedOutputs(searches, full, from_id, target, profiles, full_in, target_in, candidates)
+    outputs = SeedOutputs(searches, full, from_id, target, profiles, full_in, target_in, rounds, draw_searches)
     if cfg.geometry.controls:
         with timer("comparisons"):
             outputs.methods = controls.comparisons(cfg, wl, seed, searches, baselines, full, out, runs)
@@ -196,15 +214,23 @@ def run_seed(cfg: Config, wl: Workload, seed: int, out: Path, timer: Timer, step
     return outputs
 
 
+def draw_folder(folder: Path, draw: int) -> Path:
+    """Where selection draw ``draw`` of a seed keeps its files: ``folder`` itself for draw 0, else
+    ``folder/draw<k>``."""
+    return folder if draw == 0 else folder / f"draw{draw}"
+
+
 def search_every_distribution(cfg: Config, wl: Workload, seed: int, folder: Path,
-                              progress: bool = False) -> dict[str, PruneResult]:
+                              progress: bool = False, draw: int = 0) -> dict[str, PruneResult]:
     """``pruning.search`` selected on each distribution (target protocol; the "id" search is also the from-id
-    one), each cached as ``<search>-<dist>.json``."""
+    one) on selection draw ``draw`` (:func:`tapioca.tasks.roles.selection_role`), each cached as
+    ``<search>-<dist>.json``."""
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for dist in wl.distributions:
         compute = lambda dist=dist: prune(wl, None, cfg.pruning.search, "target", dist, cfg=cfg.pruning, seed=seed,  # noqa: E731
-                                          progress=progress, cache_path=folder / f".{dist}.scores.json").to_dict()
+                                          progress=progress, cache_path=folder / f".{dist}.scores.json",
+                                          role=selection_role(draw)).to_dict()
         out[dist] = PruneResult.from_dict(cached_json(folder / f"{cfg.pruning.search}-{dist}.json", compute))
     return out
 
@@ -230,35 +256,29 @@ def evaluations(wl: Workload, searches: dict[str, PruneResult], runs: HeldoutRun
 
 
 def in_sample(cfg: Config, wl: Workload, seed: int, searches: dict[str, PruneResult],
-              folder: Path) -> tuple[Evaluation, Evaluation, dict[str, np.ndarray]]:
+              folder: Path, role: str = "select") -> tuple[Evaluation, Evaluation, dict[str, RecordedSearch]]:
     """The paper's protocol: the full model and each target-pruned model scored (held-out metrics) on the very
-    selection examples the search chose on; and, for the placebo null of the selection optimism, every
-    one-block removal's per-example gain in the primary metric on them, (L, n_select) per distribution (not
-    computed where a split is scored by generation, or with evaluation.placebo_draws 0). Cached in ``folder``."""
+    selection examples the search chose on; and, for the whole-search null of the selection optimism, every
+    recorded TALE round's candidates' per-example gains in the search's own metric on them
+    (:func:`tapioca.study.replay.record_rounds`; not computed with evaluation.placebo_draws 0). Cached in
+    ``folder``. ``role``: the selection draw's split."""
     dists, n = wl.distributions, wl.sizes.n_select
-    runs = HeldoutRuns(wl, seed, n, role="select")
+    runs = HeldoutRuns(wl, seed, n, role=role)
     full = cached_evaluation(folder / "in-sample-full.npz", lambda: runs([], dists))
     target = cached_evaluation(folder / "in-sample-target.npz",
                                lambda: Evaluation.concat([runs(searches[d].removed, [d]) for d in dists]))
-    path = folder / "in-sample-candidates.npz"
-    if not path.is_file():
-        gains = {}
-        if cfg.evaluation.placebo_draws and wl.one_pass:
-            metric, up = wl.primary_metric, wl.metrics[wl.primary_metric]
-            for d in dists:
-                base = runs.one([], d).values[d][metric]
-                gains[d] = np.stack([oriented(base, runs.one([b], d).values[d][metric], up)
-                                     for b in range(wl.model.n_blocks)])
-        save_arrays(path, gains)
-    with np.load(path, allow_pickle=False) as data:
-        candidates = {k: data[k] for k in data.files}
-    return full, target, candidates
+    if not cfg.evaluation.placebo_draws or cfg.pruning.search != "tale":
+        return full, target, {}
+    rounds = cached_recorded(folder / "in-sample-rounds.npz",
+                             lambda: {d: record_rounds(wl, seed, searches[d], d, n, role) for d in dists})
+    return full, target, rounds
 
 
-def seed_profiles(wl: Workload, seed: int, searches: dict[str, PruneResult]) -> dict:
+def seed_profiles(wl: Workload, seed: int, searches: dict[str, PruneResult], random_sets: int = 4) -> dict:
     """Norm and pairwise-distance profiles of every distribution for the full model, the target-protocol
-    pruned model (on its target and on ID) and the from-id pruned model; plus a second, disjoint ID sample
-    for the noise floor. Inputs come from the "reference" role, disjoint from selection and held-out."""
+    pruned model (on its target and on ID), the from-id pruned model and, per shift where TALE removed k blocks,
+    ``random_sets`` models with k random blocks removed; plus a second, disjoint ID sample for the noise floor.
+    Inputs come from the "reference" role, disjoint from selection and held-out."""
     n, chunk = wl.sizes.n_profile, wl.sizes.eval_chunk
     data = {d: wl.inputs(d, seed, 2 * n if d == "id" else n) for d in wl.distributions}
     id_b = data["id"].slice(n, 2 * n)
@@ -279,7 +299,18 @@ def seed_profiles(wl: Workload, seed: int, searches: dict[str, PruneResult]) -> 
         "target": {d: {"ood": prof(d, searches[d].removed), "id": prof("id", searches[d].removed)}
                    for d in wl.distributions},
         "from-id": {"ood": {d: prof(d, id_removed) for d in wl.distributions}, "id": prof("id", id_removed)},
+        "random": {d: [{"removed": blocks, "ood": prof(d, blocks), "id": prof("id", blocks)}
+                       for blocks in random_block_sets(wl.model.n_blocks, len(searches[d].removed), seed, d,
+                                                       random_sets)]
+                   for d in wl.distributions if d != "id" and searches[d].removed},
     }
+
+
+def random_block_sets(n_blocks: int, k: int, seed: int, dist: str, count: int) -> list[list[int]]:
+    """``count`` sets of ``k`` blocks drawn uniformly from all ``n_blocks`` (seeded by seed and distribution):
+    C4's reference, D after removing as many blocks as TALE did, but at random."""
+    rng = random.Random(seed * 1_000_003 + zlib.crc32(dist.encode()))
+    return [sorted(rng.sample(range(n_blocks), k)) for _ in range(count)]
 
 
 def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) -> dict[str, Any]:
@@ -291,12 +322,14 @@ def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) 
     from_id = Evaluation.concat([o.from_id for o in per_seed.values()])
     searches = {seed: o.searches for seed, o in per_seed.items()}
     seeds = [str(s) for s in per_seed]
+    replicates = {replicate_key(seed, k): found for seed, o in per_seed.items()
+                  for k, found in enumerate(o.draw_searches or [o.searches])}
 
     def summary(e: Evaluation) -> dict:
         return e.summary(ev.n_bootstrap, ev.confidence, shrinkage=wl.regression)
 
-    def delta(pruned: Evaluation) -> dict:
-        return compare(full, pruned, dists, ev.n_bootstrap, ev.confidence, wl.metrics)
+    def delta(pruned: Evaluation, before: Evaluation = full) -> dict:
+        return compare(before, pruned, dists, ev.n_bootstrap, ev.confidence, wl.metrics, wl.seeds_are_models)
 
     full_in = Evaluation.concat([o.full_in for o in per_seed.values()])
     target_in = Evaluation.concat([o.target_in for o in per_seed.values()])
@@ -308,14 +341,17 @@ def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) 
         "full": summary(full),
         "protocols": {"target": {"delta": delta(target), "pruned": summary(target)},
                       "from-id": {"delta": delta(from_id), "pruned": summary(from_id)},
-                      "in-sample": {"delta": compare(full_in, target_in, dists, ev.n_bootstrap, ev.confidence,
-                                                     wl.metrics),
+                      "in-sample": {"delta": delta(target_in, full_in),
                                     "pruned": summary(target_in), "full": summary(full_in)}},
         "optimism": selection_optimism(cfg, wl, per_seed, full_in, target_in, full, target),
         "smallest_effect": {"relative": ev.smallest_effect_relative, "points": ev.smallest_effect_points},
+        "rules": rules_of(ev),
         "chance": chance_levels(wl, list(per_seed)),
-        "removed": {"target": {d: {s: searches[int(s)][d].removed for s in seeds} for d in dists},
-                    "from-id": {s: searches[int(s)]["id"].removed for s in seeds}},
+        "removed": {"target": {d: {r: found[d].removed for r, found in replicates.items()} for d in dists},
+                    "from-id": {r: found["id"].removed for r, found in replicates.items()}},
+        "replicates": {"models": len(per_seed) if wl.seeds_are_models else 1,
+                       "sampling_seeds": len(per_seed), "selection_draws": ev.selection_draws,
+                       "unit": "model" if wl.seeds_are_models and len(per_seed) > 1 else "draw"},
         "selection_metric": wl.selection_metric,
         "n_blocks": wl.model.n_blocks,
         "geometry": distortion_summary({s: o.profiles for s, o in per_seed.items()}, dists),
@@ -327,6 +363,9 @@ def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) 
     if wl.regression:
         results["robust"] = {d: robust_summary(full, target, d, wl.primary_metric, ev.n_bootstrap, ev.confidence)
                              for d in dists}
+        results["shrinkage_change"] = per_model_change(full, target, dists, shrinkage_slope_of)
+    elif all("confidence" in full.values[d] and "confidence" in target.values[d] for d in dists):
+        results["confidence_change"] = per_model_change(full, target, dists, mean_confidence)
     results.update(wl.extra_results(full, target, from_id))
     if cfg.graph is not None:
         from tapioca.study.edges import edge_results
@@ -338,17 +377,55 @@ def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) 
     return results
 
 
+def replicate_key(seed: int, draw: int) -> str:
+    """How results.json names a replicate: the seed for draw 0, "<seed>.<draw>" for the others."""
+    return str(seed) if draw == 0 else f"{seed}.{draw}"
+
+
 def selection_optimism(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs], full_in: Evaluation,
                        target_in: Evaluation, full: Evaluation, target: Evaluation) -> dict[str, dict]:
     """Per distribution: in-sample and held-out gain of the target-protocol search in the primary metric, the
-    optimism between them with its CI, and the placebo null (see :mod:`tapioca.analysis.optimism`)."""
+    optimism between them with its CI, and the whole-search null (:func:`tapioca.analysis.optimism.search_null`,
+    in the selection metric: ``null_metric``) with the search's own in-sample gain it is compared with."""
     ev, metric = cfg.evaluation, wl.primary_metric
     out = {}
     for d in wl.distributions:
-        diffs = [o.candidates[d] for o in per_seed.values() if d in o.candidates]
-        null = placebo_null(diffs, ev.placebo_draws) if ev.placebo_draws and len(diffs) == len(per_seed) else None
+        recorded = [r for o in per_seed.values() for r in o.rounds.get(d, [])]
+        null, observed = None, None
+        if ev.placebo_draws and recorded and len(recorded) == len(per_seed) * ev.selection_draws:
+            rule = rule_of(next(iter(per_seed.values())).searches[d])
+            null = search_null(recorded, rule, ev.placebo_draws, harmful_z=ev.placebo_harmful_z)
+            observed = replayed_gain(recorded, rule)
         out[d] = optimism(full_in, target_in, full, target, d, metric, wl.metrics[metric], null,
-                          ev.n_bootstrap, ev.confidence)
+                          ev.n_bootstrap, ev.confidence, observed)
+        if null is not None:
+            out[d]["null_metric"] = wl.selection_metric
+    return out
+
+
+def shrinkage_slope_of(ev: Evaluation, dist: str, mask: np.ndarray) -> float:
+    """The prediction-shrinkage slope of the examples ``mask`` (n,) of ``dist``."""
+    return shrinkage_slope(ev.predictions[dist][mask], ev.targets[dist][mask])
+
+
+def mean_confidence(ev: Evaluation, dist: str, mask: np.ndarray) -> float:
+    """The mean top-choice confidence of the examples ``mask`` (n,) of ``dist``."""
+    return float(ev.values[dist]["confidence"][mask].mean())
+
+
+def per_model_change(full: Evaluation, pruned: Evaluation, dists: list[str],
+                     measure: Callable[[Evaluation, str, np.ndarray], float]) -> dict[str, dict[str, float]]:
+    """Per shift and model seed (the unit), ``measure`` of the pruned model minus the full model's on the same
+    held-out examples, averaged over the seed's selection draws (C7)."""
+    out: dict[str, dict[str, float]] = {}
+    for d in dists:
+        if d == "id":
+            continue
+        seeds, draws = pruned.seeds[d], pruned.draw_labels(d)
+        for seed in np.unique(seeds):
+            before = measure(full, d, full.seeds[d] == seed)
+            after = [measure(pruned, d, (seeds == seed) & (draws == k)) for k in np.unique(draws[seeds == seed])]
+            out.setdefault(d, {})[str(int(seed))] = float(np.mean(after)) - before
     return out
 
 
@@ -387,10 +464,13 @@ def distortion_summary(profiles: dict[int, dict], dists: list[str]) -> dict:
                 "target_pruned_vs_full_id": d(p["target"][dist]["ood"], full_id),
                 "from_id_pruned": d(p["from-id"]["ood"][dist], p["from-id"]["id"]),
             }
+            if p.get("random", {}).get(dist):  # C4's reference: as many random blocks removed (mean D over sets)
+                rows[dist]["random_pruned"] = float(np.mean([d(r["ood"], r["id"]) for r in p["random"][dist]]))
         per_seed[str(seed)] = rows
         attribution[str(seed)] = {
             dist: distortion(_as_profile(p["full"][dist]), _as_profile(full_id)).attribution for dist in shifts}
     first = next(iter(per_seed.values()))
-    mean = {row: {col: float(np.mean([per_seed[s][row][col] for s in per_seed])) for col in cols}
-            for row, cols in first.items()}
+    mean = {row: {col: float(np.mean([per_seed[s][row][col] for s in per_seed if col in per_seed[s][row]]))
+                  for col in {c for s in per_seed for c in per_seed[s][row]}}
+            for row in first}
     return {"D_mean": mean, "D_per_seed": per_seed, "attribution_full": attribution}

@@ -253,10 +253,11 @@ def smallest_effect(metric: str, full_mean: float, relative: float, points: floa
 
 def cell_verdict(row: Mapping[str, Any], metric: str, delta: float, removed_any: bool,
                  confidence: float, chance: float | None = None) -> tuple[str, str]:
-    """(verdict, evidence) of one cell's Δ row (pruned − full, with ``p_holm`` and a TOST interval). Rules, in
-    order: nothing removed in any seed -> "nothing removed"; the CI of the gain excludes 0 and the Holm p is
-    below 1 − confidence -> "helps" / "harms"; the TOST (1 − 2α) interval of the gain lies inside (−δ, +δ) ->
-    "no effect"; otherwise "not enough data" (with the MDE and the n that would detect δ). Where the full model's
+    """(verdict, evidence) of one cell's replicate-level Δ row (pruned − full, with ``p_holm`` and
+    ``p_equivalence_holm``). Rules, in order: nothing removed in any seed -> "nothing removed"; the CI of the gain
+    excludes 0 and the Holm p is below 1 − confidence -> "helps" / "harms"; the equivalence (TOST) p-value for
+    (−δ, +δ), Holm-adjusted across the matrix as the gains are, is below 1 − confidence -> "no effect";
+    otherwise "not enough data" (with the MDE and the replicates that would detect δ). Where the full model's
     accuracy is within δ of ``chance`` (floor), "harms" and "no effect" become "floor or ceiling", as does "no
     effect" within δ of 1 (ceiling): the model cannot show what pruning does there."""
     gain = gain_interval(dict(row), metric)
@@ -268,7 +269,7 @@ def cell_verdict(row: Mapping[str, Any], metric: str, delta: float, removed_any:
         size = " (smaller than δ)" if gain["high_tost"] < delta else ""
         return HELPS, f"{ci}, Holm p {row['p_holm']:.3g}{size}"
     limit = room_of(metric, row.get("full", math.nan), chance, delta)
-    equivalent = -delta < gain["low_tost"] and gain["high_tost"] < delta
+    equivalent = row.get("p_equivalence_holm", 1.0) < 1 - confidence
     if limit == "floor" and (equivalent or (significant and gain["high"] < 0)):
         return AT_LIMIT, (f"floor: the full model is within δ of chance (acc {row['full']:.4g}, chance {chance:.4g}); "
                           f"{ci} says nothing about pruning")
@@ -277,13 +278,15 @@ def cell_verdict(row: Mapping[str, Any], metric: str, delta: float, removed_any:
     if significant and gain["high"] < 0:
         size = " (smaller than δ)" if gain["low_tost"] > -delta else ""
         return HARMS, f"{ci}, Holm p {row['p_holm']:.3g}{size}"
-    if -delta < gain["low_tost"] and gain["high_tost"] < delta:
+    if equivalent:
         return NO_EFFECT, (f"{100 * (2 * confidence - 1):.0f} % interval [{gain['low_tost']:+.4g}, "
-                           f"{gain['high_tost']:+.4g}] lies within ±δ = {delta:.4g}")
-    needed = stats.examples_needed(row.get("sd"), delta, confidence)
-    return NOT_ENOUGH, (f"{ci} neither excludes 0 (Holm p {row['p_holm']:.3g}) nor lies within ±δ = {delta:.4g}; "
-                        f"MDE {row.get('mde', float('nan')):.4g} at n={row.get('n')}"
-                        + (f", n≈{needed} would detect δ" if needed else ""))
+                           f"{gain['high_tost']:+.4g}] lies within ±δ = {delta:.4g} (equivalence Holm p "
+                           f"{row['p_equivalence_holm']:.3g})")
+    needed = stats.units_needed(row.get("sd"), delta, confidence)
+    unit = row.get("unit", "replicate")
+    return NOT_ENOUGH, (f"{ci} neither excludes 0 (Holm p {row['p_holm']:.3g}) nor is shown within ±δ = "
+                        f"{delta:.4g}; MDE {row.get('mde', float('nan')):.4g} at {row.get('n')} {unit}s"
+                        + (f", ≈{needed} {unit}s would detect δ" if needed else ""))
 
 
 def column_key(task: str, dist: str) -> str:
@@ -315,25 +318,31 @@ def gather(cfg: Config, wls: Mapping[str, Workload], per_seed: Mapping[int, Seed
     for t in rows:
         for u, wl in wls.items():
             pruned = pruned_on[t, u]
-            table = compare(full[u], pruned, wl.distributions, ev.n_bootstrap, ev.confidence, wl.metrics)
+            table = compare(full[u], pruned, wl.distributions, ev.n_bootstrap, ev.confidence, wl.metrics,
+                            wl.seeds_are_models)
             for d in wl.distributions:
                 cell = dict(table[d][metric])
                 cell["other_metrics"] = {m: {k: table[d][m][k] for k in ("mean", "low", "high", "full", "pruned")}
                                          for m in table[d] if m != metric}
                 cell["own"] = u == t
                 cells[t][column_key(u, d)] = cell
+    for t in rows:
+        for cell in cells[t].values():
+            cell["sesoi"] = smallest_effect(metric, cell["full"], ev.smallest_effect_relative, ev.smallest_effect_points)
+            cell["p_equivalence"] = max(stats.t_p_beyond(cell["mean"], cell["sd"], cell["n"], cell["sesoi"], "below"),
+                                        stats.t_p_beyond(cell["mean"], cell["sd"], cell["n"], -cell["sesoi"], "above"))
     holm_all(cells, ev.confidence, up)
     chance = {u: chance_levels(wl, [int(s) for s in seeds]) for u, wl in wls.items()}
     against_own(cells, pruned_on, metric, ev.n_bootstrap, ev.confidence)
     for t in rows:
         removed_any = any(removed[t].values())
         for key, cell in cells[t].items():
-            cell["sesoi"] = smallest_effect(metric, cell["full"], ev.smallest_effect_relative, ev.smallest_effect_points)
-            cell["n_needed"] = stats.examples_needed(cell.get("sd"), cell["sesoi"], ev.confidence)
+            cell["n_needed"] = stats.units_needed(cell.get("sd"), cell["sesoi"], ev.confidence)
             u, d = key.split("/", 1)
             cell["verdict"], cell["evidence"] = cell_verdict(cell, metric, cell["sesoi"], removed_any, ev.confidence,
                                                              (chance[u] or {}).get(d))
-    in_sample = {t: in_sample_summary(cfg, t, metric, wls[t].metrics, per_seed, full[t], seeds) for t in rows}
+    in_sample = {t: in_sample_summary(cfg, t, metric, wls[t].metrics, per_seed, full[t], seeds, wls[t].seeds_are_models)
+                 for t in rows}
     full_summary = {u: {d: {k: v[metric][k] for k in ("mean", "low", "high")}
                         for d, v in full[u].summary(ev.n_bootstrap, ev.confidence, shrinkage=False).items()}
                     for u in rows}
@@ -353,13 +362,15 @@ def gather(cfg: Config, wls: Mapping[str, Workload], per_seed: Mapping[int, Seed
 
 
 def holm_all(cells: dict[str, dict[str, dict]], confidence: float, higher_is_better: bool) -> None:
-    """Replace each cell's ``p_holm`` by the Holm correction across every cell of the matrix, and recompute
-    ``improved`` / ``worse`` with it (in place)."""
+    """Replace each cell's ``p_holm`` (and set ``p_equivalence_holm``) by the Holm correction across every cell
+    of the matrix, and recompute ``improved`` / ``worse`` with it (in place)."""
     keys = [(t, c) for t, row in cells.items() for c in row]
     adjusted = stats.holm({f"{t}|{c}": cells[t][c]["p_value"] for t, c in keys})
+    equivalence = stats.holm({f"{t}|{c}": cells[t][c].get("p_equivalence", 1.0) for t, c in keys})
     for t, c in keys:
         cell = cells[t][c]
         cell["p_holm"] = adjusted[f"{t}|{c}"]
+        cell["p_equivalence_holm"] = equivalence[f"{t}|{c}"]
         significant = cell["p_holm"] < 1 - confidence
         up, down = cell["low"] > 0 and significant, cell["high"] < 0 and significant
         cell["improved"], cell["worse"] = (up, down) if higher_is_better else (down, up)
@@ -383,7 +394,8 @@ def against_own(cells: dict[str, dict[str, dict]], pruned_on: Mapping[tuple[str,
 
 
 def in_sample_summary(cfg: Config, t: str, metric: str, metrics: Mapping[str, bool],
-                      per_seed: Mapping[int, SeedOutputs], full_out: Evaluation, seeds: list[int]) -> dict[str, Any]:
+                      per_seed: Mapping[int, SeedOutputs], full_out: Evaluation, seeds: list[int],
+                      seeds_are_models: bool = True) -> dict[str, Any]:
     """Row ``t``'s in-sample Δ on the target's selection examples (the paper's protocol) and the selection
     optimism (in-sample − held-out gain in ``metric``, with its CI)."""
     assert cfg.transfer is not None
@@ -391,7 +403,7 @@ def in_sample_summary(cfg: Config, t: str, metric: str, metrics: Mapping[str, bo
     full_in = Evaluation.concat([per_seed[s].in_sample[t][0] for s in seeds])
     pruned_in = Evaluation.concat([per_seed[s].in_sample[t][1] for s in seeds])
     pruned_out = Evaluation.concat([per_seed[s].heldout[t][t] for s in seeds]).subset([target])
-    row = compare(full_in, pruned_in, [target], ev.n_bootstrap, ev.confidence, metrics)[target][metric]
+    row = compare(full_in, pruned_in, [target], ev.n_bootstrap, ev.confidence, metrics, seeds_are_models)[target][metric]
     return {"column": column_key(t, target), "delta": row,
             "optimism": optimism(full_in, pruned_in, full_out.subset([target]), pruned_out, target, metric,
                                  metrics[metric], None, ev.n_bootstrap, ev.confidence)}

@@ -79,14 +79,16 @@ class Workload(Protocol):
     norm_matching: str  # "position" (every token, equal prompt lengths) or "last_token"
     sizes: Sizes
     one_pass: bool  # every split's held-out metrics come from one forward pass (``split`` never returns None)
+    seeds_are_models: bool  # each seed trains its own model (False: seeds are sampling seeds of one fixed model)
 
     @property
     def search_info(self) -> dict[str, Any]:
         """Extra fields a search records in ``PruneResult.info``."""
         ...
 
-    def check_data(self, seeds: list[int]) -> None:
-        """Fail before any model work if some split holds fewer examples than :attr:`sizes` asks for."""
+    def check_data(self, seeds: list[int], draws: int = 1) -> None:
+        """Fail before any model work if some split holds fewer examples than :attr:`sizes` asks for (the
+        selection split: for each of ``draws`` selection draws)."""
         ...
 
     def selection(self, dist: str, role: str, seed: int, n: int, metric: str | None = None) -> Selection:

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from tapioca.errors import ConfigError, DataError
 from tapioca.tasks.polyreg import split_seed
+from tapioca.tasks.roles import split_role
 
 BASES = ("wheel", "tree", "ladder", "star", "path")
 MOTIFS = ("house", "cycle", "crane")
@@ -372,7 +373,7 @@ class GraphMotifTask:
         """The ``n`` graphs of one split; the same arguments always give the same graphs."""
         if dist not in self.distributions:
             raise DataError(f"unknown distribution {dist!r}; allowed: {self.distributions}")
-        if role not in ROLES:
+        if split_role(role)[0] not in ROLES:
             raise DataError(f"unknown split role {role!r}; allowed: {list(ROLES)}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise DataError(f"the {role} split of {dist!r} is empty (n={n!r}); ask for at least 1 graph")

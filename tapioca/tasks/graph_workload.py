@@ -72,6 +72,7 @@ class GraphWorkload:
     regression: bool = False
     intervention_metric: str = "acc"
     one_pass: bool = True
+    seeds_are_models: bool = True
     norm_matching: str = "position"  # every node's state scaled to the ID mean node norm of the block
 
     @classmethod
@@ -93,7 +94,7 @@ class GraphWorkload:
     def search_info(self) -> dict[str, Any]:
         return {}
 
-    def check_data(self, seeds: list[int]) -> None:
+    def check_data(self, seeds: list[int], draws: int = 1) -> None:
         """Graphs are generated: every split has as many as asked."""
 
     def selection(self, dist: str, role: str, seed: int, n: int, metric: str | None = None) -> Selection:

@@ -21,6 +21,7 @@ from torch import Tensor
 from tapioca.config import SamplerParams, TaskConfig, distributions, shift_params
 from tapioca.errors import DataError
 from tapioca.models.gates import Gates, gated
+from tapioca.tasks.roles import split_role
 
 ROLES = ("select", "heldout", "train", "reference")
 
@@ -136,7 +137,7 @@ class PolyRegTask:
 
     def data(self, distribution: str, role: str, seed: int, n: int) -> PolyBatch:
         """The ``n`` prompts of one split; the same arguments always give the same prompts."""
-        if role not in ROLES:
+        if split_role(role)[0] not in ROLES:
             raise ValueError(f"unknown split role {role!r}; allowed: {list(ROLES)}")
         if n < 1:
             raise DataError(f"the {role} split of {distribution!r} is empty (n={n}); ask for at least 1 prompt")

@@ -37,6 +37,7 @@ class TestbedWorkload:
     regression: bool = True
     intervention_metric: str = "nmse"
     one_pass: bool = True
+    seeds_are_models: bool = True
     norm_matching: str = "position"
 
     @classmethod
@@ -59,7 +60,7 @@ class TestbedWorkload:
     def search_info(self) -> dict[str, Any]:
         return {}
 
-    def check_data(self, seeds: list[int]) -> None:
+    def check_data(self, seeds: list[int], draws: int = 1) -> None:
         """Prompts are sampled: every split has as many as asked."""
 
     @property

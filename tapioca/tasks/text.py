@@ -27,6 +27,7 @@ from tapioca.errors import ConfigError, DataError
 from tapioca.tasks import lm_eval_source as les
 from tapioca.tasks import text_sources as ts
 from tapioca.tasks.answers import get_rule
+from tapioca.tasks.roles import split_role
 from tapioca.tasks.text_sources import LETTERS, Source, TextExample, check_answer, extract_number, stable_hash
 
 __all__ = [
@@ -274,16 +275,19 @@ class TextTask:
     def data(self, distribution: str, role: str, seed: int, n: int) -> list[TextExample]:
         """The first ``n`` examples of one role; the same arguments always give the same examples, and
         roles never share an example (nor does the same question get two roles across distributions)."""
-        if role not in ROLES:
+        base, draw = split_role(role)
+        if base not in ROLES:
             raise ValueError(f"unknown split role {role!r}; allowed: {list(ROLES)}")
         if distribution not in self.distributions:
             raise ConfigError(f"unknown distribution {distribution!r}; allowed: {self.distributions}")
         if n < 1:
             raise DataError(f"the {role} split of {distribution!r} is empty (n={n}); ask for at least 1 example")
         part = self._partition(distribution, seed)
-        out = part.take(role, n)
+        out = part.take(base, (draw + 1) * n)[draw * n:]  # selection draw k: the k-th block of n select examples
         if len(out) < n:
-            raise DataError(self._too_few(distribution, role, seed, n, len(out), part))
+            raise DataError(self._too_few(distribution, role, seed, (draw + 1) * n, draw * n + len(out), part)
+                            + (f" (selection draw {draw} takes the select examples {draw * n}..{(draw + 1) * n - 1}: "
+                               "lower evaluation.selection_draws or lm.n_select)" if draw else ""))
         return out
 
     def _partition(self, dist: str, seed: int) -> _Partition:
@@ -294,14 +298,15 @@ class TextTask:
         return self._parts[dist, seed]
 
     def _too_few(self, dist: str, role: str, seed: int, n: int, have: int, part: _Partition) -> str:
-        share = self.cfg.role_fractions[role] / sum(self.cfg.role_fractions.values())
+        share = self.cfg.role_fractions[split_role(role)[0]] / sum(self.cfg.role_fractions.values())
         if self.source.finite():
             pool = f"the split holds {len(part.seen)} unique examples and this role gets {share:.0%} of them"
         else:
             pool = (f"{len(part.seen)} unique examples in {part.drawn} draws before the generator ran dry "
                     f"(this role gets {share:.0%}); widen the split or raise max_generated/patience")
         return (f"text task {self.cfg.source!r}, split {dist!r}, role {role!r} (seed {seed}): only {have} "
-                f"example(s) exist, {n} were needed ({pool}); ask for fewer or raise role_fractions.{role}")
+                f"example(s) exist, {n} were needed ({pool}); ask for fewer or raise "
+                f"role_fractions.{split_role(role)[0]}")
 
     def fewshot(self, seed: int) -> list[TextExample]:
         """The ``n_shots`` demonstrations: always ID ones, from the source's own (lm_eval: the harness's few-shot

@@ -24,6 +24,7 @@ from tapioca.config import Config, LMConfig
 from tapioca.errors import CheckpointError, ConfigError
 from tapioca.models.gates import Gates
 from tapioca.models.hf import HFModel
+from tapioca.tasks.roles import selection_role
 from tapioca.models.install import MODELS, installed_path
 from tapioca.tasks.base import ScoredSplit, Selection, Sizes
 from tapioca.tasks.choices import (
@@ -57,6 +58,7 @@ class TextWorkload:
     kind: str = "lm"
     primary_metric: str = "acc"
     regression: bool = False
+    seeds_are_models: bool = False  # one fixed model: every (sampling seed, draw) is a selection draw of it
     norm_matching: str = "last_token"
 
     def __post_init__(self) -> None:
@@ -90,13 +92,14 @@ class TextWorkload:
         return {"task_kind": self.task.kind, "mc_format": self.task.cfg.mc_format,
                 "length_normalize": self.length_normalize}
 
-    def check_data(self, seeds: list[int]) -> None:
+    def check_data(self, seeds: list[int], draws: int = 1) -> None:
         """Fail before any model work if some distribution, role and seed has fewer examples than a study takes
         (selection, held-out, and the geometry's reference prompts: twice ``n_profile`` on ID, for the noise
-        floor); the task's error names the split, the role and what to change."""
+        floor; every one of ``draws`` selection draws); the task's error names the split, the role and what to
+        change."""
         s = self.sizes
         for dist in self.distributions:
-            needs = {"select": s.n_select, "heldout": s.n_heldout,
+            needs = {selection_role(draws - 1): s.n_select, "heldout": s.n_heldout,
                      "reference": 2 * s.n_profile if dist == "id" else s.n_profile}
             for role, n in needs.items():
                 for seed in seeds:
