@@ -17,8 +17,9 @@ simulated (NMSE has none). Per claim it prints one line::
   where the claim holds, δ being the claim's smallest effect of interest (C1, C2, C9: ``evaluation.
   smallest_effect_relative`` of the full model's NMSE), else the declared unit stated in ``WORLDS`` below.
 
-Run ``python benchmarks/verdict_calibration.py --quick`` (≤ 3 min on 2 cores) or without ``--quick`` for
-tighter Monte-Carlo errors; ``--models`` and ``--draws`` set the design (default: the default study's).
+Run ``python benchmarks/verdict_calibration.py --quick`` (≤ 3 min on 2 cores; claims run in parallel
+processes) or without ``--quick`` for tighter Monte-Carlo errors; ``--models`` and ``--draws`` set the design
+(default: the default study's, 5 models × 1 draw).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,7 +49,7 @@ DELTA_REL = EvaluationConfig().smallest_effect_relative  # δ = 5 % of the full 
 class Design:
     """The simulated study: replicates, examples per replicate, and heterogeneity."""
 
-    models: int = 3
+    models: int = 5  # the default study's
     draws: int = 1
     n: int = 256  # held-out examples per model
     tau: float = 1.0  # between-model sd of the true gain, in units of δ
@@ -273,16 +277,36 @@ def rate(world: Callable, target: str, reps: int, d: Design, seed: int) -> float
     return float(np.mean([world(rng, d) == target for _ in range(reps)]))
 
 
-def calibrate(claim: str, reps: int, d: Design, seed: int = 0) -> dict[str, float]:
-    """null_wrong (with its Monte-Carlo se) and power at δ and 2δ of one claim; ``wrong``: the rate of each
-    world (false worlds' "supported" first, then true worlds' "refuted")."""
+def jobs(claim: str) -> list[tuple[str, str, int]]:
+    """The (claim, group, index) of every rate one claim needs: its false worlds ("supported" is wrong), its true
+    worlds ("refuted" is wrong) and its two power worlds."""
+    false_worlds, true_worlds = WORLDS[claim][:2]
+    return ([(claim, "false", i) for i in range(len(false_worlds))] + [(claim, "true", i) for i in range(len(true_worlds))]
+            + [(claim, "delta", 0), (claim, "2delta", 0)])
+
+
+def run_job(job: tuple[str, str, int], reps: int, d: Design, seed: int) -> float:
+    """The rate of one job of :func:`jobs` (a separate process may run it: only names cross)."""
+    claim, group, i = job
     false_worlds, true_worlds, at_delta, at_2delta, _ = WORLDS[claim]
-    wrong = [rate(w, SUPPORTED, reps, d, seed + i) for i, w in enumerate(false_worlds)]
-    wrong += [rate(w, REFUTED, reps, d, seed + 100 + i) for i, w in enumerate(true_worlds)]
+    world, target, offset = {"false": (false_worlds[i] if group == "false" else None, SUPPORTED, 0),
+                             "true": (true_worlds[i] if group == "true" else None, REFUTED, 100),
+                             "delta": (at_delta, SUPPORTED, 200), "2delta": (at_2delta, SUPPORTED, 300)}[group]
+    return rate(world, target, reps, d, seed + offset + i)
+
+
+def summarise(claim: str, rates: dict[tuple[str, str, int], float], reps: int) -> dict:
+    """null_wrong (with its Monte-Carlo se) and power at δ and 2δ of one claim from its jobs' rates; ``wrong``:
+    each world's rate (false worlds' "supported" first, then true worlds' "refuted")."""
+    wrong = [rates[j] for j in jobs(claim) if j[1] in ("false", "true")]
     worst = max(wrong)
     return {"null_wrong": worst, "mc_se": math.sqrt(max(worst * (1 - worst), 1.0 / reps) / reps),
-            "power_delta": rate(at_delta, SUPPORTED, reps, d, seed + 200),
-            "power_2delta": rate(at_2delta, SUPPORTED, reps, d, seed + 300), "wrong": wrong}
+            "power_delta": rates[(claim, "delta", 0)], "power_2delta": rates[(claim, "2delta", 0)], "wrong": wrong}
+
+
+def calibrate(claim: str, reps: int, d: Design, seed: int = 0) -> dict[str, float]:
+    """:func:`summarise` of one claim, its jobs run here."""
+    return summarise(claim, {j: run_job(j, reps, d, seed) for j in jobs(claim)}, reps)
 
 
 def line(claim: str, r: dict[str, float]) -> str:
@@ -294,7 +318,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer simulated studies (≤ 3 min on 2 cores)")
     parser.add_argument("--reps", type=int, default=None, help="simulated studies per world (default 1000; quick 150)")
-    parser.add_argument("--models", type=int, default=3, help="models per simulated study (default 3)")
+    parser.add_argument("--models", type=int, default=5, help="models per simulated study (default 5, as the "
+                                                                    "default study)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
     parser.add_argument("--draws", type=int, default=1, help="selection draws per model (default 1)")
     parser.add_argument("--claims", default=",".join(WORLDS), help="comma-separated claims (default all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -302,11 +328,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     reps = args.reps or (150 if args.quick else 1000)
     design = Design(models=args.models, draws=args.draws)
+    claims = args.claims.split(",")
+    unknown = [c for c in claims if c not in WORLDS]
+    if unknown:
+        raise SystemExit(f"unknown claim {unknown[0]!r}; allowed: {', '.join(WORLDS)}")
     start, out = time.perf_counter(), {}
-    for claim in args.claims.split(","):
-        if claim not in WORLDS:
-            raise SystemExit(f"unknown claim {claim!r}; allowed: {', '.join(WORLDS)}")
-        out[claim] = calibrate(claim, reps, design, args.seed)
+    todo = [j for c in claims for j in jobs(c)]
+    workers = min(args.workers or os.cpu_count() or 1, len(todo))
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:  # one world per task
+        args_ = ([reps] * len(todo), [design] * len(todo), [args.seed] * len(todo))
+        rates = dict(zip(todo, pool.map(run_job, todo, *args_) if pool is not None else map(run_job, todo, *args_)))
+    for claim in claims:
+        out[claim] = summarise(claim, rates, reps)
         print(line(claim, out[claim]), flush=True)
         if args.verbose:
             print(f"#   {claim} ({WORLDS[claim][4]}): wrong-verdict rate per world "

@@ -104,6 +104,7 @@ def prune(
     cache_path: str | Path | None = None,
     ray_options: dict[str, Any] | None = None,
     role: str = "select",
+    per_example: dict | None = None,
     **overrides: Any,
 ) -> PruneResult:
     """Search which blocks to remove, scored on the selection split of the protocol's distribution.
@@ -115,7 +116,8 @@ def prune(
     rounds on N Ray workers (``ray_address``: join a cluster; ``ray_options`` go to
     :func:`~tapioca.pruning.parallel.parallel_tale`, e.g. ``{"num_gpus": 1}``), with the same selection as serial;
     one-shot searches have no rounds and run in-process. ``role``: the selection split (``"select.k"``: selection
-    draw k, disjoint from the others; :mod:`tapioca.tasks.roles`).
+    draw k, disjoint from the others; :mod:`tapioca.tasks.roles`). ``per_example``: a dict TALE fills with the
+    per-example selection scores (B,) of every configuration it scores (key: the removed blocks, "1,3").
     """
     text_options = {k: overrides.pop(k) for k in TEXT_OPTIONS if k in overrides} if _is_text(task) else {}
     cfg = from_dict(PruningConfig, {**to_dict(cfg or PruningConfig()), "search": search, "protocol": protocol,
@@ -142,7 +144,7 @@ def prune(
         n_remove=cfg.n_remove, seed=seed, chunk=wl.sizes.select_chunk, progress=progress,
         cache_path=Path(cache_path) if cache_path is not None else None, reference_batch=reference,
         racing_delta=cfg.racing_delta, racing_min=cfg.racing_min, unlabelled_scorer=sel.unlabelled, unlabelled_rounds=rounds,
-        where=f"model {wl.name} on distribution {dist} (selection)",
+        where=f"model {wl.name} on distribution {dist} (selection)", per_example=per_example,
     )
     if cfg.workers:
         result = _parallel_tale(ctx, wl, cfg, ray_options)

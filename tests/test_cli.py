@@ -42,7 +42,7 @@ def test_train_prune_evaluate_write_their_json(trained, tmp_path):
     assert set(result["full"]) == {"id", "x_scale_2", "x_scale_3", "x_shift_1", "uniform_x", "coef_scale_3",
                                    "degree_4", "degree_5", "noise_0.5", "more_points", "fewer_points"}
     assert {"mean", "low", "high", "p_value", "p_holm"} <= set(result["delta"]["x_scale_3"]["nmse"])
-    assert sorted(result["full"]["id"]["nmse"]["per_seed"]) == ["0", "1", "2"]
+    assert sorted(result["full"]["id"]["nmse"]["per_seed"]) == ["0", "1", "2", "3", "4"]  # the default seeds
 
 
 def one_line_error(capsys, *args: str) -> str:

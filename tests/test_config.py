@@ -31,7 +31,7 @@ def test_defaults_build_and_match_documented_values() -> None:
     assert cfg.task.sampler == SamplerParams()
     assert cfg.task.sampler.degrees == (1, 2, 3)
     assert cfg.task.sampler.n_points == 41
-    assert cfg.evaluation.seeds == (0, 1, 2)
+    assert cfg.evaluation.seeds == (0, 1, 2, 3, 4)
     assert cfg.model.checkpoint is None
     assert list(cfg.task.shifts) == list(DEFAULT_SHIFTS)
     assert distributions(cfg.task) == ["id", *DEFAULT_SHIFTS]

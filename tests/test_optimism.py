@@ -332,3 +332,27 @@ def test_record_rounds_recomputes_every_candidate_of_a_tiny_testbed_search(tiny_
     assert np.array_equal(back["id"].gains, rec.gains, equal_nan=True) and back["none"].shape == (0, 3, 16)
     with pytest.raises(DataError, match="baseline"):
         record_rounds(wl, 1, search, "id", 16)  # other examples than the search's
+
+
+def test_the_search_keeps_the_scores_the_null_needs(tiny_cfg, tiny_model, tmp_path):
+    """TALE keeps every configuration's per-example scores as it runs, so recording its rounds runs nothing
+    again, and gives what recomputing them gives."""
+    from conftest import assert_close_scaled
+
+    from tapioca.api import prune
+    from tapioca.config import PruningConfig
+    from tapioca.study.replay import load_search_scores, record_rounds, save_search_scores
+    from tapioca.tasks.polyreg import PolyRegTask
+    from tapioca.tasks.testbed import TestbedWorkload
+
+    wl = TestbedWorkload.from_pruning(PruningConfig(n_select=16, batch_size=8), tiny_model, PolyRegTask(tiny_cfg.task))
+    kept: dict = {}
+    search = prune(wl, epsilon=1e6, max_drop=2, progress=False, per_example=kept)
+    assert "" in kept and all(v.shape == (16,) for v in kept.values())
+    save_search_scores(tmp_path / "scores.npz", kept)
+    known = load_search_scores(tmp_path / "scores.npz")
+    again = record_rounds(wl, 0, search, "id", 16)
+    fast = record_rounds(wl, 0, search, "id", 16, known=known)
+    assert fast.shape == again.shape and np.array_equal(np.isnan(fast.gains), np.isnan(again.gains))
+    assert_close_scaled(fast.gains[~np.isnan(fast.gains)], again.gains[~np.isnan(again.gains)])
+    assert load_search_scores(tmp_path / "missing.npz") is None

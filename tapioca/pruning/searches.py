@@ -56,6 +56,7 @@ class SearchContext:
     where: str = ""  # names model and data in errors, e.g. "model runs/m0 on distribution x_scale_3 (selection)"
     unlabelled_scorer: Scorer | None = None  # SLEB: gates -> label-free per-example scores (B,), higher is better
     unlabelled_rounds: Any = None  # SLEB: a PrefixRounds over the unlabelled inputs (same scores, prefix reuse)
+    per_example: dict[str, torch.Tensor] | None = None  # TALE: filled with every scored configuration's (B,) scores
 
 
 @dataclass
@@ -112,6 +113,7 @@ class ScoreCache:
         self.scores: dict[str, float] = {k: v for k, v in cached.items() if math.isfinite(v)}  # others: rerun
         self.partial: dict[str, tuple[float, int]] = {}  # raced out: (mean on the examples seen, how many)
         self.evaluated = 0  # configurations actually run (cache misses)
+        self.per_example: dict[str, torch.Tensor] | None = None  # set to a dict: configuration -> scores (B,)
 
     def __call__(self, removed: frozenset[int]) -> float:
         key = _key(removed)
@@ -126,6 +128,8 @@ class ScoreCache:
         removed = [int(b) for b in key.split(",") if b]
         values = self.scorer(removal_gates(removed))
         check_finite(values, f"{self.where}, blocks {removed} removed" if removed else self.where)
+        if self.per_example is not None:
+            self.per_example[key] = values.detach().double().cpu()
         return float(values.double().mean())
 
     def round(self, removed: list[int], candidates: list[int]) -> dict[int, float]:
@@ -221,6 +225,7 @@ class PrefixRounds:
         self._base: tuple[str, list[list[Recorded]]] | None = None  # configuration, its inputs (chunk, block)
         self._own: dict[int, list[list[Recorded]]] = {}  # last round: candidate -> inputs of removed + [b]
         self._own_removed: set[int] = set()  # that round's removed blocks
+        self.per_example: dict[str, torch.Tensor] | None = None  # set to a dict: configuration -> scores (B,)
 
     def __call__(self, removed: list[int], candidates: list[int]) -> dict[int, float]:
         c = self._last_removed(removed)
@@ -244,7 +249,7 @@ class PrefixRounds:
                 inputs.append(got)
         if self._keep != "none":
             self._base = (_key(removed), inputs)
-        return self._mean(preds)
+        return self._mean(preds, removed)
 
     def _tier(self, pass_bytes: int) -> str:
         """What to keep, from one pass's block inputs: a round's candidates take about L/2 passes' worth."""
@@ -285,7 +290,7 @@ class PrefixRounds:
                 out, got = resumed_run(self.model, sub, inputs, start, gates)
                 preds.append(out.predictions)
                 recorded.append(inputs[: start + 1] + got[start + 1:])
-            scores[b] = self._mean(preds)
+            scores[b] = self._mean(preds, [*removed, b])
             self.passes.append((sorted({*removed, b}), start + 1))
             if self._keep == "all":
                 own[b] = recorded
@@ -303,10 +308,15 @@ class PrefixRounds:
             _, inputs = recorded_run(self.model, sub, base)
             for b in candidates:
                 preds[b].append(resumed_run(self.model, sub, inputs, b, {**base, b: 0.0}, record=False)[0].predictions)
-        return {b: self._mean(p) for b, p in preds.items()}
+        return {b: self._mean(p, [*removed, b]) for b, p in preds.items()}
 
-    def _mean(self, preds: list[torch.Tensor]) -> float:
-        return float(self.score_predictions(torch.cat(preds), self.batch).double().mean())
+    def _mean(self, preds: list[torch.Tensor], removed: list[int]) -> float:
+        """Mean selection score of the configuration ``removed`` from its predictions (chunks); its per-example
+        scores go to :attr:`per_example` when that is a dict."""
+        values = self.score_predictions(torch.cat(preds), self.batch).double()
+        if self.per_example is not None:
+            self.per_example[_key(removed)] = values.detach().cpu()
+        return float(values.mean())
 
 
 def tale_search(ctx: SearchContext) -> PruneResult:
@@ -325,6 +335,10 @@ def tale_search(ctx: SearchContext) -> PruneResult:
     elif prefix is None and ctx.prefix_cache and ctx.score_predictions is not None:
         prefix = PrefixRounds(ctx.model, ctx.batch, ctx.score_predictions, ctx.chunk, ctx.keep_bytes)
     score = ScoreCache(ctx.scorer, ctx.cache_path, prefix, ctx.where)
+    if ctx.per_example is not None:  # keep what each configuration scored per example (the whole-search null)
+        score.per_example = ctx.per_example
+        if isinstance(prefix, PrefixRounds):
+            prefix.per_example = ctx.per_example
     baseline = score(frozenset())
     floor = baseline - ctx.epsilon
     removed: list[int] = []

@@ -293,14 +293,8 @@ def c2_ood_improves(results: dict, protocol: str = "target") -> dict:
         return _verdict_with_power(INCONCLUSIVE, f"the search removed no block on any shift ({', '.join(untested)}): "
                                    "every removal cost more than ε on the shift's own selection split, so pruning's "
                                    "effect on OOD was never tested", power, untested=untested, outcomes=outcomes)
-    if len(shifts) < r["min_shifts"]:
-        verdict = INCONCLUSIVE  # one tested shift cannot say "consistently", whatever it shows
-    elif len(better) > len(shifts) / 2:
-        verdict = SUPPORTED
-    elif not better and len(against) > len(shifts) / 2:
-        verdict = REFUTED
-    else:
-        verdict = INCONCLUSIVE
+    # one tested shift cannot say "consistently", whatever it shows
+    verdict = majority_verdict(better, against, len(shifts)) if len(shifts) >= r["min_shifts"] else INCONCLUSIVE
     small = [s for s, o in outcomes.items() if o == "gain < δ"]
     evidence = (f"gain ≥ δ on {len(better)}/{len(shifts)} shifts ({', '.join(better) or 'none'}); evidence against a "
                 f"gain on {len(against)} ({sum(o == 'worse' for o in outcomes.values())} significantly worse); "
@@ -317,6 +311,14 @@ def c2_ood_improves(results: dict, protocol: str = "target") -> dict:
     return _verdict_with_power(verdict, evidence, power, improved=better, against=against, undecided=undecided,
                                untested=untested, bounded=bounded, small=small,
                                outcomes=outcomes, improved_from_id=better_from_id, n_shifts=len(shifts))
+
+
+def majority_verdict(for_: list[str], against: list[str], total: int) -> str:
+    """Supported when most of ``total`` shifts show the effect (``for_``), refuted when most show evidence against
+    it and none shows it, else inconclusive."""
+    if len(for_) > total / 2:
+        return SUPPORTED
+    return REFUTED if not for_ and len(against) > total / 2 else INCONCLUSIVE
 
 
 def _per_seed_units(values: dict[str, float]) -> np.ndarray:
@@ -356,14 +358,7 @@ def c3_ood_distorts(results: dict) -> dict:
     n_units = min((t["n"] for t in tests.values()), default=0)
     intervals = {s: [float(math.exp(t["low"])), float(math.exp(t["high"]))] if t["n"] > 1 else [float("nan")] * 2
                  for s, t in tests.items()}
-    if n_units < 2:
-        verdict = INCONCLUSIVE
-    elif len(distorted) > len(tests) / 2:
-        verdict = SUPPORTED
-    elif not distorted and len(flat) > len(tests) / 2:
-        verdict = REFUTED
-    else:
-        verdict = INCONCLUSIVE
+    verdict = majority_verdict(distorted, flat, len(tests)) if n_units >= 2 else INCONCLUSIVE
     evidence = (f"D/noise floor significantly ≥ {factor:g} on {len(distorted)}/{len(tests)} shifts, significantly "
                 f"< {factor:g} on {len(flat)} (geometric mean over {n_units} models, t-test on log ratios, Holm; "
                 f"median ratio {np.median(list(ratios.values())) if ratios else float('nan'):.1f})"

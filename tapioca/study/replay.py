@@ -13,7 +13,7 @@ from its own block (splits scored by generation: one pass per candidate).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -34,13 +34,20 @@ def rule_of(search: PruneResult) -> SearchRule:
 
 
 def record_rounds(wl: Workload, seed: int, search: PruneResult, dist: str, n: int, role: str = "select",
-                  tol: float | None = 1e-3) -> RecordedSearch:
+                  tol: float | None = 1e-3, known: Mapping[str, np.ndarray] | None = None) -> RecordedSearch:
     """Per-example selection-score gains (R, L, n) over the full model of every candidate of every round of
     ``search`` (``search.rounds[r]["removed_before"] + [b]`` for b in its candidates), on the examples
     ``wl.selection(dist, role, seed, n)`` (the ones the search chose on) in the metric it maximised. R = 0
     for a search without rounds (one-shot baselines). With ``tol`` set, the full model's mean score must match
     ``search.baseline_score`` within ``tol`` x max(1, |baseline|), else a :class:`DataError` (other examples
-    or another metric than the search's)."""
+    or another metric than the search's). ``known``: per-example scores the search kept while it ran
+    (:func:`save_search_scores`), by configuration key ("" the full model, "1,3"); when every configuration is
+    there nothing is run."""
+    if known is not None:
+        rounds = [{int(b): known.get(_key([*rd["removed_before"], int(b)])) for b in rd["candidates"]}
+                  for rd in search.rounds]
+        if "" in known and all(v is not None for r in rounds for v in r.values()):
+            return RecordedSearch.from_scores(np.asarray(known[""]), rounds, search.n_blocks)  # type: ignore[arg-type]
     sel = wl.selection(dist, role, seed, n)
     where = f"model {wl.name} on distribution {dist} ({role}, seed {seed})"
 
@@ -80,6 +87,24 @@ def resumed_round(sel: Selection, removed: list[int], candidates: list[int], chu
         check_finite(values, f"{where}, blocks {[*removed, b]} removed")
         out[b] = values.detach().double().cpu().numpy()
     return out
+
+
+def _key(removed: list[int]) -> str:
+    return ",".join(map(str, sorted(int(b) for b in removed)))
+
+
+def save_search_scores(path: str | Path, per_example: Mapping[str, torch.Tensor]) -> None:
+    """Write the per-example scores a search kept ({configuration key: (B,)}) atomically to one ``.npz`` (the
+    full model's key "" is stored as "full")."""
+    save_arrays(path, {(k or "full"): v.double().numpy() for k, v in per_example.items()})
+
+
+def load_search_scores(path: str | Path) -> dict[str, np.ndarray] | None:
+    """What :func:`save_search_scores` wrote, keyed as the search keyed it; None when there is no file."""
+    if not Path(path).is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {("" if k == "full" else k): data[k] for k in data.files}
 
 
 def save_recorded(path: str | Path, recorded: dict[str, RecordedSearch]) -> None:

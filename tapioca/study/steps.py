@@ -26,7 +26,7 @@ from tapioca.analysis.optimism import RecordedSearch, optimism, replayed_gain, r
 from tapioca.api import prune, resolve_device
 from tapioca.config import Config
 from tapioca.errors import ConfigError
-from tapioca.io import save_arrays, write_json
+from tapioca.io import write_json
 from tapioca.models.gates import removal_gates
 from tapioca.models.icl import ICLModel, load_model
 from tapioca.models.training import find_pretrained, train, trained_model_folder
@@ -37,7 +37,7 @@ from tapioca.study import controls
 from tapioca.study.rundir import (
     Log, SeedThreads, StepProgress, Timer, cached_evaluation, cached_json, prepare_run_dir, seed_workers,
 )
-from tapioca.study.replay import cached_recorded, record_rounds, rule_of
+from tapioca.study.replay import cached_recorded, load_search_scores, record_rounds, rule_of, save_search_scores
 from tapioca.study.scales import run_scales
 from tapioca.tasks.base import Workload, chance_levels
 from tapioca.tasks.roles import selection_role
@@ -182,7 +182,8 @@ def run_seed(cfg: Config, wl: Workload, seed: int, out: Path, timer: Timer, step
                                                                                   (target, more_target)))
     steps.done(seed, "evaluate")
     with timer("in-sample"):
-        parts = [in_sample(cfg, wl, seed, draw_searches[k], draw_folder(folder, k), selection_role(k)) for k in draws]
+        parts = [in_sample(cfg, wl, seed, draw_searches[k], draw_folder(folder, k), selection_role(k),
+                           draw_folder(out / "pruning" / f"seed{seed}", k)) for k in draws]
         full_in, target_in = (Evaluation.concat([p[i].with_draw(k) if len(draws) > 1 else p[i]
                                                  for k, p in enumerate(parts)]) for i in (0, 1))
         rounds = {d: [p[2][d] for p in parts] for d in parts[0][2]}
@@ -228,9 +229,14 @@ def search_every_distribution(cfg: Config, wl: Workload, seed: int, folder: Path
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for dist in wl.distributions:
-        compute = lambda dist=dist: prune(wl, None, cfg.pruning.search, "target", dist, cfg=cfg.pruning, seed=seed,  # noqa: E731
-                                          progress=progress, cache_path=folder / f".{dist}.scores.json",
-                                          role=selection_role(draw)).to_dict()
+        def compute(dist: str = dist) -> dict:
+            kept: dict = {}  # every configuration's per-example scores, for the whole-search null (in_sample)
+            result = prune(wl, None, cfg.pruning.search, "target", dist, cfg=cfg.pruning, seed=seed, progress=progress,
+                           cache_path=folder / f".{dist}.scores.json", role=selection_role(draw), per_example=kept)
+            if kept:
+                save_search_scores(folder / f".{dist}.examples.npz", kept)
+            return result.to_dict()
+
         out[dist] = PruneResult.from_dict(cached_json(folder / f"{cfg.pruning.search}-{dist}.json", compute))
     return out
 
@@ -256,12 +262,14 @@ def evaluations(wl: Workload, searches: dict[str, PruneResult], runs: HeldoutRun
 
 
 def in_sample(cfg: Config, wl: Workload, seed: int, searches: dict[str, PruneResult],
-              folder: Path, role: str = "select") -> tuple[Evaluation, Evaluation, dict[str, RecordedSearch]]:
+              folder: Path, role: str = "select", search_folder: Path | None = None,
+              ) -> tuple[Evaluation, Evaluation, dict[str, RecordedSearch]]:
     """The paper's protocol: the full model and each target-pruned model scored (held-out metrics) on the very
     selection examples the search chose on; and, for the whole-search null of the selection optimism, every
     recorded TALE round's candidates' per-example gains in the search's own metric on them
     (:func:`tapioca.study.replay.record_rounds`; not computed with evaluation.placebo_draws 0). Cached in
-    ``folder``. ``role``: the selection draw's split."""
+    ``folder``. ``role``: the selection draw's split; ``search_folder``: where the searches kept their per-example
+    scores (then nothing is run again)."""
     dists, n = wl.distributions, wl.sizes.n_select
     runs = HeldoutRuns(wl, seed, n, role=role)
     full = cached_evaluation(folder / "in-sample-full.npz", lambda: runs([], dists))
@@ -270,7 +278,8 @@ def in_sample(cfg: Config, wl: Workload, seed: int, searches: dict[str, PruneRes
     if not cfg.evaluation.placebo_draws or cfg.pruning.search != "tale":
         return full, target, {}
     rounds = cached_recorded(folder / "in-sample-rounds.npz",
-                             lambda: {d: record_rounds(wl, seed, searches[d], d, n, role) for d in dists})
+                             lambda: {d: record_rounds(wl, seed, searches[d], d, n, role, known=load_search_scores(
+                                 search_folder / f".{d}.examples.npz") if search_folder else None) for d in dists})
     return full, target, rounds
 
 
@@ -321,7 +330,6 @@ def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) 
     target = Evaluation.concat([o.target for o in per_seed.values()])
     from_id = Evaluation.concat([o.from_id for o in per_seed.values()])
     searches = {seed: o.searches for seed, o in per_seed.items()}
-    seeds = [str(s) for s in per_seed]
     replicates = {replicate_key(seed, k): found for seed, o in per_seed.items()
                   for k, found in enumerate(o.draw_searches or [o.searches])}
 
