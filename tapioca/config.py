@@ -185,6 +185,9 @@ class GeometryConfig:
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # residual-scaling sweep
     controls: bool = True  # baselines, weight pruning and interventions on shifts where TALE removed blocks
     random_removals: int = _range(4, ge=1)  # C4: random block sets (as many blocks as TALE removed) per shift
+    # controls and interventions on the first this many models (seeds) only; None: every model. They are the
+    # study's largest cost and decide C5 and C9 only where TALE gained
+    controls_models: int | None = _range(3, ge=1)
 
 
 @dataclass(frozen=True)

@@ -233,3 +233,13 @@ def test_selection_draws_make_replicates_of_one_model(tmp_path):
     assert first["baseline_score"] != second["baseline_score"]  # other selection examples
     more = load_config(None, [*TINY, "evaluation.seeds=[0]", "evaluation.selection_draws=3", "geometry.controls=false"])
     study.prepare_run_dir(more, tmp_path)  # a run may gain draws and resume
+
+
+def test_controls_run_on_the_first_models_only(tmp_path):
+    cfg = load_config(None, [*TINY, "geometry.controls_models=1", "pruning.epsilon=1e6"])
+    results = study.run_study(cfg, tmp_path, progress=False, log=quiet)
+    assert (tmp_path / "controls" / "seed0").is_dir() and not (tmp_path / "controls" / "seed1").exists()
+    assert not (tmp_path / "interventions" / "seed1").exists()
+    for shift, rows in results["comparisons"].items():
+        assert rows["tale"]["nmse"]["n"] == 1 and rows["tale"]["nmse"]["examples"]["n"] == cfg.evaluation.n_heldout
+        assert set(results["interventions"][shift]["sweep_removed"]) == {"0"}

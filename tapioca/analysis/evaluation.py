@@ -124,6 +124,15 @@ class Evaluation:
                           {d: self.predictions[d] for d in dists}, {d: self.targets[d] for d in dists},
                           {d: self.draws[d] for d in dists if d in self.draws})
 
+    def for_seeds(self, seeds: Iterable[int]) -> "Evaluation":
+        """The same results restricted to the examples of ``seeds``."""
+        keep = {d: np.isin(self.seeds[d], list(seeds)) for d in self.seeds}
+        return Evaluation({d: {m: v[keep[d]] for m, v in ms.items()} for d, ms in self.values.items()},
+                          {d: v[keep[d]] for d, v in self.seeds.items()},
+                          {d: v[keep[d]] for d, v in self.predictions.items()},
+                          {d: v[keep[d]] for d, v in self.targets.items()},
+                          {d: v[keep[d]] for d, v in self.draws.items()})
+
     @classmethod
     def concat(cls, parts: Sequence["Evaluation"]) -> "Evaluation":
         """Join evaluations (e.g. one per seed, or one per distribution) into one."""

@@ -106,14 +106,16 @@ def weight_pruned_evaluation(wl: Workload, seed: int, shift: str, removed: list[
 
 def comparison_table(cfg: Config, wl: Workload, full: Evaluation, target: Evaluation, methods: dict[int, dict],
                      searches: dict[int, dict[str, PruneResult]]) -> dict:
-    """Δ (method − full) per shift where TALE removed blocks in at least one seed, for TALE and controls; each
-    control also carries ``vs_tale``: Δ (method − TALE) on the same examples."""
+    """Δ (method − full) per shift where TALE removed blocks in at least one seed, for TALE and controls, on the
+    models in ``methods`` (``geometry.controls_models``); each control also carries ``vs_tale``: Δ (method −
+    TALE) on the same examples."""
     ev = cfg.evaluation
     shifts = [s for s in next(iter(methods.values())) if any(searches[seed][s].removed for seed in searches)]
     if not shifts:
         return {}
     table: dict[str, dict] = {s: {} for s in shifts}
     names = ["tale", *next(iter(next(iter(methods.values())).values()))]
+    full, target = full.for_seeds(methods), target.for_seeds(methods)  # the models the controls ran on
     for name in names:
         pruned = target.subset(shifts) if name == "tale" else Evaluation.concat(
             [methods[seed][s][name] for seed in methods for s in shifts])

@@ -90,6 +90,12 @@ def run_study(cfg: Config, out: str | Path | None = None, progress: bool = True,
     return results
 
 
+def controlled_seeds(cfg: Config) -> list[int]:
+    """The seeds whose models get the controls and interventions: the first ``geometry.controls_models``."""
+    seeds = list(cfg.evaluation.seeds)
+    return seeds if cfg.geometry.controls_models is None else seeds[: cfg.geometry.controls_models]
+
+
 def seed_steps(cfg: Config) -> list[str]:
     """The per-seed steps, in order (the progress bar counts them)."""
     return ["model", "prune", "evaluate", "in-sample", "geometry",
@@ -168,7 +174,8 @@ def run_seed(cfg: Config, wl: Workload, seed: int, out: Path, timer: Timer, step
     steps.done(seed, "prune")
     runs = HeldoutRuns(wl, seed, wl.sizes.n_heldout)
     baselines: dict[str, dict[str, PruneResult]] = {}
-    if cfg.geometry.controls:
+    controlled = cfg.geometry.controls and seed in controlled_seeds(cfg)
+    if controlled:
         steps.running(seed, "selecting the controls' blocks")
         with timer("comparisons"):
             baselines = controls.baseline_selections(cfg, wl, seed, searches, out, steps.inner)
@@ -193,7 +200,10 @@ def run_seed(cfg: Config, wl: Workload, seed: int, out: Path, timer: Timer, step
                                                                                   cfg.geometry.random_removals))
     steps.done(seed, "geometry")
     outputs = SeedOutputs(searches, full, from_id, target, profiles, full_in, target_in, rounds, draw_searches)
-    if cfg.geometry.controls:
+    if cfg.geometry.controls and not controlled:  # a model beyond geometry.controls_models: no controls
+        steps.done(seed, "comparisons")
+        steps.done(seed, "interventions")
+    if controlled:
         with timer("comparisons"):
             outputs.methods = controls.comparisons(cfg, wl, seed, searches, baselines, full, out, runs)
         steps.done(seed, "comparisons")
@@ -365,8 +375,8 @@ def gather_results(cfg: Config, wl: Workload, per_seed: dict[int, SeedOutputs]) 
         "geometry": distortion_summary({s: o.profiles for s, o in per_seed.items()}, dists),
     }
     if cfg.geometry.controls:
-        results["comparisons"] = controls.comparison_table(cfg, wl, full, target,
-                                                           {s: o.methods for s, o in per_seed.items()}, searches)
+        controlled = {s: o.methods for s, o in per_seed.items() if s in controlled_seeds(cfg)}
+        results["comparisons"] = controls.comparison_table(cfg, wl, full, target, controlled, searches)
         results["interventions"] = intervention_table({s: o.causal for s, o in per_seed.items()})
     if wl.regression:
         results["robust"] = {d: robust_summary(full, target, d, wl.primary_metric, ev.n_bootstrap, ev.confidence)
